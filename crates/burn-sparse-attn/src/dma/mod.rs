@@ -1,0 +1,118 @@
+//! Dynamic Mask Attention (DMA, 2025): a content-aware additive bias computed from the values,
+//! `bias[b, h, j] = A_h * softplus(dt_proj(V_j))` per kv head `h` and key `j`, broadcast over
+//! queries; each query keeps its `window` visible keys with the largest bias (selection on
+//! the detached bias) and attends to them with scores `scale * q.k + bias`.
+//!
+//! The bias formula is the current flash-dmattn one (`A * softplus(..)`, `A` initialised to
+//! 0); the older Doge models used `exp(A * softplus(..))`. Ties at the selection threshold
+//! are broken towards the more recent key (published code leaves tie order to `torch.topk`).
+
+mod module;
+
+pub use module::{DmaAttention, DmaAttentionConfig};
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use burn::nn::Linear;
+use burn::tensor::activation::softplus;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::attention::{AttentionOptions, AttentionOutput, KeepThreshold, KeyBias, attention_core, validate_qkv};
+use crate::error::{Result, check_positive, shape_err};
+
+/// Hyper-parameters of DMA attention.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DmaParams {
+    /// Keys kept per query (`keep_window_size`). Default 2048.
+    pub window: usize,
+    /// Softmax scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f64>,
+}
+
+impl Default for DmaParams {
+    fn default() -> Self {
+        Self { window: 2048, scale: None }
+    }
+}
+
+/// The DMA bias `A * softplus(dt_proj(V))`: `v: [b, hkv, sk, d]`, `dt_proj: hkv*d -> hkv`,
+/// `a: [hkv]`; returns `[b, hkv, sk]`.
+pub fn dma_bias(v: Tensor<4>, dt_proj: &Linear, a: Tensor<1>) -> Result<Tensor<3>> {
+    let [b, h, sk, d] = v.dims();
+    let [din, dout] = dt_proj.weight.dims();
+    if din != h * d || dout != h {
+        return shape_err("dt_proj", format!("expected weight [{}, {h}] for v {:?}, got [{din}, {dout}]", h * d, v.dims()));
+    }
+    if a.dims() != [h] {
+        return shape_err("a", format!("expected [{h}], got {:?}", a.dims()));
+    }
+    let flat = v.swap_dims(1, 2).reshape([b, sk, h * d]);
+    let dt = softplus(dt_proj.forward(flat), 1.0);
+    Ok((dt * a.reshape([1, 1, h]).expand([b, sk, h])).swap_dims(1, 2))
+}
+
+/// Per-row keep rule for DMA's top-`window` selection over each query's visible keys.
+///
+/// `bias: [b, hb, sk]`; query `i` sees the keys `0..=i + sk - seq_q` when `causal`, all keys
+/// otherwise. Computed on the host with a heap (`O(seq_k log window)` per head): the selection
+/// is not differentiable and this avoids any `seq_q x seq_k` tensor.
+pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<KeepThreshold> {
+    check_positive("window", window)?;
+    let [b, h, sk] = bias.dims();
+    let device = bias.device();
+    let values: Vec<f32> = bias.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().expect("bias data as f32");
+    let mut thr_v = Vec::with_capacity(b * h * seq_q);
+    let mut thr_i = Vec::with_capacity(b * h * seq_q);
+    for row in 0..b * h {
+        let keys = &values[row * sk..(row + 1) * sk];
+        // Min-heap of the `window` largest (value, index) pairs seen so far.
+        let mut heap: BinaryHeap<Reverse<(OrdF32, usize)>> = BinaryHeap::new();
+        let mut seen = 0usize;
+        for i in 0..seq_q {
+            let visible = if causal { (i as i64 + sk as i64 - seq_q as i64 + 1).clamp(0, sk as i64) as usize } else { sk };
+            while seen < visible {
+                heap.push(Reverse((OrdF32(keys[seen]), seen)));
+                if heap.len() > window {
+                    heap.pop();
+                }
+                seen += 1;
+            }
+            if visible <= window {
+                thr_v.push(f32::NEG_INFINITY);
+                thr_i.push(0i64);
+            } else {
+                let Reverse((OrdF32(v), j)) = *heap.peek().expect("non-empty heap");
+                thr_v.push(v);
+                thr_i.push(j as i64);
+            }
+        }
+    }
+    let value = Tensor::<3>::from_data(TensorData::new(thr_v, [b, h, seq_q]), (&device, bias.dtype()));
+    let index = Tensor::<3, Int>::from_data(TensorData::new(thr_i, [b, h, seq_q]), &device);
+    Ok(KeepThreshold { value, index })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OrdF32(f32);
+impl Eq for OrdF32 {}
+impl PartialOrd for OrdF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrdF32 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// DMA attention (causal): keeps each query's top-`window` visible keys by bias and attends
+/// with the bias added to the scores. Gradients reach q, k, v and the bias.
+pub fn dma_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<3>, params: &DmaParams) -> Result<AttentionOutput> {
+    let dims = validate_qkv(&q, &k, &v)?;
+    let keep = dma_keep_threshold(&bias, dims.seq_q, params.window, true)?;
+    let bias = KeyBias { values: bias, keep: Some(keep) };
+    let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
+    attention_core(q, k, v, Some(&bias), None, &opts)
+}

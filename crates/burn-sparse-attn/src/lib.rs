@@ -1,0 +1,28 @@
+//! Natively trainable sparse attention for Burn.
+//!
+//! Four methods share one API and one attention engine: [`nsa`] (Native Sparse Attention),
+//! [`moba`] (Mixture of Block Attention), [`seer`] (SeerAttention's learned block gate) and
+//! [`dma`] (dynamic-mask attention), next to the [`attention`] baseline. Each method has
+//! - a layer, `XConfig::new(..).init(&device)?` then `forward(x: [batch, seq, d_model])`;
+//! - functional ops on q, k, v for users who bring their own projections.
+//!
+//! All ops use the layout `[batch, heads, seq, head_dim]`, support GQA/MQA, align causal
+//! masks bottom-right and return the log-sum-exp next to the output; see `docs/` for the
+//! math of each method.
+
+pub mod attention;
+pub mod block_sparse;
+pub mod dma;
+pub mod error;
+mod kernel;
+pub mod moba;
+pub mod nsa;
+pub mod projection;
+pub mod rope;
+
+pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAttentionConfig, KeyBias, attention};
+pub use block_sparse::{BlockSelection, block_sparse_attention};
+pub use dma::{DmaAttention, DmaAttentionConfig};
+pub use error::{Result, SparseAttnError};
+pub use moba::{MobaAttention, MobaAttentionConfig};
+pub use nsa::{NsaAttention, NsaAttentionConfig};

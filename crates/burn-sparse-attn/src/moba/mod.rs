@@ -1,0 +1,115 @@
+//! MoBA (Mixture of Block Attention, Moonshot 2025): a parameter-free router picks, for each
+//! query and query head, the key blocks whose mean key scores highest against the query;
+//! attention is one softmax over the union of the chosen blocks.
+//!
+//! Routing follows the published `moba_naive`: block `i` is a candidate for query `t` only
+//! when it ends at or before `t` (complete and strictly before the query's block); the
+//! query's own block is always chosen (causal inside) and counts as one of the `top_k`; the
+//! last, partial block's score uses the mean of the keys it has. The gate is `q . mean(K)`
+//! without the softmax scale, on detached q and k (routing gets no gradient). Under GQA each
+//! query head routes on its own, against its kv head's block means, as the reference does
+//! after repeating K to the query heads.
+
+mod module;
+
+pub use module::{MobaAttention, MobaAttentionConfig};
+
+use burn::tensor::{Tensor, TensorData};
+
+use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, validate_qkv};
+use crate::block_sparse::{BlockSelection, block_sparse_attention};
+use crate::error::{Result, check_positive};
+
+/// Hyper-parameters of MoBA. Defaults are the paper's 8k-context setting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MobaParams {
+    /// Keys per block. Default 512.
+    pub block_size: usize,
+    /// Blocks per query, own block included. Default 3.
+    pub top_k: usize,
+    /// Softmax scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f64>,
+}
+
+impl Default for MobaParams {
+    fn default() -> Self {
+        Self { block_size: 512, top_k: 3, scale: None }
+    }
+}
+
+impl MobaParams {
+    fn validate(&self) -> Result<()> {
+        check_positive("block_size", self.block_size)?;
+        check_positive("top_k", self.top_k)
+    }
+}
+
+/// MoBA output: the attention result and the routing, for inspection.
+#[derive(Debug, Clone)]
+pub struct MobaOutput {
+    /// Output and LSE.
+    pub attention: AttentionOutput,
+    /// Per-token, per-query-head block lists (`-1` padded).
+    pub selection: BlockSelection,
+}
+
+/// Mean key of each block: `[b, hkv, sk, d] -> [b, hkv, ceil(sk / block), d]`.
+pub fn block_mean_keys(k: Tensor<4>, block_size: usize) -> Result<Tensor<4>> {
+    check_positive("block_size", block_size)?;
+    let [b, h, sk, d] = k.dims();
+    let nb = sk.div_ceil(block_size);
+    let padded = nb * block_size;
+    let device = k.device();
+    let kp = if padded > sk {
+        Tensor::cat(vec![k.clone(), Tensor::zeros([b, h, padded - sk, d], (&device, k.dtype()))], 2)
+    } else {
+        k.clone()
+    };
+    let counts: Vec<f32> = (0..nb).map(|i| (block_size.min(sk - i * block_size)) as f32).collect();
+    let counts = Tensor::<1>::from_data(TensorData::new(counts, [nb]), (&device, k.dtype())).reshape([1, 1, nb, 1]);
+    Ok(kp.reshape([b, h, nb, block_size, d]).sum_dim(3).reshape([b, h, nb, d]) / counts.expand([b, h, nb, d]))
+}
+
+/// Router scores `[b, hq, sq, n_blocks]`: `q . mean(K_block)` on candidate blocks, `+inf` on
+/// the query's own block, `-inf` elsewhere. Computed on detached inputs.
+pub fn moba_gate_scores(q: Tensor<4>, k: Tensor<4>, block_size: usize) -> Result<Tensor<4>> {
+    check_positive("block_size", block_size)?;
+    let dims = validate_qkv(&q, &k, &k)?;
+    let means = block_mean_keys(k.detach(), block_size)?;
+    let nb = means.dims()[2];
+    let AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q: sq, head_dim: d, .. } = dims;
+    let g = hq / hkv;
+    let raw = q.detach().reshape([b, hkv, g * sq, d]).matmul(means.swap_dims(2, 3)).reshape([b, hq, sq, nb]);
+    let mut add = Vec::with_capacity(sq * nb);
+    for i in 0..sq {
+        let pos = dims.query_pos(i);
+        for j in 0..nb as i64 {
+            let own = pos >= 0 && j == pos / block_size as i64;
+            let candidate = (j + 1) * block_size as i64 <= pos;
+            add.push(if own { f32::INFINITY } else if candidate { 0.0 } else { f32::NEG_INFINITY });
+        }
+    }
+    let add = Tensor::<2>::from_data(TensorData::new(add, [sq, nb]), (&raw.device(), raw.dtype()));
+    Ok(raw + add.unsqueeze::<4>().expand([b, hq, sq, nb]))
+}
+
+/// MoBA routing: for every query token and query head, the `top_k` best blocks (own block
+/// included), as a per-token [`BlockSelection`] with capacity `min(top_k, n_blocks)`.
+pub fn moba_select(q: Tensor<4>, k: Tensor<4>, block_size: usize, top_k: usize) -> Result<BlockSelection> {
+    check_positive("top_k", top_k)?;
+    let gate = moba_gate_scores(q, k, block_size)?;
+    let nb = gate.dims()[3];
+    let (vals, idx) = gate.topk_with_indices(top_k.min(nb), 3);
+    let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
+    Ok(BlockSelection::per_token(idx, block_size))
+}
+
+/// MoBA attention (causal). Returns the output, its LSE and the routing.
+pub fn moba_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, params: &MobaParams) -> Result<MobaOutput> {
+    params.validate()?;
+    validate_qkv(&q, &k, &v)?;
+    let selection = moba_select(q.clone(), k.clone(), params.block_size, params.top_k)?;
+    let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
+    let attention = block_sparse_attention(q, k, v, &selection, &opts)?;
+    Ok(MobaOutput { attention, selection })
+}

@@ -1,0 +1,181 @@
+//! NSA (Native Sparse Attention, DeepSeek 2025): three branches per query and head, mixed
+//! by sigmoid gates,
+//! `o_t = g_cmp * Attn(q_t, K_cmp, V_cmp) + g_slc * Attn(q_t, K_slc, V_slc) + g_win * Attn(q_t, K_win, V_win)`.
+//!
+//! - **Compression** ([`compression`]): windows of `compress_block = 32` keys taken every
+//!   `compress_stride = 16` are mapped to one key (and one value) by a learnable MLP with an
+//!   intra-block position embedding (or by mean pooling, as flash-linear-attention does).
+//!   Compressed token `i` is visible to the query at key position `t` only when its whole
+//!   window is in the past: `i * stride + block - 1 <= t`.
+//! - **Selection** ([`selection`]): the compression attention probabilities are summed onto
+//!   selection blocks of `select_block = 64` keys by spatial overlap (weight = keys shared /
+//!   stride), summed over the query heads of a GQA group, and the `top_n = 16` best blocks
+//!   are kept per kv head, with block 0 and the two most recent blocks always kept (they count
+//!   toward `top_n`). Keys after the query are masked inside the selected blocks.
+//! - **Sliding window** of the `window = 512` most recent keys, the query's own included.
+//!
+//! Each branch has its own keys and values as in the paper; [`NsaAttentionConfig::shared_kv`]
+//! shares one pair across branches, as several implementations do.
+
+pub mod compression;
+mod module;
+pub mod selection;
+
+pub use compression::{CompressionMlp, CompressionMlpConfig, compress_mean, num_compressed};
+pub use module::{NsaAttention, NsaAttentionConfig};
+pub use selection::{nsa_overlap_weights, nsa_select, nsa_selection_scores};
+
+use burn::tensor::Tensor;
+
+use crate::attention::{AttentionOptions, AttentionOutput, attention, validate_qkv};
+use crate::block_sparse::{BlockSelection, block_sparse_attention};
+use crate::error::{Result, check_positive, param_err, shape_err};
+
+/// Hyper-parameters of NSA; defaults are the paper's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NsaParams {
+    /// Keys per compression window `l`. Default 32.
+    pub compress_block: usize,
+    /// Stride between compression windows `d`. Default 16.
+    pub compress_stride: usize,
+    /// Keys per selection block `l'`. Default 64.
+    pub select_block: usize,
+    /// Selected blocks per query `n`, forced ones included. Default 16.
+    pub top_n: usize,
+    /// Sliding window `w`. Default 512.
+    pub window: usize,
+    /// Softmax scale of every branch; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f64>,
+}
+
+impl Default for NsaParams {
+    fn default() -> Self {
+        Self { compress_block: 32, compress_stride: 16, select_block: 64, top_n: 16, window: 512, scale: None }
+    }
+}
+
+impl NsaParams {
+    /// Checks every size.
+    pub fn validate(&self) -> Result<()> {
+        check_positive("compress_block", self.compress_block)?;
+        check_positive("compress_stride", self.compress_stride)?;
+        check_positive("select_block", self.select_block)?;
+        check_positive("top_n", self.top_n)?;
+        check_positive("window", self.window)?;
+        if self.compress_stride > self.compress_block {
+            return param_err(
+                "compress_stride",
+                format!("must not exceed compress_block ({}), got {}", self.compress_block, self.compress_stride),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Keys and values of the three branches (pass the same tensors three times for shared KV).
+#[derive(Debug, Clone)]
+pub struct NsaInputs {
+    /// Queries `[b, hq, sq, d]`.
+    pub q: Tensor<4>,
+    /// Compressed keys `[b, hkv, n_cmp, d]` (see [`compression`]).
+    pub k_cmp: Tensor<4>,
+    /// Compressed values `[b, hkv, n_cmp, d]`.
+    pub v_cmp: Tensor<4>,
+    /// Keys of the selection branch `[b, hkv, sk, d]`.
+    pub k_slc: Tensor<4>,
+    /// Values of the selection branch.
+    pub v_slc: Tensor<4>,
+    /// Keys of the window branch `[b, hkv, sk, d]`.
+    pub k_win: Tensor<4>,
+    /// Values of the window branch.
+    pub v_win: Tensor<4>,
+    /// Gates after the sigmoid, `[b, hq, sq, 3]` in the order (compression, selection, window).
+    pub gates: Tensor<4>,
+}
+
+/// Everything NSA computes, for inspection and tests.
+#[derive(Debug, Clone)]
+pub struct NsaOutput {
+    /// Gated sum of the branches `[b, hq, sq, d]`.
+    pub output: Tensor<4>,
+    /// Compression branch.
+    pub compressed: AttentionOutput,
+    /// Selection branch.
+    pub selected: AttentionOutput,
+    /// Window branch.
+    pub window: AttentionOutput,
+    /// Per-token selection shared by the query heads of each GQA group.
+    pub selection: BlockSelection,
+}
+
+/// Attention of the queries over the compressed tokens, with NSA's visibility rule
+/// (`i * stride + block - 1 <= t`). Rows that see no compressed token give 0 and LSE `-inf`.
+pub fn nsa_compressed_attention(
+    q: Tensor<4>,
+    k_cmp: Tensor<4>,
+    v_cmp: Tensor<4>,
+    seq_k: usize,
+    params: &NsaParams,
+) -> Result<AttentionOutput> {
+    params.validate()?;
+    let [b, hq, sq, d] = q.dims();
+    let n_cmp = k_cmp.dims()[2];
+    let device = q.device();
+    if n_cmp == 0 {
+        return Ok(AttentionOutput {
+            output: Tensor::zeros([b, hq, sq, d], (&device, q.dtype())),
+            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&device, q.dtype())),
+        });
+    }
+    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
+        return shape_err(
+            "k_cmp",
+            format!(
+                "{n_cmp} compressed tokens, expected {} for seq_k = {seq_k}",
+                num_compressed(seq_k, params.compress_block, params.compress_stride)
+            ),
+        );
+    }
+    let dims = validate_qkv(&q, &k_cmp, &v_cmp)?;
+    let mask = selection::compressed_visibility(sq, seq_k, n_cmp, params, &device);
+    let mask = mask.unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
+    let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    Ok(crate::attention::reference::masked_attention(q, k_cmp, v_cmp, Some(mask), None, scale, &dims))
+}
+
+/// The full NSA forward on precomputed branch inputs.
+pub fn nsa_attention(inputs: NsaInputs, params: &NsaParams) -> Result<NsaOutput> {
+    params.validate()?;
+    let NsaInputs { q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates } = inputs;
+    let dims = validate_qkv(&q, &k_slc, &v_slc)?;
+    validate_qkv(&q, &k_win, &v_win).map_err(|e| rename(e, "k_win"))?;
+    let want = [dims.batch, dims.heads_q, dims.seq_q, 3];
+    if gates.dims() != want {
+        return shape_err("gates", format!("expected {want:?}, got {:?}", gates.dims()));
+    }
+    let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)?;
+    let scores = nsa_selection_scores(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?;
+    let selection = nsa_select(scores, dims.seq_q, dims.seq_k, params)?;
+    let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
+    let selected = block_sparse_attention(q.clone(), k_slc, v_slc, &selection, &opts)?;
+    let window = attention(q, k_win, v_win, &opts.with_window(params.window))?;
+    let output = nsa_combine(&compressed.output, &selected.output, &window.output, gates)?;
+    Ok(NsaOutput { output, compressed, selected, window, selection })
+}
+
+/// `g[..0] * o_cmp + g[..1] * o_slc + g[..2] * o_win` for gates `[b, hq, sq, 3]`.
+pub fn nsa_combine(o_cmp: &Tensor<4>, o_slc: &Tensor<4>, o_win: &Tensor<4>, gates: Tensor<4>) -> Result<Tensor<4>> {
+    let [b, h, s, d] = o_slc.dims();
+    if gates.dims() != [b, h, s, 3] {
+        return shape_err("gates", format!("expected {:?}, got {:?}", [b, h, s, 3], gates.dims()));
+    }
+    let g = |i: usize| gates.clone().slice([0..b, 0..h, 0..s, i..i + 1]).expand([b, h, s, d]);
+    Ok(o_cmp.clone() * g(0) + o_slc.clone() * g(1) + o_win.clone() * g(2))
+}
+
+fn rename(e: crate::SparseAttnError, arg: &'static str) -> crate::SparseAttnError {
+    match e {
+        crate::SparseAttnError::Shape { detail, .. } => crate::SparseAttnError::Shape { arg, detail },
+        other => other,
+    }
+}

@@ -1,0 +1,164 @@
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Tensor};
+
+use super::{CompressionMlp, CompressionMlpConfig, NsaInputs, NsaParams, nsa_attention};
+use crate::projection::{HeadLayout, QkvProjection};
+
+/// Configuration of [`NsaAttention`]; defaults are the NSA paper's.
+#[derive(Config, Debug)]
+pub struct NsaAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; one block selection is made per kv head. Default: `n_heads`.
+    pub n_kv_heads: Option<usize>,
+    /// Per-head width. Default: `d_model / n_heads`.
+    pub head_dim: Option<usize>,
+    /// Compression window `l`. Default: 32.
+    #[config(default = 32)]
+    pub compress_block: usize,
+    /// Compression stride `d`. Default: 16.
+    #[config(default = 16)]
+    pub compress_stride: usize,
+    /// Hidden width of the compression MLPs. Default: `4 * head_dim`.
+    pub compress_hidden: Option<usize>,
+    /// Selection block `l'`. Default: 64.
+    #[config(default = 64)]
+    pub select_block: usize,
+    /// Selected blocks per query, forced ones included. Default: 16.
+    #[config(default = 16)]
+    pub top_n: usize,
+    /// Sliding window. Default: 512.
+    #[config(default = 512)]
+    pub window: usize,
+    /// One k/v projection for all three branches instead of one per branch. Default: `false`.
+    #[config(default = false)]
+    pub shared_kv: bool,
+    /// Apply RoPE to q and k. Default: `true`.
+    #[config(default = true)]
+    pub rope: bool,
+    /// RoPE base. Default: `10000`.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+}
+
+impl NsaAttentionConfig {
+    /// The functional hyper-parameters of this configuration.
+    pub fn params(&self) -> NsaParams {
+        NsaParams {
+            compress_block: self.compress_block,
+            compress_stride: self.compress_stride,
+            select_block: self.select_block,
+            top_n: self.top_n,
+            window: self.window,
+            scale: None,
+        }
+    }
+
+    /// Builds the layer; fails with an error naming the bad field.
+    pub fn init(&self, device: &Device) -> crate::error::Result<NsaAttention> {
+        let layout = HeadLayout::new(self.d_model, self.n_heads, self.n_kv_heads.unwrap_or(self.n_heads), self.head_dim)?;
+        self.params().validate()?;
+        let kv_width = layout.n_kv_heads * layout.head_dim;
+        let lin = |o| LinearConfig::new(self.d_model, o).with_bias(false).init(device);
+        let branch = |shared: bool| if shared { None } else { Some(lin(kv_width)) };
+        let mlp = CompressionMlpConfig { block: self.compress_block, head_dim: layout.head_dim, hidden: self.compress_hidden };
+        Ok(NsaAttention {
+            proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
+            key_cmp: branch(self.shared_kv),
+            value_cmp: branch(self.shared_kv),
+            key_win: branch(self.shared_kv),
+            value_win: branch(self.shared_kv),
+            compress_key: mlp.init(device)?,
+            compress_value: mlp.init(device)?,
+            gate: LinearConfig::new(self.d_model, 3 * layout.n_heads).init(device),
+            compress_block: self.compress_block,
+            compress_stride: self.compress_stride,
+            select_block: self.select_block,
+            top_n: self.top_n,
+            window: self.window,
+        })
+    }
+}
+
+/// NSA layer: compression, selection and window branches mixed by per-head sigmoid gates.
+#[derive(Module, Debug)]
+pub struct NsaAttention {
+    /// Query and output projections, and the selection branch's k/v (all branches' when shared).
+    pub proj: QkvProjection,
+    /// Compression-branch keys (`None` when k/v are shared).
+    pub key_cmp: Option<Linear>,
+    /// Compression-branch values.
+    pub value_cmp: Option<Linear>,
+    /// Window-branch keys.
+    pub key_win: Option<Linear>,
+    /// Window-branch values.
+    pub value_win: Option<Linear>,
+    /// Compression MLP for keys.
+    pub compress_key: CompressionMlp,
+    /// Compression MLP for values.
+    pub compress_value: CompressionMlp,
+    /// `d_model -> 3 * n_heads` gate logits.
+    pub gate: Linear,
+    compress_block: usize,
+    compress_stride: usize,
+    select_block: usize,
+    top_n: usize,
+    window: usize,
+}
+
+impl NsaAttention {
+    fn params(&self) -> NsaParams {
+        NsaParams {
+            compress_block: self.compress_block,
+            compress_stride: self.compress_stride,
+            select_block: self.select_block,
+            top_n: self.top_n,
+            window: self.window,
+            scale: None,
+        }
+    }
+
+    /// `x: [batch, seq, d_model] -> [batch, seq, d_model]`.
+    pub fn forward(&self, x: Tensor<3>) -> crate::error::Result<Tensor<3>> {
+        let [b, s, _] = x.dims();
+        let (q, k, v) = self.proj.project(x.clone())?;
+        let hkv = self.proj.n_kv_heads();
+        let hq = self.proj.n_heads();
+        let split = |lin: &Option<Linear>, fallback: &Tensor<4>| match lin {
+            Some(l) => self.proj.split_heads(l.forward(x.clone()), hkv),
+            None => fallback.clone(),
+        };
+        let (k_cmp_raw, v_cmp_raw) = (split(&self.key_cmp, &k), split(&self.value_cmp, &v));
+        let (k_win, v_win) = (split(&self.key_win, &k), split(&self.value_win, &v));
+        let params = self.params();
+        let n_cmp = super::num_compressed(s, self.compress_block, self.compress_stride);
+        let d = self.proj.head_dim();
+        // Compression reads pre-RoPE keys; each compressed key is then rotated at the
+        // position of its window's first key, as the published implementation does.
+        let (k_cmp, v_cmp) = if n_cmp == 0 {
+            let z = Tensor::<4>::zeros([b, hkv, 0, d], (&x.device(), x.dtype()));
+            (z.clone(), z)
+        } else {
+            let kc = self.compress_key.forward(k_cmp_raw, self.compress_stride)?;
+            let pos: Vec<usize> = (0..n_cmp).map(|i| i * self.compress_stride).collect();
+            (self.proj.rope_at(kc, &pos)?, self.compress_value.forward(v_cmp_raw, self.compress_stride)?)
+        };
+        let gates = sigmoid(self.gate.forward(x)).reshape([b, s, hq, 3]).swap_dims(1, 2);
+        let inputs = NsaInputs {
+            q: self.proj.rope(q)?,
+            k_cmp,
+            v_cmp,
+            k_slc: self.proj.rope(k)?,
+            v_slc: v,
+            k_win: self.proj.rope(k_win)?,
+            v_win,
+            gates,
+        };
+        Ok(self.proj.merge(nsa_attention(inputs, &params)?.output))
+    }
+}

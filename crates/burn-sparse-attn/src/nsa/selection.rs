@@ -1,0 +1,103 @@
+//! NSA's block selection: compression probabilities mapped onto selection blocks by overlap.
+
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use super::{NsaParams, num_compressed};
+use crate::attention::reference::scores;
+use crate::attention::validate_qkv;
+use crate::block_sparse::BlockSelection;
+use crate::error::{Result, shape_err};
+
+/// Overlap weights `[n_cmp, n_sel]` (row-major) from compressed tokens to selection blocks:
+/// keys shared by window `i` (`[i*stride, i*stride + block)`) and selection block `j`
+/// (`[j*select_block, (j+1)*select_block)`), divided by the stride.
+///
+/// With the defaults (32, 16, 64) block `j` gets weights 1, 2, 2, 2, 1 from compressed tokens
+/// `4j-1 ..= 4j+3`: the spatial overlap used by published implementations. The paper's Eq. 9
+/// writes the same weights at `4j-4 ..= 4j`, which maps windows onto the wrong block.
+pub fn nsa_overlap_weights(n_cmp: usize, n_sel: usize, params: &NsaParams) -> Vec<f32> {
+    let (l, d, ls) = (params.compress_block, params.compress_stride, params.select_block);
+    let mut w = vec![0f32; n_cmp * n_sel];
+    for i in 0..n_cmp {
+        let (a0, a1) = (i * d, i * d + l);
+        for j in 0..n_sel {
+            let (b0, b1) = (j * ls, (j + 1) * ls);
+            let shared = a1.min(b1).saturating_sub(a0.max(b0));
+            w[i * n_sel + j] = shared as f32 / d as f32;
+        }
+    }
+    w
+}
+
+/// Visibility `[sq, n_cmp]` of compressed tokens: `i * stride + block - 1 <= t`.
+pub(crate) fn compressed_visibility(sq: usize, seq_k: usize, n_cmp: usize, params: &NsaParams, device: &Device) -> Tensor<2, Bool> {
+    let mut m = Vec::with_capacity(sq * n_cmp);
+    for t in 0..sq {
+        let pos = t as i64 + seq_k as i64 - sq as i64;
+        for i in 0..n_cmp {
+            m.push(((i * params.compress_stride + params.compress_block) as i64 - 1) <= pos);
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [sq, n_cmp]), device)
+}
+
+/// Selection-block scores `[b, hkv, sq, n_sel]`: compression probabilities
+/// `exp(scale * q.k_cmp - lse_cmp)` summed over the query heads of each GQA group, then over
+/// the windows overlapping each block with [`nsa_overlap_weights`]. No gradient flows.
+pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
+    params.validate()?;
+    let [b, hq, sq, d] = q.dims();
+    let hkv = k_cmp.dims()[1];
+    let n_sel = seq_k.div_ceil(params.select_block);
+    let device = q.device();
+    let dtype = q.dtype();
+    let n_cmp = k_cmp.dims()[2];
+    if n_cmp == 0 {
+        return Ok(Tensor::zeros([b, hkv, sq, n_sel], (&device, q.dtype())));
+    }
+    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
+        return shape_err("k_cmp", format!("{n_cmp} compressed tokens do not match seq_k = {seq_k}"));
+    }
+    if lse_cmp.dims() != [b, hq, sq] {
+        return shape_err("lse_cmp", format!("expected {:?}, got {:?}", [b, hq, sq], lse_cmp.dims()));
+    }
+    let dims = validate_qkv(&q, &k_cmp, &k_cmp)?;
+    let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let s = scores(q.detach(), k_cmp.detach(), scale, &dims);
+    let lse = lse_cmp.detach().reshape([b, hq, sq, 1]);
+    let empty = lse.clone().equal_elem(f64::NEG_INFINITY);
+    let lse = lse.mask_fill(empty, 0.0).expand([b, hq, sq, n_cmp]);
+    let visible = compressed_visibility(sq, seq_k, n_cmp, params, &device).unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
+    let p = (s - lse).exp().mask_fill(visible.bool_not(), 0.0);
+    let g = hq / hkv;
+    let p_group = p.reshape([b, hkv, g, sq, n_cmp]).sum_dim(2).reshape([b, hkv, sq, n_cmp]);
+    let w = Tensor::<2>::from_data(TensorData::new(nsa_overlap_weights(n_cmp, n_sel, params), [n_cmp, n_sel]), (&device, dtype));
+    Ok(p_group.matmul(w.unsqueeze::<4>().expand([b, hkv, n_cmp, n_sel])))
+}
+
+/// Top-`n` selection per query and kv head from block scores `[b, hkv, sq, n_sel]`: blocks
+/// starting after the query are excluded, block 0 and the query's current and previous
+/// blocks are forced in; the result has capacity `min(top_n, n_sel)` with `-1` padding.
+pub fn nsa_select(scores: Tensor<4>, seq_q: usize, seq_k: usize, params: &NsaParams) -> Result<BlockSelection> {
+    params.validate()?;
+    let [b, hkv, sq, n_sel] = scores.dims();
+    if sq != seq_q || n_sel != seq_k.div_ceil(params.select_block) {
+        return shape_err("scores", format!("expected [.., .., {seq_q}, {}], got {:?}", seq_k.div_ceil(params.select_block), scores.dims()));
+    }
+    let ls = params.select_block as i64;
+    let mut add = Vec::with_capacity(sq * n_sel);
+    for t in 0..sq {
+        let pos = t as i64 + seq_k as i64 - seq_q as i64;
+        let cur = if pos >= 0 { pos / ls } else { -1 };
+        for j in 0..n_sel as i64 {
+            let forced = pos >= 0 && (j == 0 || j == cur || j == cur - 1);
+            add.push(if forced { f32::INFINITY } else if j * ls <= pos { 0.0 } else { f32::NEG_INFINITY });
+        }
+    }
+    let device = scores.device();
+    let add = Tensor::<2>::from_data(TensorData::new(add, [sq, n_sel]), (&device, scores.dtype()));
+    let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, sq, n_sel]);
+    let (vals, idx) = masked.topk_with_indices(params.top_n.min(n_sel), 3);
+    let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
+    Ok(BlockSelection::per_token(idx, params.select_block))
+}
