@@ -19,6 +19,7 @@ pub mod moba;
 pub mod nsa;
 pub mod projection;
 pub mod rope;
+pub mod seer;
 
 pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAttentionConfig, KeyBias, attention};
 pub use block_sparse::{BlockSelection, block_sparse_attention};
@@ -26,3 +27,4 @@ pub use dma::{DmaAttention, DmaAttentionConfig};
 pub use error::{Result, SparseAttnError};
 pub use moba::{MobaAttention, MobaAttentionConfig};
 pub use nsa::{NsaAttention, NsaAttentionConfig};
+pub use seer::{SeerAttention, SeerAttentionConfig, SeerMode};

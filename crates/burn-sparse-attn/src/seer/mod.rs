@@ -1,0 +1,239 @@
+//! SeerAttention (Microsoft 2024): a small learned gate (AttnGate) predicts which key blocks
+//! matter for each query block; attention then runs block-sparse on the chosen blocks.
+//!
+//! Following the published prefill gate:
+//! - pooling per block of `block_size = 64` tokens on pre-RoPE q and k: Q average-pooled,
+//!   K max-, min- and average-pooled, concatenated in that order (the last block partial);
+//! - per-query-head linear maps without bias to `gate_hidden = 128` (the Q map exists only
+//!   when `head_dim != gate_hidden`, as in the reference; K is mapped per query head from its
+//!   kv head's pooled keys);
+//! - RoPE on the gate at each block's first-token position;
+//! - gate logits `Qg Kg^T / sqrt(gate_hidden)` with a block-causal mask (diagonal included),
+//!   shape `[batch, heads_q, n_query_blocks, n_key_blocks]`.
+//!
+//! Training target: the 2-D max-pooled map of the true causal attention probabilities (max
+//! over the rows and columns of each block pair), each row normalised to sum 1; the loss is
+//! `KL(target || softmax(gate logits))` averaged over all elements (PyTorch's
+//! `KLDivLoss(reduction = "mean")`). Inference keeps blocks whose gate probability is
+//! strictly above a threshold, or the top-k per query block.
+
+mod module;
+
+pub use module::{SeerAttention, SeerAttentionConfig, SeerMode};
+
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::attention::reference::{masked_softmax, position_mask, scores};
+use crate::attention::{AttentionOptions, AttnDims, validate_qkv};
+use crate::block_sparse::BlockSelection;
+use crate::error::{Result, check_positive, shape_err};
+use crate::rope::apply_rope;
+
+/// Per-head linear map without bias: `[b, h, n, in] -> [b, h, n, out]`.
+#[derive(Module, Debug)]
+pub struct MultiHeadLinear {
+    /// `[heads, in, out]`.
+    pub weight: Param<Tensor<3>>,
+}
+
+impl MultiHeadLinear {
+    /// Normal(0, 0.02) initialisation, as the reference's `initializer_range`.
+    pub fn new(heads: usize, d_in: usize, d_out: usize, device: &Device) -> Self {
+        Self { weight: Initializer::Normal { mean: 0.0, std: 0.02 }.init([heads, d_in, d_out], device) }
+    }
+
+    /// Applies head `h`'s map to `x[:, h]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, h, _, _] = x.dims();
+        let [_, i, o] = self.weight.dims();
+        x.matmul(self.weight.val().unsqueeze::<4>().expand([b, h, i, o]))
+    }
+}
+
+fn pad_seq(x: Tensor<4>, block: usize, value: f64) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let padded = s.div_ceil(block) * block;
+    if padded == s {
+        return x;
+    }
+    let pad = Tensor::<4>::full([b, h, padded - s, d], value, (&x.device(), x.dtype()));
+    Tensor::cat(vec![x, pad], 2)
+}
+
+/// Average pooling over blocks of the sequence: `[b, h, s, d] -> [b, h, ceil(s/block), d]`.
+pub fn avg_pool(x: Tensor<4>, block: usize) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let n = s.div_ceil(block);
+    let counts: Vec<f32> = (0..n).map(|i| block.min(s - i * block) as f32).collect();
+    let counts = Tensor::<1>::from_data(TensorData::new(counts, [n]), (&x.device(), x.dtype()));
+    let sum = pad_seq(x, block, 0.0).reshape([b, h, n, block, d]).sum_dim(3).reshape([b, h, n, d]);
+    sum / counts.reshape([1, 1, n, 1]).expand([b, h, n, d])
+}
+
+/// Max pooling over blocks of the sequence (padding never wins).
+pub fn max_pool(x: Tensor<4>, block: usize) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let n = s.div_ceil(block);
+    pad_seq(x, block, f64::NEG_INFINITY).reshape([b, h, n, block, d]).max_dim(3).reshape([b, h, n, d])
+}
+
+/// Min pooling over blocks of the sequence.
+pub fn min_pool(x: Tensor<4>, block: usize) -> Tensor<4> {
+    max_pool(x.neg(), block).neg()
+}
+
+/// Block-causal visibility `[nq, nk]` of key blocks from query blocks (diagonal included),
+/// bottom-right aligned: key block `j` is visible when its first key is visible to the last
+/// query of block `i`.
+pub fn block_causal_mask(seq_q: usize, seq_k: usize, block: usize, device: &Device) -> Tensor<2, Bool> {
+    let (nq, nk) = (seq_q.div_ceil(block), seq_k.div_ceil(block));
+    let off = seq_k as i64 - seq_q as i64;
+    let mut m = Vec::with_capacity(nq * nk);
+    for i in 0..nq {
+        let last = ((i + 1) * block).min(seq_q) as i64 - 1 + off;
+        for j in 0..nk {
+            m.push((j * block) as i64 <= last);
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [nq, nk]), device)
+}
+
+/// The AttnGate parameters.
+#[derive(Module, Debug)]
+pub struct AttnGate {
+    /// Query map `head_dim -> gate_hidden` (absent when they are equal, as in the reference).
+    pub q_proj: Option<MultiHeadLinear>,
+    /// Key map `3 * head_dim -> gate_hidden`, one per query head.
+    pub k_proj: MultiHeadLinear,
+    block_size: usize,
+    hidden: usize,
+    rope_theta: f64,
+}
+
+impl AttnGate {
+    /// A gate for `heads_q` query heads of width `head_dim`.
+    pub fn new(heads_q: usize, head_dim: usize, block_size: usize, hidden: usize, rope_theta: f64, device: &Device) -> Result<Self> {
+        check_positive("block_size", block_size)?;
+        check_positive("gate_hidden", hidden)?;
+        if hidden % 2 != 0 {
+            return crate::error::param_err("gate_hidden", format!("block RoPE needs an even width, got {hidden}"));
+        }
+        let q_proj = (head_dim != hidden).then(|| MultiHeadLinear::new(heads_q, head_dim, hidden, device));
+        Ok(Self { q_proj, k_proj: MultiHeadLinear::new(heads_q, 3 * head_dim, hidden, device), block_size, hidden, rope_theta })
+    }
+
+    /// Keys per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Gate logits `[b, hq, nq_blocks, nk_blocks]` from pre-RoPE q and k, with `-inf` on
+    /// blocks that are not block-causally visible.
+    pub fn logits(&self, q: Tensor<4>, k: Tensor<4>) -> Result<Tensor<4>> {
+        let dims = validate_qkv(&q, &k, &k)?;
+        let AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q, seq_k, head_dim: d } = dims;
+        if let Some(p) = &self.q_proj {
+            if p.weight.dims() != [hq, d, self.hidden] {
+                return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1], q.dims()));
+            }
+        }
+        if self.k_proj.weight.dims() != [hq, 3 * d, self.hidden] {
+            return shape_err("q", format!("gate expects {} query heads of width {}, got {:?}", self.k_proj.weight.dims()[0], self.k_proj.weight.dims()[1] / 3, q.dims()));
+        }
+        let bs = self.block_size;
+        let qp = avg_pool(q, bs);
+        let qg = match &self.q_proj {
+            Some(p) => p.forward(qp),
+            None => qp,
+        };
+        let kp = Tensor::cat(vec![max_pool(k.clone(), bs), min_pool(k.clone(), bs), avg_pool(k, bs)], 3);
+        let nk = kp.dims()[2];
+        let g = hq / hkv;
+        let kp = kp.reshape([b, hkv, 1, nk, 3 * d]).expand([b, hkv, g, nk, 3 * d]).reshape([b, hq, nk, 3 * d]);
+        let kg = self.k_proj.forward(kp);
+        let nq = qg.dims()[2];
+        let off = seq_k - seq_q.min(seq_k);
+        let qpos: Vec<usize> = (0..nq).map(|i| i * bs + off).collect();
+        let kpos: Vec<usize> = (0..nk).map(|j| j * bs).collect();
+        let qg = apply_rope(qg, &qpos, self.rope_theta)?;
+        let kg = apply_rope(kg, &kpos, self.rope_theta)?;
+        let logits = qg.matmul(kg.swap_dims(2, 3)).mul_scalar(1.0 / (self.hidden as f64).sqrt());
+        let mask = block_causal_mask(seq_q, seq_k, bs, &logits.device()).unsqueeze::<4>().expand([b, hq, nq, nk]);
+        Ok(logits.mask_fill(mask.bool_not(), f64::NEG_INFINITY))
+    }
+}
+
+/// The distillation target `[b, hq, nq_blocks, nk_blocks]`: causal attention probabilities
+/// of (post-RoPE) q and k, max-pooled over each block pair, rows normalised to sum 1.
+/// Detached. Also returns the dense attention output so one pass serves both.
+pub fn seer_attention_target(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block_size: usize, scale: Option<f64>) -> Result<(Tensor<4>, crate::AttentionOutput)> {
+    check_positive("block_size", block_size)?;
+    let dims = validate_qkv(&q, &k, &v)?;
+    let AttnDims { batch: b, heads_q: hq, seq_q, seq_k, head_dim: d, .. } = dims;
+    let opts = AttentionOptions { causal: true, window: None, scale };
+    let mask = position_mask(&dims, &opts, &q.device());
+    let (p, lse) = masked_softmax(scores(q, k, opts.scale_for(d), &dims), mask);
+    let out = crate::attention::reference::apply_values(p.clone(), v, &dims);
+    let (nq, nk) = (seq_q.div_ceil(block_size), seq_k.div_ceil(block_size));
+    let p = p.detach();
+    let p = if nq * block_size > seq_q {
+        Tensor::cat(vec![p.clone(), Tensor::zeros([b, hq, nq * block_size - seq_q, seq_k], (&p.device(), p.dtype()))], 2)
+    } else {
+        p
+    };
+    let p = if nk * block_size > seq_k {
+        let rows = p.dims()[2];
+        Tensor::cat(vec![p.clone(), Tensor::zeros([b, hq, rows, nk * block_size - seq_k], (&p.device(), p.dtype()))], 3)
+    } else {
+        p
+    };
+    let pooled = p.reshape([b * hq, nq, block_size, nk, block_size]).max_dim(4).max_dim(2).reshape([b, hq, nq, nk]);
+    let sums = pooled.clone().sum_dim(3);
+    let sums = sums.clone().mask_fill(sums.equal_elem(0.0), 1.0);
+    Ok((pooled / sums.expand([b, hq, nq, nk]), crate::AttentionOutput { output: out, lse }))
+}
+
+/// `KL(target || softmax(logits))` averaged over all elements, PyTorch's
+/// `KLDivLoss(reduction = "mean")`; masked (`-inf`) logits must have target 0.
+///
+/// `skip_query_blocks` leading query-block rows are left out, as the published training
+/// drops the first quarter.
+pub fn seer_gate_loss(logits: Tensor<4>, target: Tensor<4>, skip_query_blocks: usize) -> Result<Tensor<1>> {
+    if logits.dims() != target.dims() {
+        return shape_err("target", format!("expected {:?}, got {:?}", logits.dims(), target.dims()));
+    }
+    let [b, h, nq, nk] = logits.dims();
+    let skip = skip_query_blocks.min(nq.saturating_sub(1));
+    let logp = log_softmax(logits, 3).slice([0..b, 0..h, skip..nq, 0..nk]);
+    let target = target.detach().slice([0..b, 0..h, skip..nq, 0..nk]);
+    let zero = target.clone().equal_elem(0.0);
+    let logp = logp.mask_fill(zero.clone(), 0.0);
+    let log_t = target.clone().mask_fill(zero.clone(), 1.0).log();
+    let kl = (target * (log_t - logp)).mask_fill(zero, 0.0);
+    Ok(kl.mean())
+}
+
+/// Blocks whose gate probability is strictly above `threshold`, as a per-query-block
+/// selection of capacity `n_key_blocks` (`-1` where not kept).
+pub fn seer_select_threshold(logits: Tensor<4>, threshold: f64, block_size: usize) -> Result<BlockSelection> {
+    check_positive("block_size", block_size)?;
+    let [b, h, nq, nk] = logits.dims();
+    let probs = burn::tensor::activation::softmax(logits.detach(), 3);
+    let keep = probs.greater_elem(threshold);
+    let idx = Tensor::<1, Int>::arange(0..nk as i64, &keep.device()).reshape([1, 1, 1, nk]).expand([b, h, nq, nk]);
+    let idx = idx.mask_fill(keep.bool_not(), -1);
+    Ok(BlockSelection::per_query_block(idx, block_size, block_size))
+}
+
+/// The `top_k` highest-scoring visible blocks per query block.
+pub fn seer_select_topk(logits: Tensor<4>, top_k: usize, block_size: usize) -> Result<BlockSelection> {
+    check_positive("top_k", top_k)?;
+    check_positive("block_size", block_size)?;
+    let nk = logits.dims()[3];
+    let (vals, idx) = logits.detach().topk_with_indices(top_k.min(nk), 3);
+    let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
+    Ok(BlockSelection::per_query_block(idx, block_size, block_size))
+}
