@@ -1,0 +1,60 @@
+//! Dispatch to the CubeCL kernels on Cube devices (CUDA, wgpu, Vulkan, Metal).
+//!
+//! The kernels live in the Burn-free `sparse-attn-kernels` crate; [`ext`] wires them into
+//! Burn as a backend extension with a hand-written autodiff backward. On other devices (Flex)
+//! the tensor-op reference runs instead, so every public op works everywhere.
+
+#[cfg(feature = "cube")]
+mod ext;
+
+use burn::tensor::Tensor;
+
+use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, KeyBias};
+use crate::block_sparse::BlockSelection;
+use crate::error::Result;
+
+/// Which implementation attention ops use on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// The CubeCL flash-attention kernels.
+    Kernel,
+    /// The tensor-op reference (materialises `seq_q x seq_k` scores).
+    Reference,
+}
+
+/// The implementation that attention ops pick for tensors on `device`, given the
+/// `SPARSE_ATTN_FORCE_REFERENCE=1` override (useful to compare kernel and reference).
+pub fn attention_impl(device: &burn::tensor::Device) -> AttentionImpl {
+    if std::env::var("SPARSE_ATTN_FORCE_REFERENCE").is_ok_and(|v| v == "1") {
+        return AttentionImpl::Reference;
+    }
+    #[cfg(feature = "cube")]
+    if ext::is_cube_device(device) {
+        return AttentionImpl::Kernel;
+    }
+    let _ = device;
+    AttentionImpl::Reference
+}
+
+/// Runs the attention kernel when `q` lives on a device that has one; `Ok(None)` tells the
+/// caller to use the tensor-op reference instead.
+#[allow(unused_variables)]
+pub(crate) fn try_attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: Option<&KeyBias>,
+    selection: Option<&BlockSelection>,
+    opts: &AttentionOptions,
+    dims: &AttnDims,
+) -> Result<Option<AttentionOutput>> {
+    if attention_impl(&q.device()) == AttentionImpl::Reference {
+        return Ok(None);
+    }
+    #[cfg(feature = "cube")]
+    {
+        return ext::attention(q, k, v, bias, selection, opts, dims).map(Some);
+    }
+    #[allow(unreachable_code)]
+    Ok(None)
+}
