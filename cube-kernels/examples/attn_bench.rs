@@ -1,0 +1,161 @@
+//! Times forward and forward+backward for dense causal attention and for an NSA-like
+//! per-token block schedule (16 selected blocks of 64 keys per query token, shared by the
+//! query heads of a GQA group; block 0 and the two most recent blocks always selected).
+//!
+//! ```text
+//! cargo run --release -p sparse-attn-kernels --features cuda --example attn_bench -- \
+//!     --b 1 --hq 16 --hkv 16 --s 4096 --d 128 --dtype bf16 --iters 5
+//! ```
+//! Runtime: `cuda` feature -> CUDA device 0, else `wgpu`. TFLOP/s count `4 * D` flops per
+//! attended (query, key) pair for the forward and `10 * D` for forward+backward (the
+//! FlashAttention convention: backward = 2.5x forward), over the pairs actually attended.
+
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+fn main() {
+    eprintln!("attn_bench needs a runtime feature: --features wgpu or --features cuda");
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn main() {
+    use sparse_attn_kernels::host::{sync, upload, upload_i32};
+    use sparse_attn_kernels::*;
+    use std::time::Instant;
+
+    let args: Vec<String> = std::env::args().collect();
+    let get = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let b: usize = get("--b", "1").parse().unwrap();
+    let hq: usize = get("--hq", "16").parse().unwrap();
+    let hkv: usize = get("--hkv", "16").parse().unwrap();
+    let s: usize = get("--s", "2048").parse().unwrap();
+    let d: usize = get("--d", "128").parse().unwrap();
+    let iters: usize = get("--iters", "3").parse().unwrap();
+    let n_sel: usize = get("--nsel", "16").parse().unwrap();
+    let bk: usize = get("--bk", "64").parse().unwrap();
+    let only = get("--only", "all");
+    let dtype = match get("--dtype", "f32").as_str() {
+        "f32" => AttnDtype::F32,
+        "f16" => AttnDtype::F16,
+        "bf16" => AttnDtype::BF16,
+        x => panic!("--dtype {x}?"),
+    };
+
+    #[cfg(feature = "cuda")]
+    let dev = cubecl::Device::cuda(0);
+    #[cfg(not(feature = "cuda"))]
+    let dev = cubecl::Device::wgpu(Default::default());
+    let client = dev.expect("device").client();
+    println!("{}", describe(&client));
+    if let Err(e) = supports(&client, dtype) {
+        println!("{e}");
+        return;
+    }
+
+    let mut seed = 1u64;
+    let mut rnd = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let q = upload(&client, dtype, &rnd(b * hq * s * d));
+    let k = upload(&client, dtype, &rnd(b * hkv * s * d));
+    let v = upload(&client, dtype, &rnd(b * hkv * s * d));
+    let d_o = upload(&client, dtype, &rnd(b * hq * s * d));
+    let p = AttnProblem {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        seq_q: s,
+        seq_k: s,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        causal: true,
+        window: None,
+    };
+
+    // NSA-like schedule: per (batch, kv head, token): block 0, the 2 most recent blocks,
+    // then random earlier blocks up to n_sel distinct ones.
+    let nkb = s.div_ceil(bk);
+    let mut idx = vec![-1i32; b * hkv * s * n_sel];
+    let mut pairs_sparse = 0usize;
+    let mut lcg = 7u64;
+    for bh in 0..b * hkv {
+        for t in 0..s {
+            let list = &mut idx[(bh * s + t) * n_sel..(bh * s + t + 1) * n_sel];
+            let cur = t / bk;
+            let mut chosen: Vec<usize> = vec![0];
+            for c in [cur, cur.saturating_sub(1)] {
+                if !chosen.contains(&c) {
+                    chosen.push(c);
+                }
+            }
+            let mut tries = 0;
+            while chosen.len() < n_sel.min(cur + 1) && tries < 10 * n_sel {
+                lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let c = (lcg >> 33) as usize % (cur + 1);
+                if !chosen.contains(&c) {
+                    chosen.push(c);
+                }
+                tries += 1;
+            }
+            for (e, &c) in chosen.iter().take(n_sel).enumerate() {
+                list[e] = c as i32;
+                let lo = c * bk;
+                let hi = ((c + 1) * bk).min(s).min(t + 1);
+                pairs_sparse += hi.saturating_sub(lo);
+            }
+        }
+    }
+    let pairs_sparse = pairs_sparse * (hq / hkv);
+    let sched = BlockSchedule {
+        indices: upload_i32(&client, &idx),
+        sel_heads: hkv,
+        capacity: n_sel,
+        query_block: 1,
+        key_block: bk,
+    };
+    let pairs_dense = b * hq * s * (s + 1) / 2;
+    let _ = nkb;
+
+    let run = |label: &str, schedule: Option<&BlockSchedule>, pairs: usize| {
+        let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule };
+        // Warm-up (kernel compilation).
+        let (o, lse) = attention_forward(&client, &p, dtype, &inputs).unwrap();
+        let _ = attention_backward(&client, &p, dtype, &inputs, &o, &lse, &d_o).unwrap();
+        sync(&client);
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            let _ = attention_forward(&client, &p, dtype, &inputs).unwrap();
+        }
+        sync(&client);
+        let fwd = t0.elapsed().as_secs_f64() / iters as f64;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            let (o, lse) = attention_forward(&client, &p, dtype, &inputs).unwrap();
+            let _ = attention_backward(&client, &p, dtype, &inputs, &o, &lse, &d_o).unwrap();
+        }
+        sync(&client);
+        let fb = t0.elapsed().as_secs_f64() / iters as f64;
+        let fl = pairs as f64 * d as f64;
+        println!(
+            "{label:>12}: B={b} Hq={hq} Hkv={hkv} S={s} D={d} {dtype:?}: fwd {:.3} ms ({:.2} TFLOP/s), fwd+bwd {:.3} ms ({:.2} TFLOP/s), pairs {pairs}",
+            fwd * 1e3,
+            4.0 * fl / fwd / 1e12,
+            fb * 1e3,
+            10.0 * fl / fb / 1e12,
+        );
+    };
+    if only == "all" || only == "dense" {
+        run("dense causal", None, pairs_dense);
+    }
+    if only == "all" || only == "nsa" {
+        run(&format!("nsa {n_sel}x{bk}"), Some(&sched), pairs_sparse);
+    }
+}

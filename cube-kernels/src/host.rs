@@ -1,0 +1,68 @@
+//! Host-side helpers to move f64 data to and from device buffers of an [`AttnDtype`]
+//! (used by the tests and the bench; handy for callers without a tensor library).
+
+use crate::{AttnDtype, Client, Handle};
+use cubecl::prelude::CubeElement;
+use half::{bf16, f16};
+
+/// Round `x` to the precision of `dtype` (returned as f64).
+pub fn round_to(dtype: AttnDtype, x: f64) -> f64 {
+    match dtype {
+        AttnDtype::F32 => x as f32 as f64,
+        AttnDtype::F16 => f16::from_f64(x).to_f64(),
+        AttnDtype::BF16 => bf16::from_f64(x).to_f64(),
+    }
+}
+
+/// Upload `data` converted to `dtype`.
+pub fn upload(client: &Client, dtype: AttnDtype, data: &[f64]) -> Handle {
+    match dtype {
+        AttnDtype::F32 => {
+            let v: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+            client.create_from_slice(f32::as_bytes(&v))
+        }
+        AttnDtype::F16 => {
+            let v: Vec<f16> = data.iter().map(|&x| f16::from_f64(x)).collect();
+            client.create_from_slice(f16::as_bytes(&v))
+        }
+        AttnDtype::BF16 => {
+            let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f64(x)).collect();
+            client.create_from_slice(bf16::as_bytes(&v))
+        }
+    }
+}
+
+/// Upload f32 values.
+pub fn upload_f32(client: &Client, data: &[f32]) -> Handle {
+    client.create_from_slice(f32::as_bytes(data))
+}
+
+/// Upload i32 values.
+pub fn upload_i32(client: &Client, data: &[i32]) -> Handle {
+    client.create_from_slice(i32::as_bytes(data))
+}
+
+/// Read `handle` as `dtype` and convert to f64.
+pub fn download(client: &Client, dtype: AttnDtype, handle: &Handle) -> Vec<f64> {
+    let bytes = client.read_one(handle.clone()).expect("read device buffer");
+    match dtype {
+        AttnDtype::F32 => f32::from_bytes(&bytes).iter().map(|&x| x as f64).collect(),
+        AttnDtype::F16 => f16::from_bytes(&bytes).iter().map(|x| x.to_f64()).collect(),
+        AttnDtype::BF16 => bf16::from_bytes(&bytes).iter().map(|x| x.to_f64()).collect(),
+    }
+}
+
+/// Read an f32 buffer as f64.
+pub fn download_f32(client: &Client, handle: &Handle) -> Vec<f64> {
+    download(client, AttnDtype::F32, handle)
+}
+
+/// A buffer of `n` elements of `dtype`, every one NaN (to catch unwritten outputs).
+pub fn nan_buffer(client: &Client, dtype: AttnDtype, n: usize) -> Handle {
+    upload(client, dtype, &vec![f64::NAN; n.max(1)])
+}
+
+/// Block until every queued launch on `client` is done.
+pub fn sync(client: &Client) {
+    cubecl::future::block_on(client.sync()).expect("device sync");
+}

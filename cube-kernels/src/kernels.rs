@@ -1,0 +1,852 @@
+//! The `#[cube]` kernels (portable path: no plane ops, no cmma, no atomics).
+//!
+//! Conventions shared by every kernel here:
+//! - buffers are flat, contiguous, row-major slices; offsets are computed by hand;
+//! - grids may be larger than 65535 cubes, so every kernel linearises its cube position
+//!   (`CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X`) and ignores cubes past the end;
+//! - all accumulation is in f32, whatever the storage type `F`;
+//! - an absent optional input (bias, threshold, schedule) is passed as a 1-element dummy
+//!   buffer together with a `#[comptime]` flag that disables every read of it.
+
+use cubecl::prelude::*;
+
+/// Finite stand-in for -inf inside kernels. WGSL has no infinity literal, and its
+/// arithmetic on infinities is indeterminate, so masked scores and the initial running max
+/// use this value and are skipped explicitly; a true -inf (for the LSE of an empty row)
+/// only ever arrives as a runtime scalar and is stored, never computed with.
+pub const NEG_BIG: f32 = -1.0e30;
+
+/// Linear cube index over a 2-D grid (x fastest).
+#[cube]
+fn cube_linear() -> usize {
+    (CUBE_POS_Y as usize) * (CUBE_COUNT_X as usize) + (CUBE_POS_X as usize)
+}
+
+/// Whether query `i` may see key `j`: causal (bottom-right aligned, `off = Sk - Sq`)
+/// `j <= i + off`, window `j > i + off - w`.
+#[cube]
+fn pair_visible(
+    i: usize,
+    j: usize,
+    off: i32,
+    w: i32,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+) -> bool {
+    let d = i as i32 + off - j as i32;
+    let mut ok = true;
+    if causal {
+        ok = d >= 0;
+    }
+    if windowed {
+        ok = ok && d < w;
+    }
+    ok
+}
+
+/// Whether some pair of queries in `[qlo, qhi]` and keys in `[klo, khi]` (inclusive) is
+/// visible. `d = i + off - j` covers every integer of `[qlo+off-khi, qhi+off-klo]`.
+#[cube]
+fn range_visible(
+    qlo: usize,
+    qhi: usize,
+    klo: usize,
+    khi: usize,
+    off: i32,
+    w: i32,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+) -> bool {
+    let dmin = qlo as i32 + off - khi as i32;
+    let dmax = qhi as i32 + off - klo as i32;
+    let mut ok = true;
+    if causal {
+        ok = dmax >= 0;
+    }
+    if windowed {
+        ok = ok && dmin < w;
+    }
+    ok
+}
+
+/// Dynamic-mask keep rule: `bias > thr || (bias == thr && j >= thr_idx)`.
+#[cube]
+fn key_kept(bias: f32, j: usize, thr: f32, thr_idx: i32) -> bool {
+    bias > thr || (bias == thr && j as i32 >= thr_idx)
+}
+
+// ---------------------------------------------------------------------------------------
+// Schedule preparation
+// ---------------------------------------------------------------------------------------
+
+/// One unit per index list: copy the valid entries (`0 <= idx < nkb`) of `indices` into
+/// `clean`, sorted ascending with duplicates removed, padded with -1. Out-of-range entries
+/// are ignored. Insertion sort in global memory: lists are short (tens to a few hundred).
+#[cube(launch)]
+pub fn sanitize_schedule_kernel(
+    indices: &[i32],
+    clean: &mut [i32],
+    n_lists: u32,
+    cap: u32,
+    nkb: u32,
+) {
+    let l = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if l < n_lists as usize {
+        let c = cap as usize;
+        let base = l * c;
+        let mut n = 0usize;
+        for e in 0..c {
+            let v = indices[base + e];
+            if v >= 0 && v < nkb as i32 {
+                let mut dup = false;
+                for t in 0..n {
+                    if clean[base + t] == v {
+                        dup = true;
+                    }
+                }
+                if !dup {
+                    let mut k = n;
+                    loop {
+                        if k == 0 {
+                            break;
+                        }
+                        let prev = clean[base + k - 1];
+                        if prev < v {
+                            break;
+                        }
+                        clean[base + k] = prev;
+                        k -= 1;
+                    }
+                    clean[base + k] = v;
+                    n += 1;
+                }
+            }
+        }
+        for e in n..c {
+            clean[base + e] = -1i32;
+        }
+    }
+}
+
+/// Inverted schedule, pass 1 (`fill = false`) and pass 3 (`fill = true`). One unit per
+/// (batch, selection head, key block) scans the schedule rows in increasing order and
+/// keeps those whose (sanitized) list contains the block AND whose query range can see at
+/// least one key of the block under the causal/window masks (so fully masked pairs never
+/// reach the backward). Pass 1 writes the count, pass 3 writes the rows at
+/// `offsets[..kb]`, in increasing row order (deterministic, no atomics).
+#[cube(launch)]
+pub fn invert_schedule_kernel(
+    clean: &[i32],
+    counts: &mut [i32],
+    offsets: &[i32],
+    rows: &mut [i32],
+    n_items: u32,
+    nkb: u32,
+    n_rows: u32,
+    cap: u32,
+    query_block: u32,
+    key_block: u32,
+    seq_q: u32,
+    seq_k: u32,
+    off: i32,
+    w: i32,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+    #[comptime] fill: bool,
+) {
+    let item = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if item < n_items as usize {
+        let nk = nkb as usize;
+        let bs = item / nk;
+        let kb = item % nk;
+        let c = cap as usize;
+        let nr = n_rows as usize;
+        let bq = query_block as usize;
+        let klo = kb * key_block as usize;
+        let khi = min(klo + key_block as usize, seq_k as usize) - 1;
+        let mut n = 0usize;
+        let mut out_base = 0usize;
+        if fill {
+            out_base = bs * nr * c + offsets[bs * (nk + 1) + kb] as usize;
+        }
+        for r in 0..nr {
+            let qlo = r * bq;
+            let qhi = min(qlo + bq, seq_q as usize) - 1;
+            if range_visible(qlo, qhi, klo, khi, off, w, causal, windowed) {
+                let base = (bs * nr + r) * c;
+                let mut found = false;
+                for e in 0..c {
+                    let v = clean[base + e];
+                    if v == kb as i32 {
+                        found = true;
+                    }
+                }
+                if found {
+                    if fill {
+                        rows[out_base + n] = r as i32;
+                    }
+                    n += 1;
+                }
+            }
+        }
+        if !fill {
+            counts[item] = n as i32;
+        }
+    }
+}
+
+/// Inverted schedule, pass 2: exclusive prefix sum of the counts of each
+/// (batch, selection head), one unit each; `offsets` has `nkb + 1` entries per list.
+#[cube(launch)]
+pub fn prefix_sum_kernel(counts: &[i32], offsets: &mut [i32], n_lists: u32, nkb: u32) {
+    let l = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if l < n_lists as usize {
+        let nk = nkb as usize;
+        let mut acc = 0i32;
+        for kb in 0..nk {
+            offsets[l * (nk + 1) + kb] = acc;
+            acc += counts[l * nk + kb];
+        }
+        offsets[l * (nk + 1) + nk] = acc;
+    }
+}
+
+/// Backward preprocessing: `delta[row] = sum_d dO[row, d] * O[row, d]` (f32), one unit per
+/// row of `[B * Hq * Sq]`.
+#[cube(launch)]
+pub fn delta_kernel<F: Float>(
+    d_o: &[F],
+    o: &[F],
+    delta: &mut [f32],
+    n_rows: u32,
+    #[comptime] head_dim: usize,
+) {
+    let row = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if row < n_rows as usize {
+        let base = row * head_dim;
+        let mut acc = 0.0f32;
+        for d in 0..head_dim {
+            acc += f32::cast_from(d_o[base + d]) * f32::cast_from(o[base + d]);
+        }
+        delta[row] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Query-major kernel: forward, and dQ of the backward
+// ---------------------------------------------------------------------------------------
+
+/// Query-major attention: one unit per query row (its q row and accumulator in local
+/// arrays), K/V tiles of `tile_k` keys staged through shared memory by the whole cube.
+///
+/// Cubes: a "row group" is a set of (query head, query) rows that share one list of key
+/// tiles: `group_heads` consecutive query heads x the queries `[r*query_block, ...)` of one
+/// schedule row `r` (dense: `group_heads = 1`, `query_block` = the cube width). A group is
+/// split into `n_chunks` cubes of `CUBE_DIM` rows. Linear cube id =
+/// `((b * n_groups_h + gh) * n_row_blocks + r) * n_chunks + chunk`.
+///
+/// The key tiles: dense: `[klo, khi)`, the union of the visible ranges of the cube's rows,
+/// in tiles of `tile_k`; blocks: every (sanitized, ascending) selected block of the
+/// group's list, cut into tiles of `tile_k` and clipped to the same union range. Before a
+/// tile is loaded each unit checks whether its row keeps any key of it (masks and
+/// dynamic-mask threshold); the cube skips the tile when no row does.
+///
+/// `backward = false`: writes `out = O` (in `F`) and `lse`. `backward = true`: reads
+/// `lse` and `delta`, `d_o`, writes `out = dQ`.
+#[cube(launch)]
+pub fn attn_rows_kernel<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    sched: &[i32],
+    d_o: &[F],
+    delta: &[f32],
+    lse: &mut [f32],
+    out: &mut [F],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    group_heads: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    n_chunks: u32,
+    cap: u32,
+    key_block: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] units: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] tile_k: usize,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_thr: bool,
+    #[comptime] blocks: bool,
+    #[comptime] backward: bool,
+) {
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let gh = group_heads as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let n_chunks = n_chunks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_gh = heads_q / gh;
+
+    let u = UNIT_POS as usize;
+    let cid = cube_linear();
+    let n_cubes = n_batch * n_gh * n_rb * n_chunks;
+
+    let mut k_s = Shared::<[f32]>::new_slice(tile_k * head_dim);
+    let mut v_s = Shared::<[f32]>::new_slice(tile_k * head_dim);
+    let mut flag_s = Shared::<[u32]>::new_slice(units);
+
+    if cid < n_cubes {
+        let chunk = cid % n_chunks;
+        let r = (cid / n_chunks) % n_rb;
+        let g = (cid / (n_chunks * n_rb)) % n_gh;
+        let b = cid / (n_chunks * n_rb * n_gh);
+
+        // This group's rows: heads [g*gh, (g+1)*gh) x queries [q0, q0 + nq).
+        let q0 = r * qb;
+        let nq = min(qb, seq_q - q0);
+        let n_group_rows = gh * nq;
+        let f0 = chunk * units;
+        let f1 = min(f0 + units, n_group_rows) - 1;
+        // Union query range of the cube (uniform).
+        let mut cq_lo = q0;
+        let mut cq_hi = q0 + nq - 1;
+        if f0 / nq == f1 / nq {
+            cq_lo = q0 + f0 % nq;
+            cq_hi = q0 + f1 % nq;
+        }
+        // Union visible key range [klo, khi).
+        let mut klo = 0i32;
+        let mut khi = seq_k as i32;
+        if causal {
+            khi = min(khi, cq_hi as i32 + off + 1);
+        }
+        if windowed {
+            klo = max(klo, cq_lo as i32 + off - w + 1);
+        }
+
+        // This unit's row.
+        let flat = f0 + u;
+        let row_valid = flat < n_group_rows;
+        let mut h = g * gh;
+        let mut i = q0;
+        if row_valid {
+            h = g * gh + flat / nq;
+            i = q0 + flat % nq;
+        }
+        let hk = h / (heads_q / heads_kv);
+        let hb = h / (heads_q / heads_b);
+        let row = (b * heads_q + h) * seq_q + i;
+        let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
+        let bias_base = (b * heads_b + hb) * seq_k;
+
+        let mut q_r = Array::<f32>::new(head_dim);
+        let mut acc = Array::<f32>::new(head_dim);
+        let mut do_r = Array::<f32>::new(head_dim);
+        let mut sc = Array::<f32>::new(tile_k);
+        for d in 0..head_dim {
+            acc[d] = 0.0f32;
+            q_r[d] = 0.0f32;
+            do_r[d] = 0.0f32;
+        }
+        let mut row_thr = comptime!(NEG_BIG).runtime();
+        let mut row_thr_i = 0i32;
+        let mut m_run = comptime!(NEG_BIG).runtime();
+        let mut l_run = 0.0f32;
+        let mut lse_row = comptime!(NEG_BIG).runtime();
+        let mut delta_row = 0.0f32;
+        // A backward row with lse = -inf saw no key anywhere: all its gradients are 0.
+        let mut row_active = row_valid;
+        if row_valid {
+            for d in 0..head_dim {
+                q_r[d] = f32::cast_from(q[row * head_dim + d]);
+            }
+            if has_thr {
+                row_thr = thr_v[(b * heads_b + hb) * seq_q + i];
+                row_thr_i = thr_i[(b * heads_b + hb) * seq_q + i];
+            }
+            if backward {
+                lse_row = lse[row];
+                delta_row = delta[row];
+                row_active = lse_row > NEG_BIG;
+                for d in 0..head_dim {
+                    do_r[d] = f32::cast_from(d_o[row * head_dim + d]);
+                }
+            }
+        }
+
+        // Number of list entries to walk: dense = 1 pseudo-entry covering [klo, khi).
+        let mut n_entries = 1usize;
+        let mut list_base = 0usize;
+        if blocks {
+            n_entries = cap;
+            list_base = ((b * n_gh + g) * n_rb + r) * cap;
+        }
+        for e in 0..n_entries {
+            // Key range of this entry, clipped to the union visible range.
+            let mut e_lo = klo;
+            let mut e_hi = khi;
+            if blocks {
+                let kb = sched[list_base + e];
+                if kb >= 0 {
+                    e_lo = max(e_lo, kb * key_block as i32);
+                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
+                } else {
+                    e_hi = e_lo;
+                }
+            }
+            let mut n_tiles = 0usize;
+            if e_hi > e_lo {
+                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
+            }
+            for t in 0..n_tiles {
+                let t0 = e_lo as usize + t * tile_k;
+                let t1 = min(t0 + tile_k, e_hi as usize);
+                // Per-row scores' masks, and whether this row keeps any key of the tile.
+                let mut any_kept = false;
+                for kk in 0..tile_k {
+                    let j = t0 + kk;
+                    let mut keep = false;
+                    if row_active && j < t1 {
+                        keep = pair_visible(i, j, off, w, causal, windowed);
+                        if has_thr && keep {
+                            let bj = f32::cast_from(bias[bias_base + j]);
+                            keep = key_kept(bj, j, row_thr, row_thr_i);
+                        }
+                    }
+                    if keep {
+                        sc[kk] = 0.0f32;
+                        any_kept = true;
+                    } else {
+                        sc[kk] = NEG_BIG;
+                    }
+                }
+                // Cube-wide OR of the flags (no plane ops): every unit reads all flags.
+                if any_kept {
+                    flag_s[u] = 1u32;
+                } else {
+                    flag_s[u] = 0u32;
+                }
+                sync_cube();
+                let mut cube_any = false;
+                for x in 0..units {
+                    if flag_s[x] != 0u32 {
+                        cube_any = true;
+                    }
+                }
+                sync_cube();
+                if cube_any {
+                    // Stage K and V (f32) for keys [t0, t1); zero past the end.
+                    let n_el = tile_k * head_dim;
+                    let mut idx = u;
+                    while idx < n_el {
+                        let kk = idx / head_dim;
+                        let d = idx % head_dim;
+                        if t0 + kk < t1 {
+                            let g_idx = kv_base + (t0 + kk) * head_dim + d;
+                            k_s[idx] = f32::cast_from(k[g_idx]);
+                            v_s[idx] = f32::cast_from(v[g_idx]);
+                        } else {
+                            k_s[idx] = 0.0f32;
+                            v_s[idx] = 0.0f32;
+                        }
+                        idx += units;
+                    }
+                    sync_cube();
+                    if any_kept {
+                        // Scores.
+                        let mut t_max = comptime!(NEG_BIG).runtime();
+                        for kk in 0..tile_k {
+                            if sc[kk] == 0.0f32 {
+                                let mut dot = 0.0f32;
+                                for d in 0..head_dim {
+                                    dot += q_r[d] * k_s[kk * head_dim + d];
+                                }
+                                let mut s = dot * scale;
+                                if has_bias {
+                                    s += f32::cast_from(bias[bias_base + t0 + kk]);
+                                }
+                                sc[kk] = s;
+                                t_max = max(t_max, s);
+                            } else {
+                                sc[kk] = NEG_BIG;
+                            }
+                        }
+                        if backward {
+                            for kk in 0..tile_k {
+                                let s = sc[kk];
+                                if s > NEG_BIG {
+                                    let p = (s - lse_row).exp();
+                                    let mut dp = 0.0f32;
+                                    for d in 0..head_dim {
+                                        dp += do_r[d] * v_s[kk * head_dim + d];
+                                    }
+                                    let ds = p * (dp - delta_row) * scale;
+                                    for d in 0..head_dim {
+                                        acc[d] += ds * k_s[kk * head_dim + d];
+                                    }
+                                }
+                            }
+                        } else {
+                            // Online softmax, one rescale per tile.
+                            let m_new = max(m_run, t_max);
+                            let corr = (m_run - m_new).exp();
+                            l_run *= corr;
+                            for d in 0..head_dim {
+                                acc[d] *= corr;
+                            }
+                            for kk in 0..tile_k {
+                                let s = sc[kk];
+                                if s > NEG_BIG {
+                                    let p = (s - m_new).exp();
+                                    l_run += p;
+                                    for d in 0..head_dim {
+                                        acc[d] += p * v_s[kk * head_dim + d];
+                                    }
+                                }
+                            }
+                            m_run = m_new;
+                        }
+                    }
+                    sync_cube();
+                }
+            }
+        }
+
+        if row_valid {
+            if backward {
+                for d in 0..head_dim {
+                    out[row * head_dim + d] = F::cast_from(acc[d]);
+                }
+            } else {
+                if l_run > 0.0f32 {
+                    let inv = 1.0f32 / l_run;
+                    for d in 0..head_dim {
+                        out[row * head_dim + d] = F::cast_from(acc[d] * inv);
+                    }
+                    lse[row] = m_run + l_run.ln();
+                } else {
+                    for d in 0..head_dim {
+                        out[row * head_dim + d] = F::cast_from(0.0f32);
+                    }
+                    lse[row] = neg_inf;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Key-major kernel: dK, dV, dbias
+// ---------------------------------------------------------------------------------------
+
+/// Key-major backward: one unit per key (its k, v rows and the dk, dv accumulators in
+/// local arrays); the cube owns `CUBE_DIM` consecutive keys of one (batch, kv head) and
+/// walks, for every query head of the GQA group, the query rows that attend to them, in
+/// chunks of `tile_q` rows staged through shared memory (q, dO, lse, delta, threshold).
+///
+/// Dense: the rows are the union range of queries that can see the tile. Blocks: the
+/// rows of the inverted schedule of (batch, selection head, key block) (`inv_off` /
+/// `inv_rows`, CSR), each row standing for the queries `[r*query_block, ...)`.
+/// A chunk where no (row, key) pair is visible and kept is skipped (cube-wide OR).
+///
+/// Linear cube id = `(b * heads_kv + hk) * n_key_tiles + t`; blocks: `t = kb * n_sub + sub`.
+/// `dbias[b, hb, j]` is written when the last query head of bias head `hb` is done (bias
+/// heads never straddle kv groups: validated on the host).
+#[cube(launch)]
+pub fn attn_keys_kernel<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    d_o: &[F],
+    lse: &[f32],
+    delta: &[f32],
+    dk: &mut [F],
+    dv: &mut [F],
+    dbias: &mut [F],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    heads_s: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    cap: u32,
+    key_block: u32,
+    n_sub: u32,
+    n_key_tiles: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    #[comptime] units: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] tile_q: usize,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_thr: bool,
+    #[comptime] blocks: bool,
+) {
+    // n_key_tiles: dense ceil(Sk / units); blocks nkb * n_sub.
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let heads_s = heads_s as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_sub = n_sub as usize;
+    let n_kt = n_key_tiles as usize;
+
+    let u = UNIT_POS as usize;
+    let cid = cube_linear();
+
+    let mut q_s = Shared::<[f32]>::new_slice(tile_q * head_dim);
+    let mut do_s = Shared::<[f32]>::new_slice(tile_q * head_dim);
+    let mut qi_s = Shared::<[i32]>::new_slice(tile_q);
+    let mut lse_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut dl_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut tv_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
+    let mut flag_s = Shared::<[u32]>::new_slice(units);
+
+    if cid < n_batch * heads_kv * n_kt {
+        let t = cid % n_kt;
+        let hk = (cid / n_kt) % heads_kv;
+        let b = cid / (n_kt * heads_kv);
+        let group = heads_q / heads_kv;
+        let g_sel = heads_q / heads_s;
+        let g_b = heads_q / heads_b;
+
+        // The cube's keys [t0, t1).
+        let mut kb = 0usize;
+        let mut t0 = t * units;
+        let mut t1 = min(t0 + units, seq_k);
+        if blocks {
+            kb = t / n_sub;
+            let sub = t % n_sub;
+            let b_end = min((kb + 1) * key_block, seq_k);
+            t0 = min(kb * key_block + sub * units, b_end);
+            t1 = min(t0 + units, b_end);
+        }
+        let j = t0 + u;
+        let key_valid = j < t1;
+        let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
+
+        let mut k_r = Array::<f32>::new(head_dim);
+        let mut v_r = Array::<f32>::new(head_dim);
+        let mut dk_r = Array::<f32>::new(head_dim);
+        let mut dv_r = Array::<f32>::new(head_dim);
+        for d in 0..head_dim {
+            k_r[d] = 0.0f32;
+            v_r[d] = 0.0f32;
+            dk_r[d] = 0.0f32;
+            dv_r[d] = 0.0f32;
+        }
+        if key_valid {
+            for d in 0..head_dim {
+                k_r[d] = f32::cast_from(k[kv_base + j * head_dim + d]);
+                v_r[d] = f32::cast_from(v[kv_base + j * head_dim + d]);
+            }
+        }
+        let mut db_acc = 0.0f32;
+
+        for hh in 0..group {
+            let h = hk * group + hh;
+            let hb = h / g_b;
+            let bias_base = (b * heads_b + hb) * seq_k;
+            let mut bias_j = 0.0f32;
+            if has_bias && key_valid {
+                bias_j = f32::cast_from(bias[bias_base + j]);
+            }
+            // Query slots of this head: dense: queries [qa, qa + n_slots);
+            // blocks: n_entries rows of the inverted list, query_block slots each.
+            let mut qa = 0usize;
+            let mut n_slots = 0usize;
+            let mut rows_base = 0usize;
+            let mut spc = tile_q.runtime();
+            if blocks {
+                let s = h / g_sel;
+                let bs = b * heads_s + s;
+                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
+                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
+                rows_base = bs * n_rb * cap + o0;
+                n_slots = (o1 - o0) * qb;
+                if qb <= tile_q {
+                    spc = (tile_q / qb) * qb;
+                }
+            } else if t0 < t1 {
+                // Queries that can see some key of [t0, t1).
+                let mut lo = 0i32;
+                let mut hi = seq_q as i32;
+                if causal {
+                    lo = max(lo, t0 as i32 - off);
+                }
+                if windowed {
+                    hi = min(hi, (t1 - 1) as i32 - off + w);
+                }
+                if hi > lo {
+                    qa = lo as usize;
+                    n_slots = (hi - lo) as usize;
+                }
+            }
+            let n_ch = n_slots.div_ceil(spc);
+            for ch in 0..n_ch {
+                // Row metadata of the chunk.
+                let mut x = u;
+                while x < tile_q {
+                    let slot = ch * spc + x;
+                    let mut qi = comptime!(-1i32).runtime();
+                    if x < spc && slot < n_slots {
+                        if blocks {
+                            let rr = inv_rows[rows_base + slot / qb] as usize;
+                            let qq = rr * qb + slot % qb;
+                            if qq < seq_q {
+                                qi = qq as i32;
+                            }
+                        } else {
+                            qi = (qa + slot) as i32;
+                        }
+                    }
+                    qi_s[x] = qi;
+                    if qi >= 0 {
+                        let row = (b * heads_q + h) * seq_q + qi as usize;
+                        lse_s[x] = lse[row];
+                        dl_s[x] = delta[row];
+                        if has_thr {
+                            tv_s[x] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
+                            ti_s[x] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
+                        }
+                    }
+                    x += units;
+                }
+                sync_cube();
+                // Does this key pair with any row of the chunk? (masks, threshold, lse)
+                let mut any = false;
+                if key_valid {
+                    for x2 in 0..tile_q {
+                        let qi = qi_s[x2];
+                        if qi >= 0 {
+                            let mut keep = lse_s[x2] > NEG_BIG;
+                            keep = keep && pair_visible(qi as usize, j, off, w, causal, windowed);
+                            if has_thr && keep {
+                                keep = key_kept(bias_j, j, tv_s[x2], ti_s[x2]);
+                            }
+                            if keep {
+                                any = true;
+                            }
+                        }
+                    }
+                }
+                if any {
+                    flag_s[u] = 1u32;
+                } else {
+                    flag_s[u] = 0u32;
+                }
+                sync_cube();
+                let mut cube_any = false;
+                for y in 0..units {
+                    if flag_s[y] != 0u32 {
+                        cube_any = true;
+                    }
+                }
+                if cube_any {
+                    let n_el = tile_q * head_dim;
+                    let mut idx = u;
+                    while idx < n_el {
+                        let x3 = idx / head_dim;
+                        let d = idx % head_dim;
+                        let qi = qi_s[x3];
+                        if qi >= 0 {
+                            let g_idx = ((b * heads_q + h) * seq_q + qi as usize) * head_dim + d;
+                            q_s[idx] = f32::cast_from(q[g_idx]);
+                            do_s[idx] = f32::cast_from(d_o[g_idx]);
+                        } else {
+                            q_s[idx] = 0.0f32;
+                            do_s[idx] = 0.0f32;
+                        }
+                        idx += units;
+                    }
+                    sync_cube();
+                    if any {
+                        for x4 in 0..tile_q {
+                            let qi = qi_s[x4];
+                            if qi >= 0 {
+                                let lse_i = lse_s[x4];
+                                let mut keep = lse_i > NEG_BIG;
+                                keep = keep
+                                    && pair_visible(qi as usize, j, off, w, causal, windowed);
+                                if has_thr && keep {
+                                    keep = key_kept(bias_j, j, tv_s[x4], ti_s[x4]);
+                                }
+                                if keep {
+                                    let mut dot = 0.0f32;
+                                    let mut dp = 0.0f32;
+                                    for d in 0..head_dim {
+                                        dot += q_s[x4 * head_dim + d] * k_r[d];
+                                        dp += do_s[x4 * head_dim + d] * v_r[d];
+                                    }
+                                    let mut s = dot * scale;
+                                    if has_bias {
+                                        s += bias_j;
+                                    }
+                                    let p = (s - lse_i).exp();
+                                    let ds = p * (dp - dl_s[x4]);
+                                    db_acc += ds;
+                                    let dss = ds * scale;
+                                    for d in 0..head_dim {
+                                        dv_r[d] += p * do_s[x4 * head_dim + d];
+                                        dk_r[d] += dss * q_s[x4 * head_dim + d];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                sync_cube();
+            }
+            if has_bias && (h + 1) % g_b == 0 {
+                if key_valid {
+                    dbias[bias_base + j] = F::cast_from(db_acc);
+                }
+                db_acc = 0.0f32;
+            }
+        }
+
+        if key_valid {
+            for d in 0..head_dim {
+                dk[kv_base + j * head_dim + d] = F::cast_from(dk_r[d]);
+                dv[kv_base + j * head_dim + d] = F::cast_from(dv_r[d]);
+            }
+        }
+    }
+}
