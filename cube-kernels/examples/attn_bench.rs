@@ -44,11 +44,7 @@ fn main() {
         x => panic!("--dtype {x}?"),
     };
 
-    #[cfg(feature = "cuda")]
-    let dev = cubecl::Device::cuda(0);
-    #[cfg(not(feature = "cuda"))]
-    let dev = cubecl::Device::wgpu(Default::default());
-    let client = dev.expect("device").client();
+    let client = sparse_attn_kernels::host::device_from_env().client();
     println!("{}", describe(&client));
     if let Err(e) = supports(&client, dtype) {
         println!("{e}");

@@ -66,3 +66,28 @@ pub fn nan_buffer(client: &Client, dtype: AttnDtype, n: usize) -> Handle {
 pub fn sync(client: &Client) {
     cubecl::future::block_on(client.sync()).expect("device sync");
 }
+
+/// The device named by `SPARSE_ATTN_RUNTIME` (`cuda`, `wgpu` or `vulkan`, among the runtimes
+/// compiled in), else CUDA when compiled in, else the default wgpu adapter. Tests and
+/// benchmarks use it so one binary can run on several runtimes.
+#[cfg(feature = "launch")]
+pub fn device_from_env() -> cubecl::Device {
+    let want = std::env::var("SPARSE_ATTN_RUNTIME").unwrap_or_default();
+    let dev = match want.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => cubecl::Device::cuda(0),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => cubecl::Device::vulkan(Default::default()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => cubecl::Device::wgpu(Default::default()),
+        "" => {
+            #[cfg(feature = "cuda")]
+            let d = cubecl::Device::cuda(0);
+            #[cfg(not(feature = "cuda"))]
+            let d = cubecl::Device::wgpu(Default::default());
+            d
+        }
+        other => panic!("SPARSE_ATTN_RUNTIME={other}: not a runtime compiled into this binary"),
+    };
+    dev.unwrap_or_else(|e| panic!("no device for SPARSE_ATTN_RUNTIME={want:?}: {e:?}"))
+}

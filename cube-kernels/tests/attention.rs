@@ -9,11 +9,7 @@ use sparse_attn_kernels::reference::{self, RefBias, RefInputs, RefSchedule};
 use sparse_attn_kernels::*;
 
 fn client() -> Client {
-    #[cfg(feature = "cuda")]
-    let dev = cubecl::Device::cuda(0);
-    #[cfg(not(feature = "cuda"))]
-    let dev = cubecl::Device::wgpu(Default::default());
-    let c = dev.expect("a device for the test runtime").client();
+    let c = sparse_attn_kernels::host::device_from_env().client();
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| eprintln!("[sparse-attn-kernels tests] {}", describe(&c)));
     c

@@ -14,7 +14,7 @@ pub mod attention;
 pub mod block_sparse;
 pub mod dma;
 pub mod error;
-mod kernel;
+pub mod kernel;
 pub mod moba;
 pub mod nsa;
 pub mod projection;
@@ -28,3 +28,9 @@ pub use error::{Result, SparseAttnError};
 pub use moba::{MobaAttention, MobaAttentionConfig};
 pub use nsa::{NsaAttention, NsaAttentionConfig};
 pub use seer::{SeerAttention, SeerAttentionConfig, SeerMode};
+
+/// The attention implementation ops pick on `device`: the CubeCL kernels on Cube devices
+/// (with a GPU feature compiled in), the tensor-op reference elsewhere.
+pub fn kernel_impl_for(device: &burn::tensor::Device) -> kernel::AttentionImpl {
+    kernel::attention_impl(device)
+}

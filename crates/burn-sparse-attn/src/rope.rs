@@ -24,8 +24,8 @@ pub fn apply_rope(x: Tensor<4>, positions: &[usize], theta: f64) -> Result<Tenso
             for i in 0..half {
                 let inv_freq = theta.powf(-2.0 * i as f64 / d as f64);
                 let angle = p as f64 * inv_freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
     }

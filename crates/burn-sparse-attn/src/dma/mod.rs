@@ -61,28 +61,29 @@ pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal:
     check_positive("window", window)?;
     let [b, h, sk] = bias.dims();
     let device = bias.device();
-    let values: Vec<f32> = bias.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().expect("bias data as f32");
+    let values: Vec<f64> = bias.clone().detach().into_data().convert::<f64>().try_to_vec::<f64>().expect("bias data as f64");
     let mut thr_v = Vec::with_capacity(b * h * seq_q);
     let mut thr_i = Vec::with_capacity(b * h * seq_q);
     for row in 0..b * h {
         let keys = &values[row * sk..(row + 1) * sk];
-        // Min-heap of the `window` largest (value, index) pairs seen so far.
-        let mut heap: BinaryHeap<Reverse<(OrdF32, usize)>> = BinaryHeap::new();
+        // Min-heap of the `window` largest (value, index) pairs seen so far; f64 holds every
+        // supported dtype exactly, so the threshold equals one of the bias values.
+        let mut heap: BinaryHeap<Reverse<(OrdF64, usize)>> = BinaryHeap::new();
         let mut seen = 0usize;
         for i in 0..seq_q {
             let visible = if causal { (i as i64 + sk as i64 - seq_q as i64 + 1).clamp(0, sk as i64) as usize } else { sk };
             while seen < visible {
-                heap.push(Reverse((OrdF32(keys[seen]), seen)));
+                heap.push(Reverse((OrdF64(keys[seen]), seen)));
                 if heap.len() > window {
                     heap.pop();
                 }
                 seen += 1;
             }
             if visible <= window {
-                thr_v.push(f32::NEG_INFINITY);
+                thr_v.push(f64::NEG_INFINITY);
                 thr_i.push(0i64);
             } else {
-                let Reverse((OrdF32(v), j)) = *heap.peek().expect("non-empty heap");
+                let Reverse((OrdF64(v), j)) = *heap.peek().expect("non-empty heap");
                 thr_v.push(v);
                 thr_i.push(j as i64);
             }
@@ -94,14 +95,14 @@ pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal:
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct OrdF32(f32);
-impl Eq for OrdF32 {}
-impl PartialOrd for OrdF32 {
+struct OrdF64(f64);
+impl Eq for OrdF64 {}
+impl PartialOrd for OrdF64 {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for OrdF32 {
+impl Ord for OrdF64 {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)
     }

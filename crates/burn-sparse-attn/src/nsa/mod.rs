@@ -147,13 +147,14 @@ pub fn nsa_compressed_attention(
 pub fn nsa_attention(inputs: NsaInputs, params: &NsaParams) -> Result<NsaOutput> {
     params.validate()?;
     let NsaInputs { q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates } = inputs;
-    let dims = validate_qkv(&q, &k_slc, &v_slc)?;
-    validate_qkv(&q, &k_win, &v_win).map_err(|e| rename(e, "k_win"))?;
+    let dims = validate_qkv(&q, &k_slc, &v_slc).map_err(|e| rename_kv(e, "k_slc", "v_slc"))?;
+    validate_qkv(&q, &k_win, &v_win).map_err(|e| rename_kv(e, "k_win", "v_win"))?;
     let want = [dims.batch, dims.heads_q, dims.seq_q, 3];
     if gates.dims() != want {
         return shape_err("gates", format!("expected {want:?}, got {:?}", gates.dims()));
     }
-    let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)?;
+    let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)
+        .map_err(|e| rename_kv(e, "k_cmp", "v_cmp"))?;
     let scores = nsa_selection_scores(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?;
     let selection = nsa_select(scores, dims.seq_q, dims.seq_k, params)?;
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
@@ -173,9 +174,11 @@ pub fn nsa_combine(o_cmp: &Tensor<4>, o_slc: &Tensor<4>, o_win: &Tensor<4>, gate
     Ok(o_cmp.clone() * g(0) + o_slc.clone() * g(1) + o_win.clone() * g(2))
 }
 
-fn rename(e: crate::SparseAttnError, arg: &'static str) -> crate::SparseAttnError {
+/// Names the branch's tensors in errors raised by the shared q/k/v validation.
+fn rename_kv(e: crate::SparseAttnError, k_name: &'static str, v_name: &'static str) -> crate::SparseAttnError {
     match e {
-        crate::SparseAttnError::Shape { detail, .. } => crate::SparseAttnError::Shape { arg, detail },
+        crate::SparseAttnError::Shape { arg: "k", detail } => crate::SparseAttnError::Shape { arg: k_name, detail },
+        crate::SparseAttnError::Shape { arg: "v", detail } => crate::SparseAttnError::Shape { arg: v_name, detail },
         other => other,
     }
 }

@@ -1,0 +1,207 @@
+//! The CubeCL kernels reached through Burn (backend extension + autodiff backward) against
+//! the tensor-op reference on the same device: output, LSE and the gradients of q, k, v and
+//! the bias, for dense, block-sparse (both granularities) and DMA-style biased attention.
+//!
+//! Runs on the wgpu device (Mesa lavapipe in CI) when built with `--features wgpu`.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_sparse_attn::attention::reference::attention_reference;
+use burn_sparse_attn::attention::{AttentionOptions, KeyBias, attention_with_bias};
+use burn_sparse_attn::block_sparse::{BlockSelection, block_sparse_attention, block_sparse_attention_with_bias};
+use burn_sparse_attn::dma::dma_keep_threshold;
+use burn_sparse_attn::{attention, kernel_impl_for};
+
+/// `SPARSE_ATTN_RUNTIME=cuda|wgpu|vulkan` picks among the compiled-in runtimes.
+fn device() -> Device {
+    match std::env::var("SPARSE_ATTN_RUNTIME").as_deref() {
+        #[cfg(feature = "cuda")]
+        Ok("cuda") => Device::cuda(0),
+        #[cfg(feature = "vulkan")]
+        Ok("vulkan") => Device::vulkan(Default::default()),
+        #[cfg(feature = "wgpu")]
+        Ok("wgpu") => Device::wgpu(Default::default()),
+        #[cfg(feature = "cuda")]
+        _ => Device::cuda(0),
+        #[cfg(not(feature = "cuda"))]
+        _ => Device::wgpu(Default::default()),
+    }
+}
+
+fn host_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The same random tensor on the kernel device and on Flex (where the reference runs: on
+/// the software Vulkan driver each of the reference's many small ops would compile a kernel).
+fn pair<const D: usize>(shape: [usize; D], seed: u64, kdev: &Device, rdev: &Device) -> (Tensor<D>, Tensor<D>) {
+    let n = shape.iter().product();
+    let data = TensorData::new(host_random(n, seed), shape);
+    (Tensor::from_data(data.clone(), kdev), Tensor::from_data(data, rdev))
+}
+
+fn rel_err(a: Tensor<4>, b: Tensor<4>) -> f64 {
+    let a: Vec<f32> = a.into_data().convert::<f32>().try_to_vec().unwrap();
+    let b: Vec<f32> = b.into_data().convert::<f32>().try_to_vec().unwrap();
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(a.iter().all(|x| x.is_finite()), "kernel produced a non-finite value");
+    (num / den.max(1e-30)).sqrt()
+}
+
+type Run = dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>, Option<Tensor<3>>) -> (Tensor<4>, Tensor<3>);
+
+/// Runs `f` (kernel) and `g` (reference) with the same inputs and compares O, LSE and grads.
+fn check(shape_q: [usize; 4], shape_k: [usize; 4], with_bias: bool, kernel: &Run, reference: &Run, tol: f64) {
+    let kdev = device().autodiff();
+    let rdev = Device::flex().autodiff();
+    assert_eq!(kernel_impl_for(&kdev), burn_sparse_attn::kernel::AttentionImpl::Kernel);
+    let q0 = pair(shape_q, 1, &kdev, &rdev);
+    let k0 = pair(shape_k, 2, &kdev, &rdev);
+    let v0 = pair(shape_k, 3, &kdev, &rdev);
+    let b0 = pair([shape_k[0], shape_k[1], shape_k[2]], 4, &kdev, &rdev);
+    let d_o = pair(shape_q, 5, &kdev, &rdev);
+    let mut results = Vec::new();
+    for (side, run) in [kernel, reference].into_iter().enumerate() {
+        let pick = |t: &(Tensor<4>, Tensor<4>)| if side == 0 { t.0.clone() } else { t.1.clone() };
+        let (q0, k0, v0, d_o) = (pick(&q0), pick(&k0), pick(&v0), pick(&d_o));
+        let b0 = with_bias.then(|| if side == 0 { b0.0.clone() } else { b0.1.clone() });
+        let q = q0.clone().detach().require_grad();
+        let k = k0.clone().detach().require_grad();
+        let v = v0.clone().detach().require_grad();
+        let b = b0.clone().map(|b| b.detach().require_grad());
+        let (o, lse) = run(q.clone(), k.clone(), v.clone(), b.clone());
+        let grads = (o.clone() * d_o.clone()).sum().backward();
+        let gb = b.map(|b| b.grad(&grads).expect("bias grad").unsqueeze::<4>());
+        results.push((o, lse, q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap(), gb));
+    }
+    let r = results.pop().unwrap();
+    let kr = results.pop().unwrap();
+    let lse_k: Vec<f32> = kr.1.into_data().convert::<f32>().try_to_vec().unwrap();
+    let lse_r: Vec<f32> = r.1.into_data().convert::<f32>().try_to_vec().unwrap();
+    for (a, b) in lse_k.iter().zip(&lse_r) {
+        if b.is_infinite() {
+            assert_eq!(a, b, "lse of an empty row");
+        } else {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");
+        }
+    }
+    for (name, a, b) in [("o", kr.0, r.0), ("dq", kr.2, r.2), ("dk", kr.3, r.3), ("dv", kr.4, r.4)] {
+        let e = rel_err(a, b);
+        assert!(e < tol, "{name}: relative error {e:e}");
+    }
+    if let (Some(a), Some(b)) = (kr.5, r.5) {
+        let e = rel_err(a, b);
+        assert!(e < tol, "dbias: relative error {e:e}");
+    }
+}
+
+const TOL: f64 = 1e-4;
+
+#[test]
+fn dense_causal_gqa_ragged_matches_reference() {
+    let opts = AttentionOptions::causal();
+    let kern = move |q, k, v, _b| {
+        let o = attention(q, k, v, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = attention_reference(q, k, v, None, None, &opts);
+        (o.output, o.lse)
+    };
+    check([2, 4, 37, 32], [2, 2, 37, 32], false, &kern, &refr, TOL);
+    // seq_q > seq_k: the first rows see no key.
+    check([1, 2, 21, 16], [1, 1, 13, 16], false, &kern, &refr, TOL);
+}
+
+#[test]
+fn window_and_bias_match_reference() {
+    let opts = AttentionOptions::causal().with_window(7);
+    let kern = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = attention_with_bias(q, k, v, &KeyBias { values: b.unwrap(), keep: None }, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = attention_reference(q, k, v, Some(&KeyBias { values: b.unwrap(), keep: None }), None, &opts);
+        (o.output, o.lse)
+    };
+    check([1, 4, 29, 32], [1, 2, 29, 32], true, &kern, &refr, TOL);
+}
+
+#[test]
+fn dma_threshold_matches_reference() {
+    let opts = AttentionOptions::causal();
+    let kern = move |q: Tensor<4>, k, v, b: Option<Tensor<3>>| {
+        let b = b.unwrap();
+        let keep = dma_keep_threshold(&b, q.dims()[2], 9, true).unwrap();
+        let o = attention_with_bias(q, k, v, &KeyBias { values: b, keep: Some(keep) }, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q: Tensor<4>, k, v, b: Option<Tensor<3>>| {
+        let b = b.unwrap();
+        let keep = dma_keep_threshold(&b, q.dims()[2], 9, true).unwrap();
+        let o = attention_reference(q, k, v, Some(&KeyBias { values: b, keep: Some(keep) }), None, &opts);
+        (o.output, o.lse)
+    };
+    check([1, 2, 33, 16], [1, 2, 33, 16], true, &kern, &refr, TOL);
+}
+
+fn random_selection(b: usize, h: usize, rows: usize, cap: usize, nkb: usize, seed: u64) -> TensorData {
+    let mut s = seed;
+    let data: Vec<i64> = (0..b * h * rows * cap)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (s >> 33) as usize % (nkb + 1);
+            if r == nkb { -1 } else { r as i64 }
+        })
+        .collect();
+    TensorData::new(data, [b, h, rows, cap])
+}
+
+/// The selection on the kernel device and on Flex.
+fn selections(data: TensorData, make: impl Fn(Tensor<4, Int>) -> BlockSelection) -> (BlockSelection, BlockSelection) {
+    let kdev = device().autodiff();
+    let rdev = Device::flex().autodiff();
+    (make(Tensor::from_data(data.clone(), &kdev)), make(Tensor::from_data(data, &rdev)))
+}
+
+#[test]
+fn block_sparse_per_token_gqa_shared_matches_reference() {
+    let (sq, kb) = (45usize, 8);
+    let idx = random_selection(1, 2, sq, 3, sq.div_ceil(kb), 7);
+    let (sel, s2) = selections(idx, |t| BlockSelection::per_token(t, kb));
+    let opts = AttentionOptions::causal();
+    let kern = move |q, k, v, _b| {
+        let o = block_sparse_attention(q, k, v, &sel, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = attention_reference(q, k, v, None, Some(&s2), &opts);
+        (o.output, o.lse)
+    };
+    check([1, 4, sq, 32], [1, 2, sq, 32], false, &kern, &refr, TOL);
+}
+
+#[test]
+fn block_sparse_per_query_block_with_bias_matches_reference() {
+    let (sq, qb, kb) = (50usize, 16, 16);
+    let idx = random_selection(2, 2, sq.div_ceil(qb), 4, sq.div_ceil(kb), 11);
+    let (sel, s2) = selections(idx, |t| BlockSelection::per_query_block(t, qb, kb));
+    let opts = AttentionOptions::causal();
+    let kern = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = block_sparse_attention_with_bias(q, k, v, &sel, &KeyBias { values: b.unwrap(), keep: None }, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = attention_reference(q, k, v, Some(&KeyBias { values: b.unwrap(), keep: None }), Some(&s2), &opts);
+        (o.output, o.lse)
+    };
+    check([2, 2, sq, 16], [2, 2, sq, 16], true, &kern, &refr, TOL);
+}
