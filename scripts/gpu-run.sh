@@ -6,7 +6,7 @@ export CUDARC_CUDA_VERSION=13000 XDG_RUNTIME_DIR=/tmp RUST_BACKTRACE=1
 [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 bin=/tmp/bin; rm -rf $bin; mkdir -p $bin
-for f in .dev-bin/*.gz; do gunzip -c "$f" > $bin/$(basename "$f" .gz); chmod +x $bin/$(basename "$f" .gz); done
+for f in ${BIN_DIR:-.dev-bin}/*.gz; do gunzip -c "$f" > $bin/$(basename "$f" .gz); chmod +x $bin/$(basename "$f" .gz); done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 step() { echo "=== $*"; }
 {
@@ -32,6 +32,7 @@ kill $mp; echo "dense peak MiB: $(sort -n /tmp/mem.txt | tail -1)"
 SPARSE_ATTN_RUNTIME=cuda timeout 240 $bin/attn_bench --b 1 --hq 16 --hkv 16 --s 32768 --d 128 --dtype bf16 --iters 1 --only nsa 2>&1 | tail -3
 kill $mp; echo "nsa-sparse peak MiB: $(sort -n /tmp/mem2.txt | tail -1)"
 } 2>&1 | tee "$OUT/bench.log"
+[ -x $bin/toy-lm ] || exit 0
 step toy-lm compare on CUDA | tee "$OUT/toylm.log"
 timeout 400 $bin/toy-lm compare --device cuda --out /tmp/cmp ${TOYLM_ARGS:-} 2>&1 | tail -25 | tee -a "$OUT/toylm.log"
 cp /tmp/cmp/results.md /tmp/cmp/results.json /tmp/cmp/loss.png "$OUT/" 2>/dev/null
