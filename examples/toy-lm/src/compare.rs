@@ -1,0 +1,192 @@
+//! `compare`: trains every chosen attention method under the same budget and writes
+//! `results.md`, `results.json`, `loss.png`, `command.txt` and `config.toml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::AppResult;
+use crate::config::{Method, RunConfig, SeerModeOption, Task};
+use crate::plot::{Series, line_chart};
+use crate::train::{RunOptions, TrainOutcome, train};
+
+/// What `compare` writes to `results.json`.
+#[derive(Debug, Serialize)]
+pub struct CompareResults {
+    /// The exact command line.
+    pub command: String,
+    /// Backend name as given to `--device`.
+    pub backend: String,
+    /// Device description.
+    pub device: String,
+    /// Task name.
+    pub task: String,
+    /// Shared budget.
+    pub steps: usize,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Context length.
+    pub seq_len: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Total wall time of the comparison.
+    pub total_wall_time_s: f64,
+    /// One entry per method.
+    pub runs: Vec<TrainOutcome>,
+}
+
+/// Options of `compare` beyond the run configuration.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    /// Methods, in order.
+    pub methods: Vec<Method>,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Backend name (`flex`, `cuda`, ...).
+    pub backend: String,
+    /// The device.
+    pub device: burn::tensor::Device,
+    /// The command line, for `command.txt`.
+    pub command: String,
+}
+
+fn fmt_bytes(b: Option<u64>) -> String {
+    match b {
+        Some(b) if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
+        None => "n/a".into(),
+    }
+}
+
+/// The markdown table of a comparison.
+pub fn markdown_table(task: Task, runs: &[TrainOutcome]) -> String {
+    let acc = if task == Task::Lm { "val next-byte acc" } else { "val answer acc" };
+    let mut s = format!(
+        "| method | params | final train loss | val loss | {acc} | tokens/s | peak memory | wall time |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in runs {
+        s.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {:.1}% | {:.0} | {} | {:.1} s |\n",
+            r.label,
+            r.params,
+            r.final_train_loss,
+            r.val_loss,
+            100.0 * r.val_accuracy,
+            r.tokens_per_sec,
+            fmt_bytes(r.peak_memory_bytes),
+            r.wall_time_s
+        ));
+    }
+    s
+}
+
+/// Runs the comparison.
+pub fn compare(base: &RunConfig, opts: &CompareOptions) -> AppResult<CompareResults> {
+    let start = Instant::now();
+    std::fs::create_dir_all(&opts.out)?;
+    std::fs::write(opts.out.join("command.txt"), format!("{}\n", opts.command))?;
+    base.save(&opts.out.join("config.toml"))?;
+    let mut runs: Vec<TrainOutcome> = Vec::new();
+    let mut dense_checkpoint: Option<PathBuf> = None;
+    for &method in &opts.methods {
+        let mut cfg = base.clone();
+        cfg.model.attention = method;
+        cfg.model.layer_attention.clear();
+        let label = cfg.label();
+        println!("\n=== {label}: {} steps, batch {}, seq {} ===", cfg.train.steps, cfg.train.batch, cfg.train.seq_len);
+        let init_from = if method == Method::Seer && cfg.seer.mode == SeerModeOption::Distill {
+            if dense_checkpoint.is_none() {
+                println!("[{label}] note: seer distill without a dense run first: put `dense` before `seer` in --methods");
+            }
+            dense_checkpoint.clone()
+        } else {
+            None
+        };
+        let run_opts = RunOptions {
+            device: opts.device.clone(),
+            out: opts.out.join(&label),
+            resume: None,
+            init_from,
+            log_prefix: format!("[{label}] "),
+        };
+        let outcome = train(&cfg, &run_opts)?;
+        if method == Method::Dense {
+            dense_checkpoint = Some(outcome.checkpoint.clone());
+        }
+        runs.push(outcome);
+    }
+    let results = CompareResults {
+        command: opts.command.clone(),
+        backend: opts.backend.clone(),
+        device: format!("{:?}", opts.device),
+        task: base.data.task.name().to_string(),
+        steps: base.train.steps,
+        batch: base.train.batch,
+        seq_len: base.train.seq_len,
+        seed: base.train.seed,
+        total_wall_time_s: start.elapsed().as_secs_f64(),
+        runs,
+    };
+    write_results(&results, base, &opts.out)?;
+    Ok(results)
+}
+
+/// Writes `results.md`, `results.json` and `loss.png`.
+pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> AppResult<()> {
+    let task = base.data.task;
+    let table = markdown_table(task, &results.runs);
+    let mut md = String::new();
+    md.push_str("# toy-lm attention comparison\n\n");
+    md.push_str(&format!(
+        "Task `{}`, {} layers, d_model {}, {} heads, context {}, batch {}, {} steps, seed {}; backend `{}` ({}). Total wall time {:.1} s.\n\n",
+        task.name(),
+        base.model.layers,
+        base.model.d_model,
+        base.model.heads,
+        base.train.seq_len,
+        base.train.batch,
+        base.train.steps,
+        base.train.seed,
+        results.backend,
+        results.device,
+        results.total_wall_time_s
+    ));
+    md.push_str(&table);
+    let kinds: Vec<&str> = results.runs.iter().map(|r| r.peak_memory_kind.as_str()).collect();
+    let rss_note = if kinds.iter().any(|k| k.contains("RSS")) {
+        " (reset before each method, but memory the allocator kept from earlier methods counts: for exact numbers run `--methods` one at a time)"
+    } else {
+        ""
+    };
+    md.push_str(&format!(
+        "\nFinal train loss: mean of the last 10 steps. Validation: {} held-out batches at the end. Peak memory: {}{rss_note}. tokens/s counts training steps only.\n",
+        base.train.eval_batches,
+        kinds.first().copied().unwrap_or("n/a")
+    ));
+    md.push_str(&format!(
+        "\nMethod settings: MoBA block {} top-k {}; NSA compress {}/{} select {} top-n {} window {}; Seer block {} {} ({}); DMA window {}; dense last layers {}.\n",
+        base.moba.block_size,
+        base.moba.top_k,
+        base.nsa.compress_block,
+        base.nsa.compress_stride,
+        base.nsa.select_block,
+        base.nsa.top_n,
+        base.nsa.window,
+        base.seer.block_size,
+        if base.seer.top_k > 0 { format!("top-k {}", base.seer.top_k) } else { format!("threshold {}", base.seer.threshold) },
+        match base.seer.mode {
+            SeerModeOption::Sparse => "sparse",
+            SeerModeOption::Distill => "distill",
+        },
+        base.dma.window,
+        base.model.dense_last_layers,
+    ));
+    md.push_str("\nCommand: see `command.txt`; full configuration: `config.toml`; curves: `loss.png`.\n\n![training loss](loss.png)\n");
+    std::fs::write(out.join("results.md"), md)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    let series: Vec<Series> = results.runs.iter().map(|r| Series { label: r.label.clone(), values: r.losses.clone() }).collect();
+    let title = format!("training loss ({} task, context {})", task.name(), base.train.seq_len);
+    line_chart(&out.join("loss.png"), &title, "step", "loss", &series)?;
+    Ok(())
+}

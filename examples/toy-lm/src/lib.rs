@@ -1,0 +1,14 @@
+//! Library side of the `toy-lm` example: configuration, data, model, training loop,
+//! comparison, plotting and generation. `src/main.rs` is the command-line front end.
+
+pub mod compare;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod generate;
+pub mod model;
+pub mod plot;
+pub mod train;
+
+/// Error type of the example: any error, with a readable message.
+pub type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;

@@ -1,0 +1,443 @@
+//! The training loop: AdamW, warm-up + cosine decay, global gradient-norm clipping, periodic
+//! validation, checkpoints (safetensors + optimizer state + JSON) and resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::AppResult;
+use crate::config::{Method, RunConfig, SeerModeOption, Task, TrainConfig};
+use crate::data::{Batch, DataSource};
+use crate::model::ToyLm;
+
+/// File names inside a checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Optimizer state (burnpack).
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+/// Step counter, loss history and metrics.
+pub const STATE_FILE: &str = "state.json";
+/// The run's configuration.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Where a run writes and what it starts from.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The device to train on (autodiff is added here).
+    pub device: Device,
+    /// Output directory; the checkpoint goes to `out/checkpoint`.
+    pub out: PathBuf,
+    /// Continue from this checkpoint directory.
+    pub resume: Option<PathBuf>,
+    /// Initialise from this checkpoint (partial: e.g. a dense model for Seer distillation).
+    pub init_from: Option<PathBuf>,
+    /// Prefix of progress lines (the method in `compare`).
+    pub log_prefix: String,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOutcome {
+    /// Attention layout, e.g. `moba+dense1`.
+    pub label: String,
+    /// Steps trained in total.
+    pub steps: usize,
+    /// Parameters (all).
+    pub params: usize,
+    /// Parameters that were trained.
+    pub trainable_params: usize,
+    /// LM loss of every step (scored tokens only).
+    pub losses: Vec<f32>,
+    /// Mean LM loss of the last 10 steps.
+    pub final_train_loss: f32,
+    /// Validation loss at the end.
+    pub val_loss: f32,
+    /// Validation accuracy: on answer tokens for `mqar`/`needle`, next-byte for `lm`.
+    pub val_accuracy: f32,
+    /// Gate loss of the last step (SeerAttention only).
+    pub final_gate_loss: Option<f32>,
+    /// Training throughput (tokens of the steps of this process / their wall time).
+    pub tokens_per_sec: f64,
+    /// Peak memory in bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// What `peak_memory_bytes` measures.
+    pub peak_memory_kind: String,
+    /// Wall time of this process's part of the run, validation and checkpoints included.
+    pub wall_time_s: f64,
+    /// The checkpoint directory.
+    pub checkpoint: PathBuf,
+}
+
+/// `state.json` of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps done.
+    pub step: usize,
+    /// Attention layout.
+    pub label: String,
+    /// LM loss of every step done.
+    pub losses: Vec<f32>,
+    /// Last validation loss.
+    pub val_loss: Option<f32>,
+    /// Last validation accuracy.
+    pub val_accuracy: Option<f32>,
+    /// Seed of the run.
+    pub seed: u64,
+    /// Whether `optimizer.bpk` holds the AdamW moments.
+    pub has_optimizer_state: bool,
+    /// Parameter ids by module path: the optimizer state is keyed by id, and safetensors keeps
+    /// no ids, so a resumed model gets its saved ids back before the optimizer state is used.
+    #[serde(default)]
+    pub param_ids: BTreeMap<String, u64>,
+}
+
+/// Module path (`blocks.0.attn.Dense.proj.query.weight`) of every float parameter, with its id.
+pub fn param_ids(model: &ToyLm) -> BTreeMap<String, u64> {
+    struct Ids {
+        path: Vec<String>,
+        out: BTreeMap<String, u64>,
+    }
+    impl ModuleVisitor for Ids {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.insert(self.path.join("."), param.id.val());
+        }
+    }
+    let mut ids = Ids { path: Vec::new(), out: BTreeMap::new() };
+    model.visit(&mut ids);
+    ids.out
+}
+
+/// Gives the parameters the ids recorded by [`param_ids`] (matched by path).
+pub fn restore_param_ids(model: ToyLm, ids: &BTreeMap<String, u64>) -> ToyLm {
+    struct Restore<'a> {
+        path: Vec<String>,
+        ids: &'a BTreeMap<String, u64>,
+    }
+    impl ModuleMapper for Restore<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, mut param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if let Some(id) = self.ids.get(&self.path.join(".")) {
+                param.id = ParamId::from(*id);
+            }
+            param
+        }
+    }
+    model.map(&mut Restore { path: Vec::new(), ids })
+}
+
+/// Learning rate at `step` (0-based): linear warm-up, then cosine decay to `lr * min_lr_ratio`.
+pub fn lr_at(step: usize, t: &TrainConfig) -> f64 {
+    if step < t.warmup {
+        return t.lr * (step + 1) as f64 / t.warmup as f64;
+    }
+    let span = t.steps.saturating_sub(t.warmup).max(1) as f64;
+    let progress = ((step - t.warmup) as f64 / span).min(1.0);
+    let min = t.lr * t.min_lr_ratio;
+    min + (t.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Host batch to `(inputs, targets, weights)` on `device`.
+pub fn batch_tensors(b: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
+    let shape = [b.batch, b.seq];
+    (
+        Tensor::from_data(TensorData::new(b.inputs.clone(), shape), device),
+        Tensor::from_data(TensorData::new(b.targets.clone(), shape), device),
+        Tensor::from_data(TensorData::new(b.weights.clone(), shape), device),
+    )
+}
+
+/// Mean cross-entropy over the scored targets.
+pub fn masked_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, weights: Tensor<2>, scored: usize) -> Tensor<1> {
+    let nll = log_softmax(logits, 2).gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2).neg();
+    (nll * weights).sum().div_scalar(scored.max(1) as f64)
+}
+
+/// Validation loss and accuracy of `model` on `batches` validation batches.
+pub fn evaluate(model: &ToyLm, data: &DataSource, batches: usize, device: &Device) -> AppResult<(f32, f32)> {
+    let model = model.valid();
+    let (mut loss_sum, mut correct, mut scored) = (0.0f64, 0usize, 0usize);
+    for i in 0..batches.max(1) {
+        let batch = data.val_batch(i);
+        let (inputs, targets, weights) = batch_tensors(&batch, device);
+        let n = batch.scored();
+        let logits = model.forward(inputs, false)?.logits;
+        let pred = logits.clone().argmax(2).squeeze_dim::<2>(2);
+        let loss = masked_cross_entropy(logits, targets, weights, n).into_scalar::<f32>();
+        let pred: Vec<i64> = pred.try_into_vec_as::<i64>().map_err(|e| format!("{e:?}"))?;
+        for ((p, t), w) in pred.iter().zip(&batch.targets).zip(&batch.weights) {
+            if *w > 0.0 && p == t {
+                correct += 1;
+            }
+        }
+        loss_sum += loss as f64 * n as f64;
+        scored += n;
+    }
+    Ok(((loss_sum / scored.max(1) as f64) as f32, correct as f32 / scored.max(1) as f32))
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping.
+pub fn clip_global_norm(model: &ToyLm, grads: &mut GradientsParams, max_norm: f64) -> f32 {
+    struct SquaredNorm<'a> {
+        grads: &'a GradientsParams,
+        parts: Vec<Tensor<1>>,
+    }
+    impl ModuleVisitor for SquaredNorm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.parts.push(g.square().sum());
+            }
+        }
+    }
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut norm = SquaredNorm { grads, parts: Vec::new() };
+    model.visit(&mut norm);
+    if norm.parts.is_empty() {
+        return 0.0;
+    }
+    let total = Tensor::cat(norm.parts, 0).sum().sqrt().into_scalar::<f32>();
+    if max_norm > 0.0 && total as f64 > max_norm {
+        model.visit(&mut Scale { grads, factor: max_norm / (total as f64 + 1e-6) });
+    }
+    total
+}
+
+/// Saves the model (safetensors), the optimizer state, `state.json` and `config.toml`.
+///
+/// Each file is written under a temporary name and renamed into place, so an interrupted save
+/// never leaves a half-written checkpoint behind.
+pub fn save_checkpoint(dir: &Path, model: &ToyLm, optim: &ModuleOptimizer, state: &TrainState, cfg: &RunConfig) -> AppResult<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
+    let mut store = SafetensorsStore::from_file(tmp(MODEL_FILE))
+        .skip_enum_variants(true)
+        .overwrite(true)
+        .metadata("toy-lm.label", state.label.clone())
+        .metadata("toy-lm.step", state.step.to_string());
+    model.save_into(&mut store).map_err(|e| format!("saving {}: {e}", dir.join(MODEL_FILE).display()))?;
+    let _ = std::fs::remove_file(tmp(OPTIMIZER_FILE));
+    optim.save(tmp(OPTIMIZER_FILE)).map_err(|e| format!("saving {}: {e:?}", dir.join(OPTIMIZER_FILE).display()))?;
+    std::fs::write(tmp(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    std::fs::write(tmp(CONFIG_FILE), cfg.to_toml())?;
+    for name in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE] {
+        std::fs::rename(tmp(name), dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Loads the optimizer state of a checkpoint (read into memory: the file may be replaced by
+/// the next save while the state is still in use).
+pub fn load_optimizer(optim: ModuleOptimizer, dir: &Path) -> AppResult<ModuleOptimizer> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    optim.from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| format!("loading {}: {e:?}", path.display()).into())
+}
+
+/// Loads model weights from a checkpoint directory; `partial` accepts missing tensors (e.g. a
+/// dense checkpoint into a model with gates) and returns how many tensors were applied and
+/// which were missing.
+pub fn load_weights(model: &mut ToyLm, dir: &Path, partial: bool) -> AppResult<(usize, Vec<String>)> {
+    let path = dir.join(MODEL_FILE);
+    if !path.exists() {
+        return Err(format!("no {MODEL_FILE} in {}", dir.display()).into());
+    }
+    // Read into memory rather than memory-mapping: the next save replaces this file.
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut store = SafetensorsStore::from_bytes(Some(bytes)).skip_enum_variants(true).allow_partial(partial);
+    let result = model.load_from(&mut store).map_err(|e| format!("loading {}: {e}", path.display()))?;
+    if !result.errors.is_empty() {
+        return Err(format!("loading {}: {:?}", path.display(), result.errors).into());
+    }
+    Ok((result.applied.len(), result.missing.into_iter().map(|(p, _)| p).collect()))
+}
+
+/// Reads `state.json`.
+pub fn load_state(dir: &Path) -> AppResult<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Peak resident set size of this process (`VmHWM`), Linux only.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak RSS counter (so each method of `compare` gets its own peak), Linux only.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Trains one model as configured. Prints progress lines; returns the metrics.
+pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
+    let wall = Instant::now();
+    reset_peak_rss();
+    let t = &cfg.train;
+    let label = cfg.label();
+    let prefix = &opts.log_prefix;
+    let device = opts.device.clone();
+    device.seed(t.seed);
+    let ad = device.clone().autodiff();
+    let data = DataSource::new(cfg)?;
+    println!("{prefix}data: {}", data.describe());
+
+    let mut model = ToyLm::new(cfg, &ad)?;
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(t.beta1 as f32)
+        .with_beta_2(t.beta2 as f32)
+        .with_epsilon(1e-8)
+        .with_weight_decay(t.weight_decay as f32)
+        .init();
+    let mut start = 0;
+    let mut losses = Vec::new();
+    if let Some(init) = &opts.init_from {
+        let (applied, missing) = load_weights(&mut model, init, true)?;
+        println!("{prefix}init-from {}: {applied} tensors loaded, {} left at initialisation", init.display(), missing.len());
+    }
+    let distill = cfg.seer.mode == SeerModeOption::Distill && cfg.model.layer_methods().contains(&Method::Seer);
+    if distill {
+        if opts.init_from.is_none() && opts.resume.is_none() {
+            println!("{prefix}warning: seer distill without --init-from trains gates on a randomly initialised frozen model");
+        }
+        model = model.freeze_all_but_gates();
+    }
+    if let Some(dir) = &opts.resume {
+        let state = load_state(dir)?;
+        load_weights(&mut model, dir, false)?;
+        model = restore_param_ids(model, &state.param_ids);
+        if state.has_optimizer_state && dir.join(OPTIMIZER_FILE).exists() {
+            optim = load_optimizer(optim, dir)?;
+        }
+        start = state.step;
+        losses = state.losses;
+        losses.truncate(start);
+        println!("{prefix}resumed from {} at step {start}", dir.display());
+    }
+    let params = model.num_params();
+    let trainable = model.trainable_params();
+    println!(
+        "{prefix}model: {} layers ({}), d_model {}, {} heads, {params} parameters ({trainable} trainable)",
+        cfg.model.layers,
+        cfg.model.layer_methods().iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
+        cfg.model.d_model,
+        cfg.model.heads,
+    );
+
+    let ckpt_dir = opts.out.join("checkpoint");
+    let tokens_per_step = (t.batch * t.seq_len) as f64;
+    let (mut train_secs, mut steps_timed) = (0.0f64, 0usize);
+    let (mut val_loss, mut val_acc) = (f32::NAN, f32::NAN);
+    let mut last_gate = None;
+    let mut peak_pool: Option<u64> = None;
+    let want_gate_loss = model.has_gates();
+    for step in start..t.steps {
+        let t0 = Instant::now();
+        let batch = data.train_batch(step);
+        let (inputs, targets, weights) = batch_tensors(&batch, &ad);
+        let out = model.forward(inputs, want_gate_loss)?;
+        let lm_loss = masked_cross_entropy(out.logits, targets, weights, batch.scored());
+        let loss = match &out.gate_loss {
+            Some(g) if t.gate_loss_weight > 0.0 => lm_loss.clone() + g.clone().mul_scalar(t.gate_loss_weight),
+            _ => lm_loss.clone(),
+        };
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grad_norm = clip_global_norm(&model, &mut grads, t.grad_clip);
+        let lr = lr_at(step, t);
+        model = optim.step(lr, model, grads);
+        let lm = lm_loss.into_scalar::<f32>();
+        last_gate = out.gate_loss.map(|g| g.into_scalar::<f32>());
+        if !lm.is_finite() {
+            return Err(format!("{prefix}loss is {lm} at step {step}; lower --lr or --grad-clip").into());
+        }
+        losses.push(lm);
+        train_secs += t0.elapsed().as_secs_f64();
+        steps_timed += 1;
+        if let Some(usage) = device.memory_pool_usage() {
+            peak_pool = Some(peak_pool.unwrap_or(0).max(usage.bytes_reserved));
+        }
+        let done = step + 1;
+        if done % t.log_every.max(1) == 0 || done == t.steps || done == start + 1 {
+            let gate = last_gate.map(|g| format!(" | gate loss {g:.4}")).unwrap_or_default();
+            println!(
+                "{prefix}step {done:>5}/{} | loss {lm:.4}{gate} | lr {lr:.2e} | grad norm {grad_norm:.3} | {:.0} tok/s | {:.1}s",
+                t.steps,
+                steps_timed as f64 * tokens_per_step / train_secs.max(1e-9),
+                wall.elapsed().as_secs_f64()
+            );
+        }
+        let eval_now = done == t.steps || (t.eval_every > 0 && done % t.eval_every == 0);
+        if eval_now {
+            (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
+            let what = if data.task() == Task::Lm { "next-byte accuracy" } else { "answer accuracy" };
+            println!("{prefix}validation @ {done}: loss {val_loss:.4} | {what} {:.1}%", 100.0 * val_acc);
+        }
+        if done == t.steps || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) {
+            let state = TrainState {
+                step: done,
+                label: label.clone(),
+                losses: losses.clone(),
+                val_loss: val_loss.is_finite().then_some(val_loss),
+                val_accuracy: val_acc.is_finite().then_some(val_acc),
+                seed: t.seed,
+                has_optimizer_state: true,
+                param_ids: param_ids(&model),
+            };
+            save_checkpoint(&ckpt_dir, &model, &optim, &state, cfg)?;
+        }
+    }
+    if start >= t.steps {
+        println!("{prefix}already at step {start} of {}; evaluating only", t.steps);
+        (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
+    }
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    let (peak_memory_bytes, peak_memory_kind) = match peak_pool {
+        Some(b) => (Some(b), "device memory pool (reserved)".to_string()),
+        None => (peak_rss_bytes(), "process peak RSS".to_string()),
+    };
+    Ok(TrainOutcome {
+        label,
+        steps: t.steps,
+        params,
+        trainable_params: trainable,
+        final_train_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
+        losses,
+        val_loss,
+        val_accuracy: val_acc,
+        final_gate_loss: last_gate,
+        tokens_per_sec: if train_secs > 0.0 { steps_timed as f64 * tokens_per_step / train_secs } else { 0.0 },
+        peak_memory_bytes,
+        peak_memory_kind,
+        wall_time_s: wall.elapsed().as_secs_f64(),
+        checkpoint: ckpt_dir,
+    })
+}
