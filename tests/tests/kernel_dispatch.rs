@@ -60,6 +60,13 @@ type Run = dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>, Option<Tensor<3>>) -> (Tensor
 
 /// Runs `f` (kernel) and `g` (reference) with the same inputs and compares O, LSE and grads.
 fn check(shape_q: [usize; 4], shape_k: [usize; 4], with_bias: bool, kernel: &Run, reference: &Run, tol: f64) {
+    // On Mesa's software Vulkan (CI) these end-to-end checks took from 3 to over 15 minutes;
+    // the kernel crate's own tests cover the kernels there. They run on real GPUs, or on
+    // lavapipe with SPARSE_ATTN_SLOW_TESTS=1.
+    if std::env::var("SPARSE_ATTN_EXPECT_LAVAPIPE").as_deref() == Ok("1") && std::env::var("SPARSE_ATTN_SLOW_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped on lavapipe (set SPARSE_ATTN_SLOW_TESTS=1 to run)");
+        return;
+    }
     let kdev = device().autodiff();
     let rdev = Device::flex().autodiff();
     assert_eq!(kernel_impl_for(&kdev), burn_sparse_attn::kernel::AttentionImpl::Kernel);
