@@ -18,14 +18,14 @@ pub const NEG_BIG: f32 = -1.0e30;
 
 /// Linear cube index over a 2-D grid (x fastest).
 #[cube]
-fn cube_linear() -> usize {
+pub(crate) fn cube_linear() -> usize {
     (CUBE_POS_Y as usize) * (CUBE_COUNT_X as usize) + (CUBE_POS_X as usize)
 }
 
 /// Whether query `i` may see key `j`: causal (bottom-right aligned, `off = Sk - Sq`)
 /// `j <= i + off`, window `j > i + off - w`.
 #[cube]
-fn pair_visible(
+pub(crate) fn pair_visible(
     i: usize,
     j: usize,
     off: i32,
@@ -47,7 +47,7 @@ fn pair_visible(
 /// Whether some pair of queries in `[qlo, qhi]` and keys in `[klo, khi]` (inclusive) is
 /// visible. `d = i + off - j` covers every integer of `[qlo+off-khi, qhi+off-klo]`.
 #[cube]
-fn range_visible(
+pub(crate) fn range_visible(
     qlo: usize,
     qhi: usize,
     klo: usize,
@@ -71,7 +71,7 @@ fn range_visible(
 
 /// Dynamic-mask keep rule: `bias > thr || (bias == thr && j >= thr_idx)`.
 #[cube]
-fn key_kept(bias: f32, j: usize, thr: f32, thr_idx: i32) -> bool {
+pub(crate) fn key_kept(bias: f32, j: usize, thr: f32, thr_idx: i32) -> bool {
     bias > thr || (bias == thr && j as i32 >= thr_idx)
 }
 
@@ -128,12 +128,13 @@ pub fn sanitize_schedule_kernel(
     }
 }
 
-/// Inverted schedule, pass 1 (`fill = false`) and pass 3 (`fill = true`). One unit per
-/// (batch, selection head, key block) scans the schedule rows in increasing order and
-/// keeps those whose (sanitized) list contains the block AND whose query range can see at
-/// least one key of the block under the causal/window masks (so fully masked pairs never
-/// reach the backward). Pass 1 writes the count, pass 3 writes the rows at
-/// `offsets[..kb]`, in increasing row order (deterministic, no atomics).
+/// Inverted schedule, pass 1 (`fill = false`) and pass 3 (`fill = true`). One cube per
+/// (batch, selection head, key block); its units split the schedule rows into contiguous
+/// chunks and keep those whose (sanitized) list contains the block AND whose query range can
+/// see at least one key of the block under the causal/window masks (so fully masked pairs
+/// never reach the backward). Pass 1 writes the count; pass 3 writes the rows at
+/// `offsets[..kb]` in increasing row order (an in-cube prefix over the chunk counts gives
+/// each unit its write position: deterministic, no atomics).
 #[cube(launch)]
 pub fn invert_schedule_kernel(
     clean: &[i32],
@@ -150,11 +151,14 @@ pub fn invert_schedule_kernel(
     seq_k: u32,
     off: i32,
     w: i32,
+    #[comptime] units: usize,
     #[comptime] causal: bool,
     #[comptime] windowed: bool,
     #[comptime] fill: bool,
 ) {
-    let item = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let mut cnt_s = Shared::<[u32]>::new_slice(units);
+    let item = cube_linear();
+    let u = UNIT_POS as usize;
     if item < n_items as usize {
         let nk = nkb as usize;
         let bs = item / nk;
@@ -164,33 +168,52 @@ pub fn invert_schedule_kernel(
         let bq = query_block as usize;
         let klo = kb * key_block as usize;
         let khi = min(klo + key_block as usize, seq_k as usize) - 1;
-        let mut n = 0usize;
-        let mut out_base = 0usize;
-        if fill {
-            out_base = bs * nr * c + offsets[bs * (nk + 1) + kb] as usize;
-        }
-        for r in 0..nr {
-            let qlo = r * bq;
-            let qhi = min(qlo + bq, seq_q as usize) - 1;
-            if range_visible(qlo, qhi, klo, khi, off, w, causal, windowed) {
-                let base = (bs * nr + r) * c;
-                let mut found = false;
-                for e in 0..c {
-                    let v = clean[base + e];
-                    if v == kb as i32 {
-                        found = true;
+        let per = nr.div_ceil(units);
+        let r0 = min(u * per, nr);
+        let r1 = min(r0 + per, nr);
+        // Pass over this unit's rows: count (and, when filling, write at `pos`).
+        let mut pos = 0usize;
+        for pass in 0..2usize {
+            let write = fill && pass == 1;
+            let mut n = 0usize;
+            if pass == 0 || fill {
+                for r in r0..r1 {
+                    let qlo = r * bq;
+                    let qhi = min(qlo + bq, seq_q as usize) - 1;
+                    if range_visible(qlo, qhi, klo, khi, off, w, causal, windowed) {
+                        let base = (bs * nr + r) * c;
+                        let mut found = false;
+                        for e in 0..c {
+                            if clean[base + e] == kb as i32 {
+                                found = true;
+                            }
+                        }
+                        if found {
+                            if write {
+                                rows[pos + n] = r as i32;
+                            }
+                            n += 1;
+                        }
                     }
-                }
-                if found {
-                    if fill {
-                        rows[out_base + n] = r as i32;
-                    }
-                    n += 1;
                 }
             }
-        }
-        if !fill {
-            counts[item] = n as i32;
+            if pass == 0 {
+                cnt_s[u] = n as u32;
+                sync_cube();
+                if fill {
+                    let mut before = 0usize;
+                    for x in 0..u {
+                        before += cnt_s[x] as usize;
+                    }
+                    pos = bs * nr * c + offsets[bs * (nk + 1) + kb] as usize + before;
+                } else if u == 0 {
+                    let mut total = 0u32;
+                    for x in 0..units {
+                        total += cnt_s[x];
+                    }
+                    counts[item] = total as i32;
+                }
+            }
         }
     }
 }

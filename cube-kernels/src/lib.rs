@@ -13,12 +13,14 @@
 //! gets `o = 0`, `lse = -inf` and zero gradients. See [`reference`] for an executable
 //! definition in f64.
 //!
-//! # Kernels (portable path)
-//! See `README.md` of this crate for the full design. In short: a query-major kernel (one
-//! unit per query row, K/V tiles staged in shared memory) computes the forward and dQ;
-//! a key-major kernel (one unit per key, Q/dO tiles staged in shared memory) computes dK,
-//! dV and dbias; block schedules are sanitized (sorted, deduplicated) and inverted into a
-//! CSR on the device for the key-major pass. No plane ops, no cmma, no atomics.
+//! # Kernels
+//! See `README.md` of this crate for the full design. In short: a query-major kernel
+//! computes the forward and dQ; a key-major kernel computes dK, dV and dbias; block
+//! schedules are sanitized (sorted, deduplicated) and inverted into a CSR on the device for
+//! the key-major pass. Two implementations of both passes, picked per call by
+//! [`kernel_path`]: tensor cores ([`mma`]: `cmma` fragments, one plane per 16 rows) where the
+//! device reports cooperative matrices for the dtype, and a portable one ([`kernels`]: one
+//! unit per row, no plane ops, no cmma) everywhere else. Neither uses atomics.
 //!
 //! Kernels are compiled at first use for each combination of dtype, head dim, tile sizes
 //! and mask flags, and cached by CubeCL for the life of the client (on CUDA the first call
@@ -28,12 +30,15 @@
 
 #[allow(missing_docs, clippy::manual_is_multiple_of)]
 pub mod kernels;
+#[allow(missing_docs)]
+pub mod mma;
 pub mod reference;
 pub mod host;
 
 use cubecl::prelude::*;
 pub use cubecl::client::Client;
 pub use cubecl::server::Handle;
+use cubecl::tf32;
 use half::{bf16, f16};
 
 /// Element type of q, k, v, o, dO, dq, dk, dv, bias and dbias. The LSE, `delta`, the
@@ -204,16 +209,73 @@ pub fn supports(client: &Client, dtype: AttnDtype) -> Result<(), KernelError> {
     }
 }
 
-/// Which kernel path [`attention_forward`] / [`attention_backward`] use on this client.
+/// Which kernel path [`attention_forward`] / [`attention_backward`] use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
-    /// Portable: no plane ops, no tensor cores, no atomics; f32 accumulation.
+    /// Portable: no plane ops, no tensor cores, no atomics; f32 arithmetic throughout.
     Portable,
+    /// Tensor cores (`cmma`, 16 x 16 fragments, one plane each): products of f16 / bf16
+    /// operands, or TF32 for f32 inputs (10-bit mantissa, as cuBLAS and Burn's f32 matmul
+    /// on CUDA), accumulated in f32; softmax, masks and bias in f32.
+    TensorCore,
 }
 
-/// The path chosen for this client (only [`KernelPath::Portable`] exists so far).
-pub fn kernel_path(_client: &Client) -> KernelPath {
-    KernelPath::Portable
+/// Environment variable that forces a path: `portable` or `tensor-core` (the latter still
+/// falls back when the device cannot run it). Unset: the best path the device supports.
+pub const KERNEL_PATH_ENV: &str = "SPARSE_ATTN_KERNEL_PATH";
+
+/// The operand type and fragment depth of the tensor-core path for `dtype`, when the device
+/// reports a matching 16 x 16 x k cooperative-matrix configuration with f32 accumulation
+/// and a fixed plane size of at least 16 lanes.
+#[derive(Clone, Copy, Debug)]
+struct MmaSpec {
+    /// Fragment depth `k` (16 for f16/bf16, 8 for tf32).
+    mk: usize,
+    /// Bytes per staged operand.
+    op_size: usize,
+    /// Lanes per plane.
+    plane: usize,
+}
+
+fn mma_spec(client: &Client, dtype: AttnDtype, head_dim: usize) -> Option<MmaSpec> {
+    use cubecl::ir::FloatKind;
+    use cubecl::ir::features::MmaConfig;
+    match std::env::var(KERNEL_PATH_ENV).as_deref() {
+        Ok("portable") => return None,
+        Ok("") | Ok("tensor-core") | Err(_) => {}
+        Ok(other) => panic!("{KERNEL_PATH_ENV}={other}: expected `portable` or `tensor-core`"),
+    }
+    if !head_dim.is_multiple_of(16) {
+        return None;
+    }
+    let p = client.properties();
+    let plane = p.hardware.plane_size_max as usize;
+    if p.hardware.plane_size_min as usize != plane || plane < 16 || plane > 64 {
+        return None;
+    }
+    let (kind, mk, op_size) = match dtype {
+        AttnDtype::F16 => (FloatKind::F16, 16, 2),
+        AttnDtype::BF16 => (FloatKind::BF16, 16, 2),
+        AttnDtype::F32 => (FloatKind::TF32, 8, 4),
+    };
+    let cfg = MmaConfig {
+        a_type: ElemType::Float(kind),
+        b_type: ElemType::Float(kind),
+        cd_type: ElemType::Float(FloatKind::F32),
+        m: 16,
+        n: 16,
+        k: mk as u32,
+    };
+    p.features.matmul.cmma.contains(&cfg).then_some(MmaSpec { mk, op_size, plane })
+}
+
+/// The path [`attention_forward`] and [`attention_backward`] take for `dtype` and
+/// `head_dim` on this client (tensor cores need a head dim that is a multiple of 16).
+pub fn kernel_path(client: &Client, dtype: AttnDtype, head_dim: usize) -> KernelPath {
+    match mma_spec(client, dtype, head_dim) {
+        Some(_) => KernelPath::TensorCore,
+        None => KernelPath::Portable,
+    }
 }
 
 /// One-line capability summary of the client's device, and the chosen path.
@@ -223,7 +285,7 @@ pub fn describe(client: &Client) -> String {
     let f = &p.features;
     format!(
         "runtime={} device='{}' fingerprint='{}' plane={:?} plane_size={}..{} f16={} bf16={} cmma_configs={} \
-         max_units_per_cube={} max_shared_mem={}B max_bindings={} path={:?}",
+         max_units_per_cube={} max_shared_mem={}B max_bindings={} path(f32,f16,bf16; d=64)={:?},{:?},{:?}",
         client.name(),
         p.identity.name,
         p.identity.fingerprint,
@@ -236,7 +298,9 @@ pub fn describe(client: &Client) -> String {
         p.hardware.max_units_per_cube,
         p.hardware.max_shared_memory_size,
         p.hardware.max_bindings,
-        kernel_path(client),
+        kernel_path(client, AttnDtype::F32, 64),
+        kernel_path(client, AttnDtype::F16, 64),
+        kernel_path(client, AttnDtype::BF16, 64),
     )
 }
 
@@ -386,6 +450,86 @@ fn plan(client: &Client, p: &AttnProblem, sched: Option<&BlockSchedule>) -> Resu
     Ok(Plan { rows_units, tile_k, keys_units, tile_q })
 }
 
+/// Tile shape of a tensor-core kernel: `planes` planes of 16 rows each, and the depth of the
+/// staged tile on the other side (`tile_k` keys or `tile_q` query rows).
+#[derive(Clone, Copy, Debug)]
+struct MmaPlan {
+    planes: usize,
+    tile: usize,
+}
+
+/// Shared memory a tensor-core cube may use: at most half of a large SM, so two cubes fit.
+const MMA_SMEM_BUDGET: usize = 112 * 1024;
+/// Slack for the alignment padding of the shared arrays.
+const MMA_SMEM_SLACK: usize = 32 * 12;
+
+fn mma_smem_limit(client: &Client) -> usize {
+    client.properties().hardware.max_shared_memory_size.saturating_sub(1024).min(MMA_SMEM_BUDGET)
+}
+
+fn mma_max_planes(client: &Client, spec: &MmaSpec) -> usize {
+    let hw = &client.properties().hardware;
+    (hw.max_units_per_cube as usize / spec.plane).min(hw.max_cube_dim.1 as usize).clamp(0, 4)
+}
+
+/// Shape of the query-major tensor-core kernel (`backward`: the dQ pass), largest first.
+fn mma_rows_plan(
+    client: &Client,
+    p: &AttnProblem,
+    sched: Option<&BlockSchedule>,
+    spec: &MmaSpec,
+    backward: bool,
+) -> Option<MmaPlan> {
+    let d = p.head_dim;
+    let rows = sched.map_or(64, |s| p.heads_q / s.sel_heads * s.query_block);
+    let max_planes = rows.div_ceil(16).clamp(1, 4).min(mma_max_planes(client, spec));
+    let max_tile = sched.map_or(64, |s| s.key_block.next_multiple_of(16).clamp(16, 64));
+    let limit = mma_smem_limit(client);
+    let op = spec.op_size;
+    for planes in [4, 2, 1].into_iter().filter(|&x| x <= max_planes) {
+        for tile in [64, 32, 16].into_iter().filter(|&t| t <= max_tile) {
+            let bq = 16 * planes;
+            let (ld, lacc, ls, lp) = (d + 8, d + 4, tile + 4, tile + 8);
+            let do_len = if backward { bq * ld } else { 32 };
+            let dp_len = if backward { bq * ls } else { 32 };
+            let bytes = op * (bq * ld + do_len + 2 * tile * ld + bq * lp)
+                + 4 * (bq * lacc + bq * ls + dp_len)
+                + 4 * bq
+                + 8 * bq * (spec.plane / 16)
+                + MMA_SMEM_SLACK;
+            if bytes <= limit {
+                return Some(MmaPlan { planes, tile });
+            }
+        }
+    }
+    None
+}
+
+/// Shape of the key-major tensor-core kernel, largest first.
+fn mma_keys_plan(client: &Client, p: &AttnProblem, sched: Option<&BlockSchedule>, spec: &MmaSpec) -> Option<MmaPlan> {
+    let d = p.head_dim;
+    let max_planes = sched
+        .map_or(4, |s| s.key_block.div_ceil(16).clamp(1, 4))
+        .min(mma_max_planes(client, spec));
+    let limit = mma_smem_limit(client);
+    let op = spec.op_size;
+    for planes in [4, 2, 1].into_iter().filter(|&x| x <= max_planes) {
+        for tile in [64, 32, 16] {
+            let bk = 16 * planes;
+            let (ld, lacc, ls, lp) = (d + 8, d + 4, tile + 4, tile + 8);
+            let bytes = op * (2 * bk * ld + 2 * tile * ld + bk * lp)
+                + 4 * (2 * bk * lacc + 2 * bk * ls)
+                + 20 * tile
+                + 8 * bk * (spec.plane / 16)
+                + MMA_SMEM_SLACK;
+            if bytes <= limit {
+                return Some(MmaPlan { planes, tile });
+            }
+        }
+    }
+    None
+}
+
 /// A grid of `n` cubes, folded into 2-D when `n` exceeds the per-dimension limit.
 fn grid(client: &Client, n: usize) -> CubeCount {
     let lim = (client.properties().hardware.max_cube_count.0 as usize).clamp(1, 65535);
@@ -482,11 +626,12 @@ fn invert(client: &Client, p: &AttnProblem, s: &BlockSchedule, cs: &CleanSchedul
                 cs.nkb as u32,
             );
         }
-        let (count, dim) = per_unit_launch(client, n_items);
+        let hw = &client.properties().hardware;
+        let units = 128.min(hw.max_units_per_cube as usize).min(hw.max_cube_dim.0 as usize).max(1);
         kernels::invert_schedule_kernel::launch(
             client,
-            count,
-            dim,
+            grid(client, n_items),
+            CubeDim::new_1d(units as u32),
             buf(&cs.clean, clean_len),
             buf(&counts, n_items),
             buf(&offsets, n_bs * (cs.nkb + 1)),
@@ -501,6 +646,7 @@ fn invert(client: &Client, p: &AttnProblem, s: &BlockSchedule, cs: &CleanSchedul
             p.seq_k as u32,
             off,
             w,
+            units,
             p.causal,
             windowed,
             fill,
@@ -548,9 +694,9 @@ pub fn attention_forward_into(
     check_size("o", o, rows * problem.head_dim, dtype.size())?;
     check_size("lse", lse, rows, 4)?;
     match dtype {
-        AttnDtype::F32 => rows_pass::<f32>(client, problem, dtype, inputs, None, lse, o),
-        AttnDtype::F16 => rows_pass::<f16>(client, problem, dtype, inputs, None, lse, o),
-        AttnDtype::BF16 => rows_pass::<bf16>(client, problem, dtype, inputs, None, lse, o),
+        AttnDtype::F32 => rows_pass::<f32, tf32>(client, problem, dtype, inputs, None, lse, o),
+        AttnDtype::F16 => rows_pass::<f16, f16>(client, problem, dtype, inputs, None, lse, o),
+        AttnDtype::BF16 => rows_pass::<bf16, bf16>(client, problem, dtype, inputs, None, lse, o),
     }
 }
 
@@ -609,14 +755,14 @@ pub fn attention_backward_into(
         (None, Some(_)) => return Err(invalid("grads.dbias", "no bias is given, so dbias must be None")),
     }
     match dtype {
-        AttnDtype::F32 => backward_impl::<f32>(client, p, dtype, inputs, o, lse, d_o, grads),
-        AttnDtype::F16 => backward_impl::<f16>(client, p, dtype, inputs, o, lse, d_o, grads),
-        AttnDtype::BF16 => backward_impl::<bf16>(client, p, dtype, inputs, o, lse, d_o, grads),
+        AttnDtype::F32 => backward_impl::<f32, tf32>(client, p, dtype, inputs, o, lse, d_o, grads),
+        AttnDtype::F16 => backward_impl::<f16, f16>(client, p, dtype, inputs, o, lse, d_o, grads),
+        AttnDtype::BF16 => backward_impl::<bf16, bf16>(client, p, dtype, inputs, o, lse, d_o, grads),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_impl<F: Float + CubeElement>(
+fn backward_impl<F: Float + CubeElement, M: Float>(
     client: &Client,
     p: &AttnProblem,
     dtype: AttnDtype,
@@ -642,14 +788,14 @@ fn backward_impl<F: Float + CubeElement>(
         d,
     );
     // 2. dQ (query-major).
-    rows_pass::<F>(client, p, dtype, inputs, Some((d_o, &delta)), lse, &grads.dq)?;
+    rows_pass::<F, M>(client, p, dtype, inputs, Some((d_o, &delta)), lse, &grads.dq)?;
     // 3. dK, dV, dbias (key-major).
-    keys_pass::<F>(client, p, dtype, inputs, d_o, lse, &delta, grads)
+    keys_pass::<F, M>(client, p, dtype, inputs, d_o, lse, &delta, grads)
 }
 
 /// The query-major kernel: forward (`bwd = None`, writes `out = O` and `lse`) or dQ
 /// (`bwd = Some((dO, delta))`, reads `lse`, writes `out = dQ`).
-fn rows_pass<F: Float + CubeElement>(
+fn rows_pass<F: Float + CubeElement, M: Float>(
     client: &Client,
     p: &AttnProblem,
     dtype: AttnDtype,
@@ -663,7 +809,9 @@ fn rows_pass<F: Float + CubeElement>(
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
     let (off, w, windowed) = mask_params(p);
-    let units = plan.rows_units;
+    let mma = mma_spec(client, dtype, d)
+        .and_then(|spec| mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some()).map(|mp| (spec, mp)));
+    let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
 
     let bias_dummy;
     let (bias_h, bias_len, heads_b) = match inputs.bias {
@@ -714,52 +862,98 @@ fn rows_pass<F: Float + CubeElement>(
         }
     };
 
-    kernels::attn_rows_kernel::launch::<F>(
-        client,
-        grid(client, n_cubes),
-        CubeDim::new_1d(units as u32),
-        buf(inputs.q, rows * d),
-        buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
-        buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
-        buf(bias_h, bias_len),
-        buf(tv, thr_len),
-        buf(ti, thr_len),
-        buf(sched_h, sched_len),
-        buf(do_h, do_len),
-        buf(delta_h, delta_len),
-        buf(lse, rows),
-        buf(out, rows * d),
-        p.batch as u32,
-        p.heads_q as u32,
-        p.heads_kv as u32,
-        p.seq_q as u32,
-        p.seq_k as u32,
-        heads_b as u32,
-        gh as u32,
-        qb as u32,
-        n_rb as u32,
-        n_chunks as u32,
-        cap as u32,
-        kb as u32,
-        off,
-        w,
-        p.scale,
-        f32::NEG_INFINITY,
-        units,
-        d,
-        plan.tile_k,
-        p.causal,
-        windowed,
-        inputs.bias.is_some(),
-        has_thr,
-        inputs.schedule.is_some(),
-        bwd.is_some(),
-    );
+    match mma {
+        Some((spec, mp)) => mma::mma_rows_kernel::launch::<F, M>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
+            buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
+            buf(bias_h, bias_len),
+            buf(tv, thr_len),
+            buf(ti, thr_len),
+            buf(sched_h, sched_len),
+            buf(do_h, do_len),
+            buf(delta_h, delta_len),
+            buf(lse, rows),
+            buf(out, rows * d),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            heads_b as u32,
+            gh as u32,
+            qb as u32,
+            n_rb as u32,
+            n_chunks as u32,
+            cap as u32,
+            kb as u32,
+            off,
+            w,
+            p.scale,
+            f32::NEG_INFINITY,
+            mp.planes,
+            spec.plane / 16,
+            d,
+            mp.tile,
+            spec.mk,
+            dtype == AttnDtype::BF16,
+            p.causal,
+            windowed,
+            inputs.bias.is_some(),
+            has_thr,
+            inputs.schedule.is_some(),
+            bwd.is_some(),
+        ),
+        None => kernels::attn_rows_kernel::launch::<F>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_1d(units as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
+            buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
+            buf(bias_h, bias_len),
+            buf(tv, thr_len),
+            buf(ti, thr_len),
+            buf(sched_h, sched_len),
+            buf(do_h, do_len),
+            buf(delta_h, delta_len),
+            buf(lse, rows),
+            buf(out, rows * d),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            heads_b as u32,
+            gh as u32,
+            qb as u32,
+            n_rb as u32,
+            n_chunks as u32,
+            cap as u32,
+            kb as u32,
+            off,
+            w,
+            p.scale,
+            f32::NEG_INFINITY,
+            units,
+            d,
+            plan.tile_k,
+            p.causal,
+            windowed,
+            inputs.bias.is_some(),
+            has_thr,
+            inputs.schedule.is_some(),
+            bwd.is_some(),
+        ),
+    }
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn keys_pass<F: Float + CubeElement>(
+fn keys_pass<F: Float + CubeElement, M: Float>(
     client: &Client,
     p: &AttnProblem,
     dtype: AttnDtype,
@@ -775,7 +969,9 @@ fn keys_pass<F: Float + CubeElement>(
     let rows = p.batch * p.heads_q * p.seq_q;
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
     let (off, w, windowed) = mask_params(p);
-    let units = plan.keys_units;
+    let mma = mma_spec(client, dtype, d)
+        .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
+    let units = mma.map_or(plan.keys_units, |(_, mp)| 16 * mp.planes);
 
     let bias_dummy;
     let dbias_dummy;
@@ -831,48 +1027,96 @@ fn keys_pass<F: Float + CubeElement>(
         }
     };
     let n_cubes = p.batch * p.heads_kv * n_kt;
-    kernels::attn_keys_kernel::launch::<F>(
-        client,
-        grid(client, n_cubes),
-        CubeDim::new_1d(units as u32),
-        buf(inputs.q, rows * d),
-        buf(inputs.k, kv_len),
-        buf(inputs.v, kv_len),
-        buf(bias_h, bias_len),
-        buf(tv, thr_len),
-        buf(ti, thr_len),
-        buf(off_h, off_len),
-        buf(rows_h, rows_len),
-        buf(d_o, rows * d),
-        buf(lse, rows),
-        buf(delta, rows),
-        buf(&grads.dk, kv_len),
-        buf(&grads.dv, kv_len),
-        buf(dbias_h, bias_len),
-        p.batch as u32,
-        p.heads_q as u32,
-        p.heads_kv as u32,
-        p.seq_q as u32,
-        p.seq_k as u32,
-        heads_b as u32,
-        hs as u32,
-        qb as u32,
-        n_rb as u32,
-        cap as u32,
-        kb as u32,
-        n_sub as u32,
-        n_kt as u32,
-        off,
-        w,
-        p.scale,
-        units,
-        d,
-        plan.tile_q,
-        p.causal,
-        windowed,
-        inputs.bias.is_some(),
-        has_thr,
-        inputs.schedule.is_some(),
-    );
+    match mma {
+        Some((spec, mp)) => mma::mma_keys_kernel::launch::<F, M>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(bias_h, bias_len),
+            buf(tv, thr_len),
+            buf(ti, thr_len),
+            buf(off_h, off_len),
+            buf(rows_h, rows_len),
+            buf(d_o, rows * d),
+            buf(lse, rows),
+            buf(delta, rows),
+            buf(&grads.dk, kv_len),
+            buf(&grads.dv, kv_len),
+            buf(dbias_h, bias_len),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            heads_b as u32,
+            hs as u32,
+            qb as u32,
+            n_rb as u32,
+            cap as u32,
+            kb as u32,
+            n_sub as u32,
+            n_kt as u32,
+            off,
+            w,
+            p.scale,
+            mp.planes,
+            spec.plane / 16,
+            d,
+            mp.tile,
+            spec.mk,
+            dtype == AttnDtype::BF16,
+            p.causal,
+            windowed,
+            inputs.bias.is_some(),
+            has_thr,
+            inputs.schedule.is_some(),
+        ),
+        None => kernels::attn_keys_kernel::launch::<F>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_1d(units as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(bias_h, bias_len),
+            buf(tv, thr_len),
+            buf(ti, thr_len),
+            buf(off_h, off_len),
+            buf(rows_h, rows_len),
+            buf(d_o, rows * d),
+            buf(lse, rows),
+            buf(delta, rows),
+            buf(&grads.dk, kv_len),
+            buf(&grads.dv, kv_len),
+            buf(dbias_h, bias_len),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            heads_b as u32,
+            hs as u32,
+            qb as u32,
+            n_rb as u32,
+            cap as u32,
+            kb as u32,
+            n_sub as u32,
+            n_kt as u32,
+            off,
+            w,
+            p.scale,
+            units,
+            d,
+            plan.tile_q,
+            p.causal,
+            windowed,
+            inputs.bias.is_some(),
+            has_thr,
+            inputs.schedule.is_some(),
+        ),
+    }
     Ok(())
 }

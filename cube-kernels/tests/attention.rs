@@ -288,6 +288,13 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
     }
 }
 
+/// Round to TF32 (8-bit exponent, 10-bit mantissa, round to nearest even).
+fn round_to_tf32(x: f64) -> f64 {
+    let b = (x as f32).to_bits();
+    let lsb = (b >> 13) & 1;
+    f32::from_bits(b.wrapping_add(0x0fff + lsb) & !0x1fff) as f64
+}
+
 fn check_finite(name: &str, what: &str, v: &[f64]) {
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         panic!("{name}: {what}[{i}] = {} (unwritten or NaN)", v[i]);
@@ -343,8 +350,10 @@ fn run_case(c: &Case) {
         if let (Some(db), Some(dbr)) = (&out.dbias, &g_ref.dbias) {
             pairs.push(("dbias", db.clone(), dbr.clone(), 3.0));
         }
+        // f32 on tensor cores multiplies in TF32: judged like f16/bf16, against a TF32 reference.
+        let tf32 = dtype == AttnDtype::F32 && kernel_path(&client, dtype, c.p.head_dim) == KernelPath::TensorCore;
         match dtype {
-            AttnDtype::F32 => {
+            AttnDtype::F32 if !tf32 => {
                 for (what, got, want, _) in &pairs {
                     let e = rel_err(got, want);
                     assert!(e < 1e-4, "{name}: {what} rel err {e:.3e} >= 1e-4");
@@ -354,7 +363,7 @@ fn run_case(c: &Case) {
                 // FlashAttention rule: kernel error vs f64 <= 2x (o) / 3x (grads) the error
                 // of a same-precision standard-attention reference (small absolute floor
                 // for outputs that are exactly representable, e.g. all-zero dbias).
-                let rnd = move |x: f64| round_to(dtype, x);
+                let rnd = move |x: f64| if tf32 { round_to_tf32(x) } else { round_to(dtype, x) };
                 let (o_h, lse_h) = reference::forward(&c.p, &inp, Some(&rnd));
                 let g_h = reference::backward(&c.p, &inp, &out.o, &out.lse, &data.d_o, Some(&rnd));
                 let (lse_hg, _) = lse_parts(&name, &lse_h, &lse_ref);
@@ -366,13 +375,14 @@ fn run_case(c: &Case) {
                     let e = rel_err(got, want);
                     let eh = rel_err(h, want);
                     assert!(
-                        e <= factor * eh + 1e-6,
+                        e <= factor * eh + if tf32 { 2e-5 } else { 1e-6 },
                         "{name}: {what} rel err {e:.3e} > {factor} x same-precision reference error {eh:.3e}"
                     );
                 }
             }
         }
-        eprintln!("{name}: ok (kernels {:.2?}, total {:.2?})", t_kernel, t0.elapsed());
+        let path = kernel_path(&client, dtype, c.p.head_dim);
+        eprintln!("{name}: ok ({path:?}, kernels {:.2?}, total {:.2?})", t_kernel, t0.elapsed());
     }
 }
 
@@ -493,9 +503,12 @@ fn blocks_full_selection_equals_dense() {
     let sparse = run_kernels(&client, &p, dtype, &data);
     let dense_data = Data { sched: None, ..data };
     let dense = run_kernels(&client, &p, dtype, &dense_data);
+    // The two walks cut the keys into different tiles; on tensor cores (TF32 products) that
+    // changes the rounding of P, so only the portable path is held to f32 agreement.
+    let tol = if kernel_path(&client, dtype, p.head_dim) == KernelPath::TensorCore { 2e-3 } else { 1e-5 };
     for (w, a, b) in [("o", &sparse.o, &dense.o), ("dq", &sparse.dq, &dense.dq), ("dk", &sparse.dk, &dense.dk), ("dv", &sparse.dv, &dense.dv)] {
         let e = rel_err(a, b);
-        assert!(e < 1e-5, "full selection vs dense: {w} rel err {e:.3e}");
+        assert!(e < tol, "full selection vs dense: {w} rel err {e:.3e}");
     }
 }
 

@@ -1,0 +1,938 @@
+//! The tensor-core path: the same two passes as [`crate::kernels`] (query-major forward and
+//! dQ, key-major dK/dV/dbias), with every product of a tile done by cooperative matrices
+//! (`cmma`, 16 x 16 x `mk` fragments owned by one plane).
+//!
+//! Layout of a cube: `planes` planes of `CUBE_DIM_X` lanes (the device's plane size, read
+//! from its properties on the host); plane `p` owns 16 consecutive rows of the cube's tile
+//! (query rows in the query-major kernel, keys in the key-major kernel). Operands are staged
+//! in shared memory in the operand type `M` (f16, bf16, or tf32 for f32 inputs); scores and
+//! accumulators are f32. Fragments never hold state across tiles: the running output (or
+//! gradient) lives in shared memory and is loaded into an accumulator fragment, multiplied
+//! into, and stored back, so the per-row rescaling of the online softmax is plain shared-memory
+//! arithmetic and no fragment layout is assumed (the same code runs on CUDA `wmma` and on
+//! Vulkan cooperative matrices).
+//!
+//! Masking, bias, the dynamic-mask threshold and the softmax itself are scalar code between
+//! the two matrix products of a tile: row `16 p + r` of plane `p` belongs to the `lpr =
+//! plane / 16` lanes `l` with `l % 16 == r`, which split its columns and combine their row
+//! maxima and sums through shared memory (no plane ops needed). Row strides in shared memory
+//! are padded by 16 bytes so neither the fragment loads nor these loops hit one bank. Tile skipping and schedule walking are the same as the portable
+//! kernels', so both paths visit exactly the same tiles.
+
+use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible};
+use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
+use cubecl::prelude::*;
+
+/// `x` in the operand type. With `rne_bf16`, rounded to nearest-even bf16 first, so the
+/// conversion is exact whatever rounding the target's f32 -> bf16 conversion uses (Vulkan
+/// drivers may truncate, which biases P and doubles the output error). Finite `x` only.
+#[cube]
+fn to_operand<M: Float>(x: f32, #[comptime] rne_bf16: bool) -> M {
+    if rne_bf16 {
+        let bits = u32::reinterpret(x);
+        let rounded = (bits + 0x7fffu32 + ((bits >> 16u32) & 1u32)) & 0xffff0000u32;
+        M::cast_from(f32::reinterpret(rounded))
+    } else {
+        M::cast_from(x)
+    }
+}
+
+/// `acc[16 x 16 at acc_off, stride acc_stride] += A[16 x kdim] * B[kdim x 16]`, where `A` is
+/// row-major at `a_off` (stride `a_stride`) and `B` is read at `b_off` with stride `b_stride`,
+/// column-major when `b_col_major` (i.e. `B = X^T` for a row-major `X`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_tile<M: Float>(
+    a: &[M],
+    a_off: usize,
+    a_stride: u32,
+    b: &[M],
+    b_off: usize,
+    b_stride: u32,
+    acc: &mut [f32],
+    acc_off: usize,
+    acc_stride: u32,
+    #[comptime] kdim: usize,
+    #[comptime] mk: usize,
+    #[comptime] b_col_major: bool,
+    #[comptime] accumulate: bool,
+) {
+    let mut c = unsafe {
+        cmma::Matrix::<f32>::uninitialized(MatrixIdent::Accumulator, 16usize, 16usize, mk, MatrixLayout::Undefined)
+    };
+    if accumulate {
+        cmma::load_with_layout(&mut c, &acc[acc_off..acc_off + 256], acc_stride, MatrixLayout::RowMajor);
+    } else {
+        cmma::fill(&mut c, 0.0f32);
+    }
+    for kk in 0..kdim / mk {
+        let a_start = a_off + kk * mk;
+        let am = cmma::Matrix::<M>::from_slice(
+            MatrixIdent::A,
+            16usize,
+            16usize,
+            mk,
+            MatrixLayout::RowMajor,
+            &a[a_start..a_start + 16 * mk],
+            a_stride,
+        );
+        if b_col_major {
+            let b_start = b_off + kk * mk;
+            let bm = cmma::Matrix::<M>::from_slice(
+                MatrixIdent::B,
+                16usize,
+                16usize,
+                mk,
+                MatrixLayout::ColMajor,
+                &b[b_start..b_start + 16 * mk],
+                b_stride,
+            );
+            cmma::execute(&am, &bm, &c, &c);
+        } else {
+            let b_start = b_off + kk * mk * (b_stride as usize);
+            let bm = cmma::Matrix::<M>::from_slice(
+                MatrixIdent::B,
+                16usize,
+                16usize,
+                mk,
+                MatrixLayout::RowMajor,
+                &b[b_start..b_start + 16 * mk],
+                b_stride,
+            );
+            cmma::execute(&am, &bm, &c, &c);
+        }
+    }
+    cmma::store(&mut acc[acc_off..acc_off + 256], &c, acc_stride, MatrixLayout::RowMajor);
+}
+
+/// Query-major pass on tensor cores: forward (`backward = false`: `out = O`, `lse`) or dQ
+/// (`backward = true`: reads `lse`, `delta`, `d_o`; `out = dQ`). Same arguments, row groups,
+/// cube numbering and tile walk as [`crate::kernels::attn_rows_kernel`], with `16 * planes`
+/// rows per cube.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn mma_rows_kernel<F: Float, M: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    sched: &[i32],
+    d_o: &[F],
+    delta: &[f32],
+    lse: &mut [f32],
+    out: &mut [F],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    group_heads: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    n_chunks: u32,
+    cap: u32,
+    key_block: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] planes: usize,
+    #[comptime] lpr: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] tile_k: usize,
+    #[comptime] mk: usize,
+    #[comptime] rne_bf16: bool,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_thr: bool,
+    #[comptime] blocks: bool,
+    #[comptime] backward: bool,
+) {
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let gh = group_heads as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let n_chunks = n_chunks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_gh = heads_q / gh;
+    let bq = comptime!(planes * 16);
+    // Padded row strides (operands +16 B, f32 +16 B) keep fragment loads and the per-row
+    // scalar loops off a single shared-memory bank.
+    let ld = comptime!(head_dim + 8);
+    let lacc = comptime!(head_dim + 4);
+    let ls = comptime!(tile_k + 4);
+    let lp = comptime!(tile_k + 8);
+    let do_len = comptime!(if backward { planes * 16 * (head_dim + 8) } else { 32 });
+    let dp_len = comptime!(if backward { planes * 16 * (tile_k + 4) } else { 32 });
+
+    let lane = UNIT_POS_X as usize;
+    let pl = UNIT_POS_Y as usize;
+    let u = UNIT_POS as usize;
+    let nu = CUBE_DIM as usize;
+    let cid = cube_linear();
+    let n_cubes = n_batch * n_gh * n_rb * n_chunks;
+
+    let mut q_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
+    let mut do_s = Shared::<[M]>::new_aligned_slice(do_len, 32usize);
+    let mut k_s = Shared::<[M]>::new_aligned_slice(tile_k * ld, 32usize);
+    let mut v_s = Shared::<[M]>::new_aligned_slice(tile_k * ld, 32usize);
+    let mut p_s = Shared::<[M]>::new_aligned_slice(bq * lp, 32usize);
+    let mut acc_s = Shared::<[f32]>::new_aligned_slice(bq * lacc, 32usize);
+    let mut s_s = Shared::<[f32]>::new_aligned_slice(bq * ls, 32usize);
+    let mut dp_s = Shared::<[f32]>::new_aligned_slice(dp_len, 32usize);
+    let mut row_s = Shared::<[f32]>::new_slice(bq);
+    let mut red_s = Shared::<[f32]>::new_slice(bq * lpr);
+    let mut flag_s = Shared::<[u32]>::new_slice(bq * lpr);
+
+    if cid < n_cubes {
+        let chunk = cid % n_chunks;
+        let r = (cid / n_chunks) % n_rb;
+        let g = (cid / (n_chunks * n_rb)) % n_gh;
+        let b = cid / (n_chunks * n_rb * n_gh);
+
+        let q0 = r * qb;
+        let nq = min(qb, seq_q - q0);
+        let n_group_rows = gh * nq;
+        let f0 = chunk * bq;
+        let f1 = min(f0 + bq, n_group_rows) - 1;
+        let mut cq_lo = q0;
+        let mut cq_hi = q0 + nq - 1;
+        if f0 / nq == f1 / nq {
+            cq_lo = q0 + f0 % nq;
+            cq_hi = q0 + f1 % nq;
+        }
+        let mut klo = 0i32;
+        let mut khi = seq_k as i32;
+        if causal {
+            khi = min(khi, cq_hi as i32 + off + 1);
+        }
+        if windowed {
+            klo = max(klo, cq_lo as i32 + off - w + 1);
+        }
+        // Every row of a group reads the same kv head (group heads never straddle a GQA group).
+        let hk = (g * gh) / (heads_q / heads_kv);
+        let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
+
+        // Stage the cube's q (and dO) rows; zero the accumulators.
+        let mut idx = u;
+        while idx < bq * head_dim {
+            let flat = f0 + idx / head_dim;
+            let d = idx % head_dim;
+            let mut qv = 0.0f32;
+            let mut dov = 0.0f32;
+            if flat < n_group_rows {
+                let h = g * gh + flat / nq;
+                let i = q0 + flat % nq;
+                let g_idx = ((b * heads_q + h) * seq_q + i) * head_dim + d;
+                qv = f32::cast_from(q[g_idx]);
+                if backward {
+                    dov = f32::cast_from(d_o[g_idx]);
+                }
+            }
+            let rr = idx / head_dim;
+            q_s[rr * ld + d] = M::cast_from(qv);
+            if backward {
+                do_s[rr * ld + d] = M::cast_from(dov);
+            }
+            acc_s[rr * lacc + d] = 0.0f32;
+            idx += nu;
+        }
+
+        // Row owners: the `lpr` lanes `l` with `l % 16 == rho % 16` share row `rho` of the cube,
+        // lane `l` taking the columns `c` with `c % lpr == l / 16`.
+        let sub = lane / 16;
+        let rho = pl * 16 + lane % 16;
+        let flat = f0 + rho;
+        let row_valid = flat < n_group_rows;
+        let mut h = g * gh;
+        let mut i = q0;
+        if row_valid {
+            h = g * gh + flat / nq;
+            i = q0 + flat % nq;
+        }
+        let hb = h / (heads_q / heads_b);
+        let row = (b * heads_q + h) * seq_q + i;
+        let bias_base = (b * heads_b + hb) * seq_k;
+        let mut row_thr = comptime!(NEG_BIG).runtime();
+        let mut row_thr_i = 0i32;
+        let mut m_run = comptime!(NEG_BIG).runtime();
+        let mut l_run = 0.0f32;
+        let mut lse_row = comptime!(NEG_BIG).runtime();
+        let mut delta_row = 0.0f32;
+        let mut row_active = row_valid;
+        if row_valid {
+            if has_thr {
+                row_thr = thr_v[(b * heads_b + hb) * seq_q + i];
+                row_thr_i = thr_i[(b * heads_b + hb) * seq_q + i];
+            }
+            if backward {
+                lse_row = lse[row];
+                delta_row = delta[row];
+                row_active = lse_row > NEG_BIG;
+            }
+        }
+        sync_cube();
+
+        let mut n_entries = 1usize;
+        let mut list_base = 0usize;
+        if blocks {
+            n_entries = cap;
+            list_base = ((b * n_gh + g) * n_rb + r) * cap;
+        }
+        for e in 0..n_entries {
+            let mut e_lo = klo;
+            let mut e_hi = khi;
+            if blocks {
+                let kb = sched[list_base + e];
+                if kb >= 0 {
+                    e_lo = max(e_lo, kb * key_block as i32);
+                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
+                } else {
+                    e_hi = e_lo;
+                }
+            }
+            let mut n_tiles = 0usize;
+            if e_hi > e_lo {
+                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
+            }
+            for t in 0..n_tiles {
+                let t0 = e_lo as usize + t * tile_k;
+                let t1 = min(t0 + tile_k, e_hi as usize);
+                let mut cube_any = true;
+                if has_thr {
+                    // Skip tiles where the threshold drops every visible key of every row.
+                    let mut any = false;
+                    if row_active {
+                        for kc in 0..tile_k / lpr {
+                            let j = t0 + kc * lpr + sub;
+                            if j < t1 && pair_visible(i, j, off, w, causal, windowed) {
+                                let bj = f32::cast_from(bias[bias_base + j]);
+                                if key_kept(bj, j, row_thr, row_thr_i) {
+                                    any = true;
+                                }
+                            }
+                        }
+                    }
+                    if any {
+                        flag_s[u] = 1u32;
+                    } else {
+                        flag_s[u] = 0u32;
+                    }
+                    sync_cube();
+                    cube_any = false;
+                    for x in 0..bq * lpr {
+                        if flag_s[x] != 0u32 {
+                            cube_any = true;
+                        }
+                    }
+                    sync_cube();
+                }
+                if cube_any {
+                    let mut idx2 = u;
+                    while idx2 < tile_k * head_dim {
+                        let kk = idx2 / head_dim;
+                        let mut kv = 0.0f32;
+                        let mut vv = 0.0f32;
+                        if t0 + kk < t1 {
+                            let g_idx = kv_base + t0 * head_dim + idx2;
+                            kv = f32::cast_from(k[g_idx]);
+                            vv = f32::cast_from(v[g_idx]);
+                        }
+                        k_s[kk * ld + idx2 % head_dim] = M::cast_from(kv);
+                        v_s[kk * ld + idx2 % head_dim] = M::cast_from(vv);
+                        idx2 += nu;
+                    }
+                    sync_cube();
+                    // S = Q K^T (and dP = dO V^T) for this plane's 16 rows.
+                    for n in 0..tile_k / 16 {
+                        mma_tile::<M>(
+                            &q_s,
+                            pl * 16 * ld,
+                            ld as u32,
+                            &k_s,
+                            n * 16 * ld,
+                            ld as u32,
+                            &mut s_s,
+                            pl * 16 * ls + n * 16,
+                            ls as u32,
+                            head_dim,
+                            mk,
+                            true,
+                            false,
+                        );
+                        if backward {
+                            mma_tile::<M>(
+                                &do_s,
+                                pl * 16 * ld,
+                                ld as u32,
+                                &v_s,
+                                n * 16 * ld,
+                                ld as u32,
+                                &mut dp_s,
+                                pl * 16 * ls + n * 16,
+                                ls as u32,
+                                head_dim,
+                                mk,
+                                true,
+                                false,
+                            );
+                        }
+                    }
+                    sync_cube();
+                    let sb = rho * ls;
+                    let pb = rho * lp;
+                    if backward {
+                        for kc in 0..tile_k / lpr {
+                            let kk = kc * lpr + sub;
+                            let j = t0 + kk;
+                            let mut ds = 0.0f32;
+                            if row_active && j < t1 && pair_visible(i, j, off, w, causal, windowed) {
+                                let mut keep = true;
+                                let mut s = s_s[sb + kk] * scale;
+                                if has_bias {
+                                    let bj = f32::cast_from(bias[bias_base + j]);
+                                    s += bj;
+                                    if has_thr {
+                                        keep = key_kept(bj, j, row_thr, row_thr_i);
+                                    }
+                                }
+                                if keep {
+                                    let p = (s - lse_row).exp();
+                                    ds = p * (dp_s[sb + kk] - delta_row) * scale;
+                                }
+                            }
+                            p_s[pb + kk] = to_operand::<M>(ds, rne_bf16);
+                        }
+                    } else {
+                        let mut t_max = comptime!(NEG_BIG).runtime();
+                        for kc in 0..tile_k / lpr {
+                            let kk = kc * lpr + sub;
+                            let j = t0 + kk;
+                            let mut s = comptime!(NEG_BIG).runtime();
+                            if row_valid && j < t1 && pair_visible(i, j, off, w, causal, windowed) {
+                                let mut keep = true;
+                                let mut sv = s_s[sb + kk] * scale;
+                                if has_bias {
+                                    let bj = f32::cast_from(bias[bias_base + j]);
+                                    sv += bj;
+                                    if has_thr {
+                                        keep = key_kept(bj, j, row_thr, row_thr_i);
+                                    }
+                                }
+                                if keep {
+                                    s = sv;
+                                }
+                            }
+                            s_s[sb + kk] = s;
+                            t_max = max(t_max, s);
+                        }
+                        red_s[rho * lpr + sub] = t_max;
+                        sync_cube();
+                        for x in 0..lpr {
+                            t_max = max(t_max, red_s[rho * lpr + x]);
+                        }
+                        // Every lane of a row computes the same m_new and corr; each keeps
+                        // the partial sum of its own columns.
+                        let m_new = max(m_run, t_max);
+                        let corr = (m_run - m_new).exp();
+                        l_run *= corr;
+                        for kc in 0..tile_k / lpr {
+                            let kk = kc * lpr + sub;
+                            let s = s_s[sb + kk];
+                            let mut p = 0.0f32;
+                            if s > NEG_BIG {
+                                p = (s - m_new).exp();
+                            }
+                            l_run += p;
+                            p_s[pb + kk] = to_operand::<M>(p, rne_bf16);
+                        }
+                        m_run = m_new;
+                        if sub == 0 {
+                            row_s[rho] = corr;
+                        }
+                    }
+                    sync_cube();
+                    if !backward {
+                        let mut idx3 = u;
+                        while idx3 < bq * head_dim {
+                            acc_s[(idx3 / head_dim) * lacc + idx3 % head_dim] *= row_s[idx3 / head_dim];
+                            idx3 += nu;
+                        }
+                        sync_cube();
+                    }
+                    // acc += P V (forward) or dS K (dQ).
+                    for dn in 0..head_dim / 16 {
+                        if backward {
+                            mma_tile::<M>(
+                                &p_s,
+                                pl * 16 * lp,
+                                lp as u32,
+                                &k_s,
+                                dn * 16,
+                                ld as u32,
+                                &mut acc_s,
+                                pl * 16 * lacc + dn * 16,
+                                lacc as u32,
+                                tile_k,
+                                mk,
+                                false,
+                                true,
+                            );
+                        } else {
+                            mma_tile::<M>(
+                                &p_s,
+                                pl * 16 * lp,
+                                lp as u32,
+                                &v_s,
+                                dn * 16,
+                                ld as u32,
+                                &mut acc_s,
+                                pl * 16 * lacc + dn * 16,
+                                lacc as u32,
+                                tile_k,
+                                mk,
+                                false,
+                                true,
+                            );
+                        }
+                    }
+                    sync_cube();
+                }
+            }
+        }
+
+        // Finish: the row's lanes add their partial sums; lane 0 of the row publishes 1/l and
+        // writes the LSE; everyone writes the rows.
+        if !backward {
+            red_s[rho * lpr + sub] = l_run;
+        }
+        sync_cube();
+        if sub == 0 {
+            if backward {
+                row_s[rho] = 1.0f32;
+            } else {
+                let mut l_tot = 0.0f32;
+                for x in 0..lpr {
+                    l_tot += red_s[rho * lpr + x];
+                }
+                if l_tot > 0.0f32 {
+                    row_s[rho] = 1.0f32 / l_tot;
+                    if row_valid {
+                        lse[row] = m_run + l_tot.ln();
+                    }
+                } else {
+                    row_s[rho] = 0.0f32;
+                    if row_valid {
+                        lse[row] = neg_inf;
+                    }
+                }
+            }
+        }
+        sync_cube();
+        let mut idx4 = u;
+        while idx4 < bq * head_dim {
+            let f = f0 + idx4 / head_dim;
+            if f < n_group_rows {
+                let hh = g * gh + f / nq;
+                let ii = q0 + f % nq;
+                let g_idx = ((b * heads_q + hh) * seq_q + ii) * head_dim + idx4 % head_dim;
+                out[g_idx] = F::cast_from(acc_s[(idx4 / head_dim) * lacc + idx4 % head_dim] * row_s[idx4 / head_dim]);
+            }
+            idx4 += nu;
+        }
+    }
+}
+
+/// Key-major backward on tensor cores: dK, dV and dbias. Same arguments, cube numbering and
+/// query-row walk as [`crate::kernels::attn_keys_kernel`], with `16 * planes` keys per cube
+/// and query rows staged in chunks of `tile_q` (a multiple of 16).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn mma_keys_kernel<F: Float, M: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    d_o: &[F],
+    lse: &[f32],
+    delta: &[f32],
+    dk: &mut [F],
+    dv: &mut [F],
+    dbias: &mut [F],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    heads_s: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    cap: u32,
+    key_block: u32,
+    n_sub: u32,
+    n_key_tiles: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    #[comptime] planes: usize,
+    #[comptime] lpr: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] tile_q: usize,
+    #[comptime] mk: usize,
+    #[comptime] rne_bf16: bool,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_thr: bool,
+    #[comptime] blocks: bool,
+) {
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let heads_s = heads_s as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_sub = n_sub as usize;
+    let n_kt = n_key_tiles as usize;
+    let bk = comptime!(planes * 16);
+    let ld = comptime!(head_dim + 8);
+    let lacc = comptime!(head_dim + 4);
+    let ls = comptime!(tile_q + 4);
+    let lp = comptime!(tile_q + 8);
+
+    let lane = UNIT_POS_X as usize;
+    let pl = UNIT_POS_Y as usize;
+    let u = UNIT_POS as usize;
+    let nu = CUBE_DIM as usize;
+    let cid = cube_linear();
+
+    let mut k_s = Shared::<[M]>::new_aligned_slice(bk * ld, 32usize);
+    let mut v_s = Shared::<[M]>::new_aligned_slice(bk * ld, 32usize);
+    let mut q_s = Shared::<[M]>::new_aligned_slice(tile_q * ld, 32usize);
+    let mut do_s = Shared::<[M]>::new_aligned_slice(tile_q * ld, 32usize);
+    let mut pt_s = Shared::<[M]>::new_aligned_slice(bk * lp, 32usize);
+    let mut dk_s = Shared::<[f32]>::new_aligned_slice(bk * lacc, 32usize);
+    let mut dv_s = Shared::<[f32]>::new_aligned_slice(bk * lacc, 32usize);
+    let mut st_s = Shared::<[f32]>::new_aligned_slice(bk * ls, 32usize);
+    let mut dpt_s = Shared::<[f32]>::new_aligned_slice(bk * ls, 32usize);
+    let mut red_s = Shared::<[f32]>::new_slice(bk * lpr);
+    let mut qi_s = Shared::<[i32]>::new_slice(tile_q);
+    let mut lse_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut dl_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut tv_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
+    let mut flag_s = Shared::<[u32]>::new_slice(bk * lpr);
+
+    if cid < n_batch * heads_kv * n_kt {
+        let t = cid % n_kt;
+        let hk = (cid / n_kt) % heads_kv;
+        let b = cid / (n_kt * heads_kv);
+        let group = heads_q / heads_kv;
+        let g_sel = heads_q / heads_s;
+        let g_b = heads_q / heads_b;
+
+        let mut kb = 0usize;
+        let mut t0 = t * bk;
+        let mut t1 = min(t0 + bk, seq_k);
+        if blocks {
+            kb = t / n_sub;
+            let sub = t % n_sub;
+            let b_end = min((kb + 1) * key_block, seq_k);
+            t0 = min(kb * key_block + sub * bk, b_end);
+            t1 = min(t0 + bk, b_end);
+        }
+        let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
+
+        let mut idx = u;
+        while idx < bk * head_dim {
+            let mut kv = 0.0f32;
+            let mut vv = 0.0f32;
+            if t0 + idx / head_dim < t1 {
+                kv = f32::cast_from(k[kv_base + t0 * head_dim + idx]);
+                vv = f32::cast_from(v[kv_base + t0 * head_dim + idx]);
+            }
+            let rr = idx / head_dim;
+            let d = idx % head_dim;
+            k_s[rr * ld + d] = M::cast_from(kv);
+            v_s[rr * ld + d] = M::cast_from(vv);
+            dk_s[rr * lacc + d] = 0.0f32;
+            dv_s[rr * lacc + d] = 0.0f32;
+            idx += nu;
+        }
+
+        // Key owners: the `lpr` lanes with `l % 16 == kr % 16` share key `j` (row `kr` of the
+        // cube's keys), lane `l` taking the query rows `x` with `x % lpr == l / 16`.
+        let sub = lane / 16;
+        let kr = pl * 16 + lane % 16;
+        let j = t0 + kr;
+        let key_valid = j < t1;
+        let mut db_acc = 0.0f32;
+        sync_cube();
+
+        for hh in 0..group {
+            let h = hk * group + hh;
+            let hb = h / g_b;
+            let bias_base = (b * heads_b + hb) * seq_k;
+            let mut bias_j = 0.0f32;
+            if has_bias && key_valid {
+                bias_j = f32::cast_from(bias[bias_base + j]);
+            }
+            let mut qa = 0usize;
+            let mut n_slots = 0usize;
+            let mut rows_base = 0usize;
+            let mut spc = tile_q.runtime();
+            if blocks {
+                let s = h / g_sel;
+                let bs = b * heads_s + s;
+                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
+                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
+                rows_base = bs * n_rb * cap + o0;
+                n_slots = (o1 - o0) * qb;
+                if qb <= tile_q {
+                    spc = (tile_q / qb) * qb;
+                }
+            } else if t0 < t1 {
+                let mut lo = 0i32;
+                let mut hi = seq_q as i32;
+                if causal {
+                    lo = max(lo, t0 as i32 - off);
+                }
+                if windowed {
+                    hi = min(hi, (t1 - 1) as i32 - off + w);
+                }
+                if hi > lo {
+                    qa = lo as usize;
+                    n_slots = (hi - lo) as usize;
+                }
+            }
+            let n_ch = n_slots.div_ceil(spc);
+            for ch in 0..n_ch {
+                let mut x = u;
+                while x < tile_q {
+                    let slot = ch * spc + x;
+                    let mut qi = comptime!(-1i32).runtime();
+                    if x < spc && slot < n_slots {
+                        if blocks {
+                            let rr = inv_rows[rows_base + slot / qb] as usize;
+                            let qq = rr * qb + slot % qb;
+                            if qq < seq_q {
+                                qi = qq as i32;
+                            }
+                        } else {
+                            qi = (qa + slot) as i32;
+                        }
+                    }
+                    qi_s[x] = qi;
+                    lse_s[x] = comptime!(NEG_BIG).runtime();
+                    dl_s[x] = 0.0f32;
+                    if qi >= 0 {
+                        let row = (b * heads_q + h) * seq_q + qi as usize;
+                        lse_s[x] = lse[row];
+                        dl_s[x] = delta[row];
+                        if has_thr {
+                            tv_s[x] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
+                            ti_s[x] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
+                        }
+                    }
+                    x += nu;
+                }
+                sync_cube();
+                let mut any = false;
+                if key_valid {
+                    for xc in 0..tile_q / lpr {
+                        let x2 = xc * lpr + sub;
+                        let qi = qi_s[x2];
+                        if qi >= 0 && lse_s[x2] > NEG_BIG {
+                            let mut keep = pair_visible(qi as usize, j, off, w, causal, windowed);
+                            if has_thr && keep {
+                                keep = key_kept(bias_j, j, tv_s[x2], ti_s[x2]);
+                            }
+                            if keep {
+                                any = true;
+                            }
+                        }
+                    }
+                }
+                if any {
+                    flag_s[u] = 1u32;
+                } else {
+                    flag_s[u] = 0u32;
+                }
+                sync_cube();
+                let mut cube_any = false;
+                for y in 0..bk * lpr {
+                    if flag_s[y] != 0u32 {
+                        cube_any = true;
+                    }
+                }
+                if cube_any {
+                    let mut idx2 = u;
+                    while idx2 < tile_q * head_dim {
+                        let qi = qi_s[idx2 / head_dim];
+                        let mut qv = 0.0f32;
+                        let mut dov = 0.0f32;
+                        if qi >= 0 {
+                            let g_idx = ((b * heads_q + h) * seq_q + qi as usize) * head_dim + idx2 % head_dim;
+                            qv = f32::cast_from(q[g_idx]);
+                            dov = f32::cast_from(d_o[g_idx]);
+                        }
+                        q_s[(idx2 / head_dim) * ld + idx2 % head_dim] = M::cast_from(qv);
+                        do_s[(idx2 / head_dim) * ld + idx2 % head_dim] = M::cast_from(dov);
+                        idx2 += nu;
+                    }
+                    sync_cube();
+                    // S^T = K Q^T and dP^T = V dO^T for this plane's 16 keys.
+                    for n in 0..tile_q / 16 {
+                        mma_tile::<M>(
+                            &k_s,
+                            pl * 16 * ld,
+                            ld as u32,
+                            &q_s,
+                            n * 16 * ld,
+                            ld as u32,
+                            &mut st_s,
+                            pl * 16 * ls + n * 16,
+                            ls as u32,
+                            head_dim,
+                            mk,
+                            true,
+                            false,
+                        );
+                        mma_tile::<M>(
+                            &v_s,
+                            pl * 16 * ld,
+                            ld as u32,
+                            &do_s,
+                            n * 16 * ld,
+                            ld as u32,
+                            &mut dpt_s,
+                            pl * 16 * ls + n * 16,
+                            ls as u32,
+                            head_dim,
+                            mk,
+                            true,
+                            false,
+                        );
+                    }
+                    sync_cube();
+                    {
+                        let sb = kr * ls;
+                        let pb = kr * lp;
+                        for xc4 in 0..tile_q / lpr {
+                            let x4 = xc4 * lpr + sub;
+                            let qi = qi_s[x4];
+                            let mut p = 0.0f32;
+                            let mut ds = 0.0f32;
+                            if key_valid && qi >= 0 {
+                                let lse_i = lse_s[x4];
+                                let mut keep = lse_i > NEG_BIG;
+                                keep = keep && pair_visible(qi as usize, j, off, w, causal, windowed);
+                                if has_thr && keep {
+                                    keep = key_kept(bias_j, j, tv_s[x4], ti_s[x4]);
+                                }
+                                if keep {
+                                    let mut s = st_s[sb + x4] * scale;
+                                    if has_bias {
+                                        s += bias_j;
+                                    }
+                                    p = (s - lse_i).exp();
+                                    ds = p * (dpt_s[sb + x4] - dl_s[x4]);
+                                    db_acc += ds;
+                                }
+                            }
+                            pt_s[pb + x4] = to_operand::<M>(p, rne_bf16);
+                            st_s[sb + x4] = ds * scale;
+                        }
+                    }
+                    sync_cube();
+                    // dV += P^T dO.
+                    for dn in 0..head_dim / 16 {
+                        mma_tile::<M>(
+                            &pt_s,
+                            pl * 16 * lp,
+                            lp as u32,
+                            &do_s,
+                            dn * 16,
+                            ld as u32,
+                            &mut dv_s,
+                            pl * 16 * lacc + dn * 16,
+                            lacc as u32,
+                            tile_q,
+                            mk,
+                            false,
+                            true,
+                        );
+                    }
+                    sync_cube();
+                    for xc5 in 0..tile_q / lpr {
+                        let x5 = xc5 * lpr + sub;
+                        pt_s[kr * lp + x5] = to_operand::<M>(st_s[kr * ls + x5], rne_bf16);
+                    }
+                    sync_cube();
+                    // dK += dS^T Q.
+                    for dn in 0..head_dim / 16 {
+                        mma_tile::<M>(
+                            &pt_s,
+                            pl * 16 * lp,
+                            lp as u32,
+                            &q_s,
+                            dn * 16,
+                            ld as u32,
+                            &mut dk_s,
+                            pl * 16 * lacc + dn * 16,
+                            lacc as u32,
+                            tile_q,
+                            mk,
+                            false,
+                            true,
+                        );
+                    }
+                }
+                sync_cube();
+            }
+            if has_bias && (h + 1) % g_b == 0 {
+                red_s[kr * lpr + sub] = db_acc;
+                sync_cube();
+                if key_valid && sub == 0 {
+                    let mut db = 0.0f32;
+                    for x in 0..lpr {
+                        db += red_s[kr * lpr + x];
+                    }
+                    dbias[bias_base + j] = F::cast_from(db);
+                }
+                sync_cube();
+                db_acc = 0.0f32;
+            }
+        }
+
+        let mut idx5 = u;
+        while idx5 < bk * head_dim {
+            if t0 + idx5 / head_dim < t1 {
+                let a5 = (idx5 / head_dim) * lacc + idx5 % head_dim;
+                dk[kv_base + t0 * head_dim + idx5] = F::cast_from(dk_s[a5]);
+                dv[kv_base + t0 * head_dim + idx5] = F::cast_from(dv_s[a5]);
+            }
+            idx5 += nu;
+        }
+    }
+}
