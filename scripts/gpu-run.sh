@@ -47,8 +47,14 @@ if has bench attn_bench; then {
   done
 } 2>&1 | tee "$OUT/bench.log"; fi
 if has toylm toy-lm; then
-  step "toy-lm compare on CUDA: ${TOYLM_ARGS:-}" | tee "$OUT/toylm.log"
-  timeout ${TOYLM_TIMEOUT:-500} $bin/toy-lm compare --device cuda --out /tmp/cmp ${TOYLM_ARGS:-} 2>&1 | tail -30 | tee -a "$OUT/toylm.log"
-  mkdir -p "$OUT/cmp"; cp /tmp/cmp/* "$OUT/cmp/" 2>/dev/null
+  # TOYLM_RUNS: runs separated by ';', each `NAME ARGS...` (or TOYLM_ARGS for a single run).
+  IFS=';' read -ra runs <<< "${TOYLM_RUNS:-cmp ${TOYLM_ARGS:-}}"
+  for run in "${runs[@]}"; do
+    read -r name args <<< "$run"
+    step "toy-lm compare on CUDA ($name): $args" | tee "$OUT/toylm-$name.log"
+    timeout ${TOYLM_TIMEOUT:-500} $bin/toy-lm compare --device cuda --out /tmp/$name $args 2>&1 \
+      | grep -v "data: byte LM on" | tee -a "$OUT/toylm-$name.log" | grep -E "validation @|^\|"
+    mkdir -p "$OUT/$name"; cp /tmp/$name/*.* "$OUT/$name/" 2>/dev/null
+  done
 fi
 true
