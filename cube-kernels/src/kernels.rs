@@ -255,6 +255,20 @@ pub fn delta_kernel<F: Float>(
     }
 }
 
+/// `out[i] = sum_z parts[z * n + i]` in `F`: reduces (or, with one split, converts) the f32
+/// partial dK / dV / dbias of the key-major pass. One unit per element.
+#[cube(launch)]
+pub fn sum_partials_kernel<F: Float>(parts: &[f32], out: &mut [F], n: u32, n_split: u32) {
+    let i = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if i < n as usize {
+        let mut acc = 0.0f32;
+        for z in 0..n_split as usize {
+            acc += parts[z * n as usize + i];
+        }
+        out[i] = F::cast_from(acc);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Query-major kernel: forward, and dQ of the backward
 // ---------------------------------------------------------------------------------------
@@ -607,9 +621,9 @@ pub fn attn_keys_kernel<F: Float>(
     d_o: &[F],
     lse: &[f32],
     delta: &[f32],
-    dk: &mut [F],
-    dv: &mut [F],
-    dbias: &mut [F],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dbias: &mut [f32],
     n_batch: u32,
     heads_q: u32,
     heads_kv: u32,
@@ -623,6 +637,7 @@ pub fn attn_keys_kernel<F: Float>(
     key_block: u32,
     n_sub: u32,
     n_key_tiles: u32,
+    n_split: u32,
     off: i32,
     w: i32,
     scale: f32,
@@ -649,6 +664,7 @@ pub fn attn_keys_kernel<F: Float>(
     let key_block = key_block as usize;
     let n_sub = n_sub as usize;
     let n_kt = n_key_tiles as usize;
+    let n_split = n_split as usize;
 
     let u = UNIT_POS as usize;
     let cid = cube_linear();
@@ -662,10 +678,17 @@ pub fn attn_keys_kernel<F: Float>(
     let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
     let mut flag_s = Shared::<[u32]>::new_slice(units);
 
-    if cid < n_batch * heads_kv * n_kt {
+    let per_split = n_batch * heads_kv * n_kt;
+    if cid < per_split * n_split {
+        // Split `z` takes every `n_split`-th chunk of query rows and writes its own f32
+        // partial sums (reduced by `sum_partials_kernel`), so hot key blocks and long GQA
+        // groups are spread over several cubes without atomics.
+        let z = cid / per_split;
         let t = cid % n_kt;
         let hk = (cid / n_kt) % heads_kv;
-        let b = cid / (n_kt * heads_kv);
+        let b = (cid % per_split) / (n_kt * heads_kv);
+        let kv_out = z * n_batch * heads_kv * seq_k * head_dim;
+        let bias_out = z * n_batch * heads_b * seq_k;
         let group = heads_q / heads_kv;
         let g_sel = heads_q / heads_s;
         let g_b = heads_q / heads_b;
@@ -743,7 +766,8 @@ pub fn attn_keys_kernel<F: Float>(
                 }
             }
             let n_ch = n_slots.div_ceil(spc);
-            for ch in 0..n_ch {
+            let mut ch = z;
+            while ch < n_ch {
                 // Row metadata of the chunk.
                 let mut x = u;
                 while x < tile_q {
@@ -856,10 +880,11 @@ pub fn attn_keys_kernel<F: Float>(
                     }
                 }
                 sync_cube();
+                ch += n_split;
             }
             if has_bias && (h + 1) % g_b == 0 {
                 if key_valid {
-                    dbias[bias_base + j] = F::cast_from(db_acc);
+                    dbias[bias_out + bias_base + j] = db_acc;
                 }
                 db_acc = 0.0f32;
             }
@@ -867,8 +892,8 @@ pub fn attn_keys_kernel<F: Float>(
 
         if key_valid {
             for d in 0..head_dim {
-                dk[kv_base + j * head_dim + d] = F::cast_from(dk_r[d]);
-                dv[kv_base + j * head_dim + d] = F::cast_from(dv_r[d]);
+                dk[kv_out + kv_base + j * head_dim + d] = dk_r[d];
+                dv[kv_out + kv_base + j * head_dim + d] = dv_r[d];
             }
         }
     }

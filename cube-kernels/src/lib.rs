@@ -952,6 +952,20 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
     Ok(())
 }
 
+/// How many cubes share the query rows of each key tile in the key-major pass. Enough to
+/// fill a large GPU (about 1024 cubes) when there are few key tiles (short sequences, few kv
+/// heads, long GQA groups), at least 8 with a block schedule, where a few blocks (NSA's
+/// forced first block, the local ones) are selected by every query; at most 16, at most the
+/// number of row chunks, and at most 256 MiB of f32 partial sums.
+fn key_splits(n_cubes: usize, kv_len: usize, max_chunks: usize, blocks: bool) -> usize {
+    let mut z = 1024usize.div_ceil(n_cubes.max(1));
+    if blocks {
+        z = z.max(8);
+    }
+    let mem_cap = ((256usize << 20) / (8 * kv_len.max(1))).max(1);
+    z.clamp(1, 16).min(max_chunks.max(1)).min(mem_cap)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn keys_pass<F: Float + CubeElement, M: Float>(
     client: &Client,
@@ -1026,7 +1040,12 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             (&off_dummy, 1, &rows_dummy, 1, p.heads_q, 1, p.seq_q, 1, units, 1, p.seq_k.div_ceil(units))
         }
     };
-    let n_cubes = p.batch * p.heads_kv * n_kt;
+    let tile_rows = mma.map_or(plan.tile_q, |(_, mp)| mp.tile);
+    let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
+    let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
+    let dk_parts = alloc(client, n_split * kv_len, 4);
+    let dv_parts = alloc(client, n_split * kv_len, 4);
+    let db_parts = alloc(client, n_split * bias_len, 4);
     match mma {
         Some((spec, mp)) => mma::mma_keys_kernel::launch::<F, M>(
             client,
@@ -1043,9 +1062,9 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             buf(d_o, rows * d),
             buf(lse, rows),
             buf(delta, rows),
-            buf(&grads.dk, kv_len),
-            buf(&grads.dv, kv_len),
-            buf(dbias_h, bias_len),
+            buf(&dk_parts, n_split * kv_len),
+            buf(&dv_parts, n_split * kv_len),
+            buf(&db_parts, n_split * bias_len),
             p.batch as u32,
             p.heads_q as u32,
             p.heads_kv as u32,
@@ -1059,6 +1078,7 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             kb as u32,
             n_sub as u32,
             n_kt as u32,
+            n_split as u32,
             off,
             w,
             p.scale,
@@ -1089,9 +1109,9 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             buf(d_o, rows * d),
             buf(lse, rows),
             buf(delta, rows),
-            buf(&grads.dk, kv_len),
-            buf(&grads.dv, kv_len),
-            buf(dbias_h, bias_len),
+            buf(&dk_parts, n_split * kv_len),
+            buf(&dv_parts, n_split * kv_len),
+            buf(&db_parts, n_split * bias_len),
             p.batch as u32,
             p.heads_q as u32,
             p.heads_kv as u32,
@@ -1105,6 +1125,7 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             kb as u32,
             n_sub as u32,
             n_kt as u32,
+            n_split as u32,
             off,
             w,
             p.scale,
@@ -1117,6 +1138,22 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             has_thr,
             inputs.schedule.is_some(),
         ),
+    }
+    let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
+    if inputs.bias.is_some() {
+        outs.push((&db_parts, dbias_h, bias_len));
+    }
+    for (parts, out, n) in outs {
+        let (count, dim) = per_unit_launch(client, n);
+        kernels::sum_partials_kernel::launch::<F>(
+            client,
+            count,
+            dim,
+            buf(parts, n_split * n),
+            buf(out, n),
+            n as u32,
+            n_split as u32,
+        );
     }
     Ok(())
 }

@@ -570,9 +570,9 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     d_o: &[F],
     lse: &[f32],
     delta: &[f32],
-    dk: &mut [F],
-    dv: &mut [F],
-    dbias: &mut [F],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dbias: &mut [f32],
     n_batch: u32,
     heads_q: u32,
     heads_kv: u32,
@@ -586,6 +586,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     key_block: u32,
     n_sub: u32,
     n_key_tiles: u32,
+    n_split: u32,
     off: i32,
     w: i32,
     scale: f32,
@@ -614,6 +615,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     let key_block = key_block as usize;
     let n_sub = n_sub as usize;
     let n_kt = n_key_tiles as usize;
+    let n_split = n_split as usize;
     let bk = comptime!(planes * 16);
     let ld = comptime!(head_dim + 8);
     let lacc = comptime!(head_dim + 4);
@@ -643,10 +645,17 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
     let mut flag_s = Shared::<[u32]>::new_slice(bk * lpr);
 
-    if cid < n_batch * heads_kv * n_kt {
+    let per_split = n_batch * heads_kv * n_kt;
+    if cid < per_split * n_split {
+        // Split `z` takes every `n_split`-th chunk of query rows and writes its own f32
+        // partial sums (reduced by `sum_partials_kernel`), so hot key blocks and long GQA
+        // groups are spread over several cubes without atomics.
+        let z = cid / per_split;
         let t = cid % n_kt;
         let hk = (cid / n_kt) % heads_kv;
-        let b = cid / (n_kt * heads_kv);
+        let b = (cid % per_split) / (n_kt * heads_kv);
+        let kv_out = z * n_batch * heads_kv * seq_k * head_dim;
+        let bias_out = z * n_batch * heads_b * seq_k;
         let group = heads_q / heads_kv;
         let g_sel = heads_q / heads_s;
         let g_b = heads_q / heads_b;
@@ -726,7 +735,8 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
                 }
             }
             let n_ch = n_slots.div_ceil(spc);
-            for ch in 0..n_ch {
+            let mut ch = z;
+            while ch < n_ch {
                 let mut x = u;
                 while x < tile_q {
                     let slot = ch * spc + x;
@@ -909,6 +919,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
                     }
                 }
                 sync_cube();
+                ch += n_split;
             }
             if has_bias && (h + 1) % g_b == 0 {
                 red_s[kr * lpr + sub] = db_acc;
@@ -918,7 +929,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
                     for x in 0..lpr {
                         db += red_s[kr * lpr + x];
                     }
-                    dbias[bias_base + j] = F::cast_from(db);
+                    dbias[bias_out + bias_base + j] = db;
                 }
                 sync_cube();
                 db_acc = 0.0f32;
@@ -929,8 +940,8 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
         while idx5 < bk * head_dim {
             if t0 + idx5 / head_dim < t1 {
                 let a5 = (idx5 / head_dim) * lacc + idx5 % head_dim;
-                dk[kv_base + t0 * head_dim + idx5] = F::cast_from(dk_s[a5]);
-                dv[kv_base + t0 * head_dim + idx5] = F::cast_from(dv_s[a5]);
+                dk[kv_out + kv_base + t0 * head_dim + idx5] = dk_s[a5];
+                dv[kv_out + kv_base + t0 * head_dim + idx5] = dv_s[a5];
             }
             idx5 += nu;
         }
