@@ -30,7 +30,7 @@
 
 #[allow(missing_docs, clippy::manual_is_multiple_of)]
 pub mod kernels;
-#[allow(missing_docs)]
+#[allow(missing_docs, clippy::manual_is_multiple_of)]
 pub mod mma;
 pub mod reference;
 pub mod host;
@@ -250,7 +250,7 @@ fn mma_spec(client: &Client, dtype: AttnDtype, head_dim: usize) -> Option<MmaSpe
     }
     let p = client.properties();
     let plane = p.hardware.plane_size_max as usize;
-    if p.hardware.plane_size_min as usize != plane || plane < 16 || plane > 64 {
+    if p.hardware.plane_size_min as usize != plane || !(16..=64).contains(&plane) {
         return None;
     }
     let (kind, mk, op_size) = match dtype {
