@@ -210,10 +210,10 @@ pub fn naive_visible(dims: &Dims, causal: bool, window: Option<usize>, i: usize,
     if causal && j > pos {
         return false;
     }
-    if let Some(w) = window {
-        if j <= pos - w as i64 {
-            return false;
-        }
+    if let Some(w) = window
+        && j <= pos - w as i64
+    {
+        return false;
     }
     true
 }
@@ -582,6 +582,7 @@ pub fn assert_param_err<T>(what: &str, r: Result<T, SparseAttnError>, args: &[&s
 /// Naive MoBA routing of query `(b, h, i)`: the query's own block plus the `top_k - 1`
 /// complete blocks before it with the largest `q . mean(K_block)`; sorted. Empty when the
 /// query sits before the first key.
+#[allow(clippy::too_many_arguments)]
 pub fn naive_moba_blocks(dims: &Dims, q: &[f64], k: &[f64], bs: usize, top_k: usize, b: usize, h: usize, i: usize) -> Vec<usize> {
     let pos = dims.pos(i);
     if pos < 0 {

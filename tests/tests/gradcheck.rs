@@ -385,14 +385,14 @@ fn seer_module_gate_loss_trains_only_the_gate() {
     let grads = loss.backward();
     for (path, g) in module_grads(&m, &grads) {
         if path.starts_with("proj.") {
-            assert!(g.map_or(true, |g| g.iter().all(|v| *v == 0.0)), "gate loss leaked into {path}");
+            assert!(g.is_none_or(|g| g.iter().all(|v| *v == 0.0)), "gate loss leaked into {path}");
         }
     }
     let out = weighted(m.forward(x.clone()).unwrap(), &w);
     let grads = out.backward();
     for (path, g) in module_grads(&m, &grads) {
         if path.starts_with("gate.") {
-            assert!(g.map_or(true, |g| g.iter().all(|v| *v == 0.0)), "attention output leaked into {path}");
+            assert!(g.is_none_or(|g| g.iter().all(|v| *v == 0.0)), "attention output leaked into {path}");
         } else {
             assert!(g.is_some_and(|g| g.iter().any(|v| *v != 0.0)), "no output gradient for {path}");
         }

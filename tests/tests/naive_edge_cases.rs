@@ -792,6 +792,7 @@ fn rope_matches_naive_f64() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
+#[allow(clippy::needless_range_loop)] // the naive loops index several arrays by the same (i, j), as the formula does
 fn seer_gate_logits_match_naive() {
     // Pooled q (mean) through the per-head q map, pooled k (max | min | mean of the kv head)
     // through the per-query-head k map, block RoPE at each block's first-token position,

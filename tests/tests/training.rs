@@ -29,6 +29,7 @@ const STEPS: usize = 400;
 const LR: f64 = 5e-3;
 
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Attn {
     Dense(DenseAttention),
     Nsa(NsaAttention),

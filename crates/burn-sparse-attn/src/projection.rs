@@ -26,12 +26,12 @@ impl HeadLayout {
         check_positive("d_model", d_model)?;
         check_positive("n_heads", n_heads)?;
         check_positive("n_kv_heads", n_kv_heads)?;
-        if n_heads % n_kv_heads != 0 {
+        if !n_heads.is_multiple_of(n_kv_heads) {
             return param_err("n_kv_heads", format!("must divide n_heads ({n_heads}), got {n_kv_heads}"));
         }
         let head_dim = match head_dim {
             Some(d) => d,
-            None if d_model % n_heads == 0 => d_model / n_heads,
+            None if d_model.is_multiple_of(n_heads) => d_model / n_heads,
             None => {
                 return param_err("head_dim", format!("d_model ({d_model}) is not divisible by n_heads ({n_heads}); set head_dim"));
             }
@@ -62,7 +62,7 @@ pub struct QkvProjection {
 impl QkvProjection {
     /// Creates the four projections (no biases, as in Llama-style models).
     pub fn new(layout: &HeadLayout, use_rope: bool, rope_theta: f64, device: &Device) -> Result<Self> {
-        if use_rope && layout.head_dim % 2 != 0 {
+        if use_rope && !layout.head_dim.is_multiple_of(2) {
             return param_err("head_dim", format!("RoPE needs an even head_dim, got {}", layout.head_dim));
         }
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);

@@ -170,10 +170,10 @@ pub(crate) fn validate_options(opts: &AttentionOptions) -> Result<()> {
     if opts.window == Some(0) {
         return param_err("window", "must be at least 1 (it includes the query's own position)");
     }
-    if let Some(s) = opts.scale {
-        if !s.is_finite() {
-            return param_err("scale", format!("must be finite, got {s}"));
-        }
+    if let Some(s) = opts.scale
+        && !s.is_finite()
+    {
+        return param_err("scale", format!("must be finite, got {s}"));
     }
     Ok(())
 }

@@ -57,6 +57,7 @@ impl KernelParams {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fwd_meta(q: &TensorSpec, _k: &TensorSpec, _v: &TensorSpec, _b: &TensorSpec, _tv: &TensorSpec, _ti: &TensorSpec, _ix: &TensorSpec, p: &KernelParams) -> (TensorSpec, TensorSpec) {
     let [b, hq, _, sq, _, _] = p.dims;
     (q.clone(), TensorSpec::new(Shape::from(vec![b, hq, sq]), DType::F32))
@@ -140,6 +141,7 @@ struct Prepared {
     bias_tensor: CubeTensor,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn prepare(q: CubeTensor, k: CubeTensor, v: CubeTensor, bias: CubeTensor, thr_value: CubeTensor, thr_index: CubeTensor, indices: CubeTensor, p: &KernelParams) -> Prepared {
     let q = contiguous(q);
     let k = contiguous(k);

@@ -118,7 +118,7 @@ impl AttnGate {
     pub fn new(heads_q: usize, head_dim: usize, block_size: usize, hidden: usize, rope_theta: f64, device: &Device) -> Result<Self> {
         check_positive("block_size", block_size)?;
         check_positive("gate_hidden", hidden)?;
-        if hidden % 2 != 0 {
+        if !hidden.is_multiple_of(2) {
             return crate::error::param_err("gate_hidden", format!("block RoPE needs an even width, got {hidden}"));
         }
         let q_proj = (head_dim != hidden).then(|| MultiHeadLinear::new(heads_q, head_dim, hidden, device));
@@ -135,10 +135,10 @@ impl AttnGate {
     pub fn logits(&self, q: Tensor<4>, k: Tensor<4>) -> Result<Tensor<4>> {
         let dims = validate_qkv(&q, &k, &k)?;
         let AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q, seq_k, head_dim: d } = dims;
-        if let Some(p) = &self.q_proj {
-            if p.weight.dims() != [hq, d, self.hidden] {
-                return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1], q.dims()));
-            }
+        if let Some(p) = &self.q_proj
+            && p.weight.dims() != [hq, d, self.hidden]
+        {
+            return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1], q.dims()));
         }
         if self.k_proj.weight.dims() != [hq, 3 * d, self.hidden] {
             return shape_err("q", format!("gate expects {} query heads of width {}, got {:?}", self.k_proj.weight.dims()[0], self.k_proj.weight.dims()[1] / 3, q.dims()));
