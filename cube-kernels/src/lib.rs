@@ -659,6 +659,42 @@ fn invert(client: &Client, p: &AttnProblem, s: &BlockSchedule, cs: &CleanSchedul
 // Forward / backward
 // ---------------------------------------------------------------------------------------
 
+/// The bias and threshold buffers as both passes bind them: the caller's, or 1-element
+/// placeholders that the kernels' `#[comptime]` flags never read.
+struct BiasArgs {
+    values: Handle,
+    len: usize,
+    heads: usize,
+    thr_v: Handle,
+    thr_i: Handle,
+    thr_len: usize,
+    has_bias: bool,
+    has_thr: bool,
+}
+
+impl BiasArgs {
+    fn new(client: &Client, p: &AttnProblem, dtype: AttnDtype, inputs: &AttnInputs) -> Self {
+        let (values, len, heads) = match inputs.bias {
+            Some(b) => (b.values.clone(), p.batch * b.heads * p.seq_k, b.heads),
+            None => (dummy(client, dtype.size()), 1, p.heads_kv),
+        };
+        let (thr_v, thr_i, thr_len) = match inputs.bias.and_then(|b| b.threshold.as_ref()) {
+            Some((tv, ti)) => (tv.clone(), ti.clone(), p.batch * heads * p.seq_q),
+            None => (dummy(client, 4), dummy(client, 4), 1),
+        };
+        Self {
+            values,
+            len,
+            heads,
+            thr_v,
+            thr_i,
+            thr_len,
+            has_bias: inputs.bias.is_some(),
+            has_thr: inputs.bias.is_some_and(|b| b.threshold.is_some()),
+        }
+    }
+}
+
 /// Allocate `elems` elements of `elem_size` bytes (uninitialized).
 fn alloc(client: &Client, elems: usize, elem_size: usize) -> Handle {
     client.empty((elems * elem_size).max(4))
@@ -693,10 +729,11 @@ pub fn attention_forward_into(
     let rows = problem.batch * problem.heads_q * problem.seq_q;
     check_size("o", o, rows * problem.head_dim, dtype.size())?;
     check_size("lse", lse, rows, 4)?;
+    let clean = inputs.schedule.map(|sch| sanitize(client, problem, sch));
     match dtype {
-        AttnDtype::F32 => rows_pass::<f32, tf32>(client, problem, dtype, inputs, None, lse, o),
-        AttnDtype::F16 => rows_pass::<f16, f16>(client, problem, dtype, inputs, None, lse, o),
-        AttnDtype::BF16 => rows_pass::<bf16, bf16>(client, problem, dtype, inputs, None, lse, o),
+        AttnDtype::F32 => rows_pass::<f32, tf32>(client, problem, dtype, inputs, clean.as_ref(), None, lse, o),
+        AttnDtype::F16 => rows_pass::<f16, f16>(client, problem, dtype, inputs, clean.as_ref(), None, lse, o),
+        AttnDtype::BF16 => rows_pass::<bf16, bf16>(client, problem, dtype, inputs, clean.as_ref(), None, lse, o),
     }
 }
 
@@ -787,19 +824,23 @@ fn backward_impl<F: Float + CubeElement, M: Float>(
         rows as u32,
         d,
     );
+    // Both passes walk the same sanitized schedule.
+    let clean = inputs.schedule.map(|s| sanitize(client, p, s));
     // 2. dQ (query-major).
-    rows_pass::<F, M>(client, p, dtype, inputs, Some((d_o, &delta)), lse, &grads.dq)?;
+    rows_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), Some((d_o, &delta)), lse, &grads.dq)?;
     // 3. dK, dV, dbias (key-major).
-    keys_pass::<F, M>(client, p, dtype, inputs, d_o, lse, &delta, grads)
+    keys_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), d_o, lse, &delta, grads)
 }
 
 /// The query-major kernel: forward (`bwd = None`, writes `out = O` and `lse`) or dQ
 /// (`bwd = Some((dO, delta))`, reads `lse`, writes `out = dQ`).
+#[allow(clippy::too_many_arguments)]
 fn rows_pass<F: Float + CubeElement, M: Float>(
     client: &Client,
     p: &AttnProblem,
     dtype: AttnDtype,
     inputs: &AttnInputs,
+    clean: Option<&CleanSchedule>,
     bwd: Option<(&Handle, &Handle)>,
     lse: &Handle,
     out: &Handle,
@@ -813,38 +854,18 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
         .and_then(|spec| mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some()).map(|mp| (spec, mp)));
     let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
 
-    let bias_dummy;
-    let (bias_h, bias_len, heads_b) = match inputs.bias {
-        Some(b) => (&b.values, p.batch * b.heads * p.seq_k, b.heads),
-        None => {
-            bias_dummy = dummy(client, es);
-            (&bias_dummy, 1, p.heads_kv)
-        }
-    };
-    let thr_dummy_v;
-    let thr_dummy_i;
-    let (tv, ti, thr_len) = match inputs.bias.and_then(|b| b.threshold.as_ref()) {
-        Some((tv, ti)) => (tv, ti, p.batch * heads_b * p.seq_q),
-        None => {
-            thr_dummy_v = dummy(client, 4);
-            thr_dummy_i = dummy(client, 4);
-            (&thr_dummy_v, &thr_dummy_i, 1)
-        }
-    };
-    let has_thr = inputs.bias.is_some_and(|b| b.threshold.is_some());
+    let bias = BiasArgs::new(client, p, dtype, inputs);
 
-    let clean;
     let sched_dummy;
     // (sched handle, len, group heads, query block, row blocks, chunks, cap, key block)
-    let (sched_h, sched_len, gh, qb, n_rb, n_chunks, cap, kb) = match inputs.schedule {
-        Some(s) => {
-            clean = sanitize(client, p, s);
+    let (sched_h, sched_len, gh, qb, n_rb, n_chunks, cap, kb) = match (inputs.schedule, clean) {
+        (Some(s), Some(clean)) => {
             let gh = p.heads_q / s.sel_heads;
             let n_chunks = (gh * s.query_block).div_ceil(units);
             let len = p.batch * s.sel_heads * clean.n_rows * s.capacity;
             (&clean.clean, len, gh, s.query_block, clean.n_rows, n_chunks, s.capacity, s.key_block)
         }
-        None => {
+        _ => {
             sched_dummy = dummy(client, 4);
             (&sched_dummy, 1, 1, units, p.seq_q.div_ceil(units), 1, 1, 1)
         }
@@ -873,9 +894,9 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(inputs.q, rows * d),
                 buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
                 buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
-                buf(bias_h, bias_len),
-                buf(tv, thr_len),
-                buf(ti, thr_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
                 buf(sched_h, sched_len),
                 buf(do_h, do_len),
                 buf(delta_h, delta_len),
@@ -886,7 +907,7 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
                 p.heads_kv as u32,
                 p.seq_q as u32,
                 p.seq_k as u32,
-                heads_b as u32,
+                bias.heads as u32,
                 gh as u32,
                 qb as u32,
                 n_rb as u32,
@@ -900,8 +921,8 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
                 $($tiling,)*
                 p.causal,
                 windowed,
-                inputs.bias.is_some(),
-                has_thr,
+                bias.has_bias,
+                bias.has_thr,
                 inputs.schedule.is_some(),
                 bwd.is_some(),
             )
@@ -938,13 +959,13 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
     p: &AttnProblem,
     dtype: AttnDtype,
     inputs: &AttnInputs,
+    clean: Option<&CleanSchedule>,
     d_o: &Handle,
     lse: &Handle,
     delta: &Handle,
     grads: &AttnGrads,
 ) -> Result<(), KernelError> {
     let plan = plan(client, p, inputs.schedule)?;
-    let es = dtype.size();
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
@@ -953,37 +974,16 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
     let units = mma.map_or(plan.keys_units, |(_, mp)| 16 * mp.planes);
 
-    let bias_dummy;
-    let dbias_dummy;
-    let (bias_h, dbias_h, bias_len, heads_b) = match (inputs.bias, &grads.dbias) {
-        (Some(b), Some(db)) => (&b.values, db, p.batch * b.heads * p.seq_k, b.heads),
-        _ => {
-            bias_dummy = dummy(client, es);
-            dbias_dummy = dummy(client, es);
-            (&bias_dummy, &dbias_dummy, 1, p.heads_kv)
-        }
-    };
-    let thr_dummy_v;
-    let thr_dummy_i;
-    let (tv, ti, thr_len) = match inputs.bias.and_then(|b| b.threshold.as_ref()) {
-        Some((tv, ti)) => (tv, ti, p.batch * heads_b * p.seq_q),
-        None => {
-            thr_dummy_v = dummy(client, 4);
-            thr_dummy_i = dummy(client, 4);
-            (&thr_dummy_v, &thr_dummy_i, 1)
-        }
-    };
-    let has_thr = inputs.bias.is_some_and(|b| b.threshold.is_some());
+    let bias = BiasArgs::new(client, p, dtype, inputs);
 
     let inv;
     let off_dummy;
     let rows_dummy;
     // (offsets, offsets len, rows, rows len, sel heads, query block, row blocks, cap,
     //  key block, n_sub, n_key_tiles)
-    let (off_h, off_len, rows_h, rows_len, hs, qb, n_rb, cap, kb, n_sub, n_kt) = match inputs.schedule {
-        Some(s) => {
-            let cs = sanitize(client, p, s);
-            inv = invert(client, p, s, &cs);
+    let (off_h, off_len, rows_h, rows_len, hs, qb, n_rb, cap, kb, n_sub, n_kt) = match (inputs.schedule, clean) {
+        (Some(s), Some(cs)) => {
+            inv = invert(client, p, s, cs);
             let n_bs = p.batch * s.sel_heads;
             let n_sub = s.key_block.div_ceil(units);
             (
@@ -1000,7 +1000,7 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
                 cs.nkb * n_sub,
             )
         }
-        None => {
+        _ => {
             off_dummy = dummy(client, 4);
             rows_dummy = dummy(client, 4);
             (&off_dummy, 1, &rows_dummy, 1, p.heads_q, 1, p.seq_q, 1, units, 1, p.seq_k.div_ceil(units))
@@ -1011,7 +1011,7 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
     let dk_parts = alloc(client, n_split * kv_len, 4);
     let dv_parts = alloc(client, n_split * kv_len, 4);
-    let db_parts = alloc(client, n_split * bias_len, 4);
+    let db_parts = alloc(client, n_split * bias.len, 4);
     // Both paths take the same runtime arguments and mask flags; only the launch, the cube
     // shape and the tiling constants differ.
     macro_rules! launch {
@@ -1023,9 +1023,9 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(inputs.q, rows * d),
                 buf(inputs.k, kv_len),
                 buf(inputs.v, kv_len),
-                buf(bias_h, bias_len),
-                buf(tv, thr_len),
-                buf(ti, thr_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
                 buf(off_h, off_len),
                 buf(rows_h, rows_len),
                 buf(d_o, rows * d),
@@ -1033,13 +1033,13 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(delta, rows),
                 buf(&dk_parts, n_split * kv_len),
                 buf(&dv_parts, n_split * kv_len),
-                buf(&db_parts, n_split * bias_len),
+                buf(&db_parts, n_split * bias.len),
                 p.batch as u32,
                 p.heads_q as u32,
                 p.heads_kv as u32,
                 p.seq_q as u32,
                 p.seq_k as u32,
-                heads_b as u32,
+                bias.heads as u32,
                 hs as u32,
                 qb as u32,
                 n_rb as u32,
@@ -1054,8 +1054,8 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
                 $($tiling,)*
                 p.causal,
                 windowed,
-                inputs.bias.is_some(),
-                has_thr,
+                bias.has_bias,
+                bias.has_thr,
                 inputs.schedule.is_some(),
             )
         };
@@ -1069,8 +1069,8 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
         None => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
-    if inputs.bias.is_some() {
-        outs.push((&db_parts, dbias_h, bias_len));
+    if let Some(dbias) = &grads.dbias {
+        outs.push((&db_parts, dbias, bias.len));
     }
     for (parts, out, n) in outs {
         let (count, dim) = per_unit_launch(client, n);
