@@ -69,6 +69,32 @@ pub(crate) fn range_visible(
     ok
 }
 
+/// The query of slot `slot` in a key tile's walk over query rows: dense, the `slot`-th query
+/// from `qa`; blocks, query `slot % qb` of the `slot / qb`-th schedule row of the inverted
+/// list at `rows_base` (`-1` past the end of the sequence).
+#[cube]
+pub(crate) fn slot_query(
+    inv_rows: &[i32],
+    rows_base: usize,
+    slot: usize,
+    qb: usize,
+    qa: usize,
+    seq_q: usize,
+    #[comptime] blocks: bool,
+) -> i32 {
+    let mut qi = comptime!(-1i32).runtime();
+    if blocks {
+        let rr = inv_rows[rows_base + slot / qb] as usize;
+        let qq = rr * qb + slot % qb;
+        if qq < seq_q {
+            qi = qq as i32;
+        }
+    } else {
+        qi = (qa + slot) as i32;
+    }
+    qi
+}
+
 /// Dynamic-mask keep rule: `bias > thr || (bias == thr && j >= thr_idx)`.
 #[cube]
 pub(crate) fn key_kept(bias: f32, j: usize, thr: f32, thr_idx: i32) -> bool {
@@ -774,15 +800,7 @@ pub fn attn_keys_kernel<F: Float>(
                     let slot = ch * spc + x;
                     let mut qi = comptime!(-1i32).runtime();
                     if x < spc && slot < n_slots {
-                        if blocks {
-                            let rr = inv_rows[rows_base + slot / qb] as usize;
-                            let qq = rr * qb + slot % qb;
-                            if qq < seq_q {
-                                qi = qq as i32;
-                            }
-                        } else {
-                            qi = (qa + slot) as i32;
-                        }
+                        qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, blocks);
                     }
                     qi_s[x] = qi;
                     if qi >= 0 {

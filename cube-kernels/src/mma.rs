@@ -19,7 +19,7 @@
 //! are padded by 16 bytes so neither the fragment loads nor these loops hit one bank. Tile skipping and schedule walking are the same as the portable
 //! kernels', so both paths visit exactly the same tiles.
 
-use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible};
+use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 
@@ -742,15 +742,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
                     let slot = ch * spc + x;
                     let mut qi = comptime!(-1i32).runtime();
                     if x < spc && slot < n_slots {
-                        if blocks {
-                            let rr = inv_rows[rows_base + slot / qb] as usize;
-                            let qq = rr * qb + slot % qb;
-                            if qq < seq_q {
-                                qi = qq as i32;
-                            }
-                        } else {
-                            qi = (qa + slot) as i32;
-                        }
+                        qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, blocks);
                     }
                     qi_s[x] = qi;
                     lse_s[x] = comptime!(NEG_BIG).runtime();
