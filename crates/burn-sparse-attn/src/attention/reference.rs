@@ -99,19 +99,31 @@ pub fn masked_attention(
 }
 
 /// Causal / window mask `[b, hq, sq, sk]`, or `None` when every key is visible.
+///
+/// Built on the device from integer comparisons, like every other mask of the reference, so
+/// all masks share one bool representation (a host-built `Vec<bool>` mask has another one on
+/// some backends, and combining the two trips their debug assertions).
 pub fn position_mask(dims: &AttnDims, opts: &AttentionOptions, device: &burn::tensor::Device) -> Option<Tensor<4, Bool>> {
     if !opts.causal && opts.window.is_none() {
         return None;
     }
     let (sq, sk) = (dims.seq_q, dims.seq_k);
-    let mut data = Vec::with_capacity(sq * sk);
-    for i in 0..sq {
-        let pos = dims.query_pos(i);
-        for j in 0..sk {
-            data.push(opts.visible(pos, j as i64));
-        }
+    // Key-aligned query positions (bottom-right alignment) against key positions.
+    let offset = sk as i64 - sq as i64;
+    let pos = (Tensor::<1, Int>::arange(0..sq as i64, device) + offset).reshape([sq, 1]).expand([sq, sk]);
+    let key = Tensor::<1, Int>::arange(0..sk as i64, device).reshape([1, sk]).expand([sq, sk]);
+    let mut visible: Option<Tensor<2, Bool>> = None;
+    if opts.causal {
+        visible = Some(key.clone().lower_equal(pos.clone()));
     }
-    let m = Tensor::<2, Bool>::from_data(TensorData::new(data, [sq, sk]), device);
+    if let Some(w) = opts.window {
+        let in_window = key.greater(pos - w as i64);
+        visible = Some(match visible {
+            Some(m) => m.bool_and(in_window),
+            None => in_window,
+        });
+    }
+    let m = visible.expect("causal or window is set");
     Some(m.unsqueeze::<4>().expand([dims.batch, dims.heads_q, sq, sk]))
 }
 
@@ -156,12 +168,14 @@ pub fn selection_mask(sel: &BlockSelection, dims: &AttnDims) -> Tensor<4, Bool> 
     // padding class 0, which is dropped after the one-hot.
     let idx = idx.clone().mask_fill(idx.greater_equal_elem(nkb as i64), -1).clamp_min(-1) + 1;
     let onehot: Tensor<2, Int> = idx.reshape([b * hs * r * c]).one_hot(nkb + 1);
+    // Per-block selection counts, kept as integers through the gathers below and compared
+    // once at the end, so this mask is a comparison result like every other mask here
+    // (gathering a bool tensor changes its storage on some backends).
     let blocks = onehot
         .reshape([b, hs, r, c, nkb + 1])
         .sum_dim(3)
         .reshape([b, hs, r, nkb + 1])
-        .slice([0..b, 0..hs, 0..r, 1..nkb + 1])
-        .greater_elem(0);
+        .slice([0..b, 0..hs, 0..r, 1..nkb + 1]);
     let key_to_block: Vec<i64> = (0..dims.seq_k).map(|j| (j / sel.key_block) as i64).collect();
     let key_to_block = Tensor::<1, Int>::from_data(TensorData::new(key_to_block, [dims.seq_k]), &device);
     let row_of_query: Vec<i64> = (0..dims.seq_q).map(|i| (i / sel.query_block) as i64).collect();
@@ -172,5 +186,5 @@ pub fn selection_mask(sel: &BlockSelection, dims: &AttnDims) -> Tensor<4, Bool> 
         let head_map: Vec<i64> = (0..dims.heads_q).map(|h| (h / g) as i64).collect();
         m = m.select(1, Tensor::<1, Int>::from_data(TensorData::new(head_map, [dims.heads_q]), &device));
     }
-    m
+    m.greater_elem(0)
 }
