@@ -46,6 +46,20 @@ if has bench attn_bench; then {
     kill $mp; echo "$only peak MiB: $(sort -n /tmp/mem.txt | tail -1)"
   done
 } 2>&1 | tee "$OUT/bench.log"; fi
+if has engine attn_bench; then {
+  # ENGINE_SEQS / ENGINE_DIMS / ENGINE_HEADS ("hq/hkv ...") / ENGINE_DTYPES pick the sweep; every
+  # row goes to $OUT/engine.jsonl (ours: attn_bench --json; SDPA: sdpa_bench.py json=).
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  for dt in ${ENGINE_DTYPES:-bf16}; do for d in ${ENGINE_DIMS:-128}; do for hh in ${ENGINE_HEADS:-64/4}; do
+    hq=${hh%/*}; hkv=${hh#*/}
+    for s in ${ENGINE_SEQS:-8192 16384}; do
+      step "engine s=$s d=$d hq=$hq hkv=$hkv $dt"
+      SPARSE_ATTN_RUNTIME=cuda timeout 200 $bin/attn_bench --b 1 --hq $hq --hkv $hkv --s $s --d $d --dtype $dt \
+        --iters ${ENGINE_ITERS:-5} --only ${ENGINE_ONLY:-all} --json "$OUT/engine.jsonl" --gpu "$gpu" 2>&1 | grep -v "^runtime="
+      python3 scripts/sdpa_bench.py b=1 h=$hq hkv=$hkv s=$s d=$d dtype=$dt iters=${ENGINE_ITERS:-5} json="$OUT/engine.jsonl" 2>&1 | grep -v efficient
+    done
+  done; done; done
+} 2>&1 | tee "$OUT/engine.log"; fi
 if has toylm toy-lm; then
   # TOYLM_RUNS: runs separated by ';', each `NAME ARGS...` (or TOYLM_ARGS for a single run).
   IFS=';' read -ra runs <<< "${TOYLM_RUNS:-cmp ${TOYLM_ARGS:-}}"

@@ -1,11 +1,16 @@
-//! Times forward and forward+backward for dense causal attention and for an NSA-like
-//! per-token block schedule (16 selected blocks of 64 keys per query token, shared by the
-//! query heads of a GQA group; block 0 and the two most recent blocks always selected).
+//! Times forward and forward+backward for dense causal attention and for block schedules:
+//! `nsa`, an NSA-like per-token schedule (`--nsel` selected blocks of `--bk` keys per query
+//! token, shared by the query heads of a GQA group; block 0 and the two most recent blocks
+//! always selected), and `moba`, a MoBA-like per-head schedule (`--moba-block` keys per block,
+//! `--moba-topk` blocks per query block of the same size, own block included).
 //!
 //! ```text
 //! cargo run --release -p sparse-attn-kernels --features cuda --example attn_bench -- \
-//!     --b 1 --hq 16 --hkv 16 --s 4096 --d 128 --dtype bf16 --iters 5
+//!     --b 1 --hq 16 --hkv 16 --s 4096 --d 128 --dtype bf16 --iters 5 --json out.jsonl
 //! ```
+//! `--json FILE` appends one JSON object per measurement (`impl`, `method`, `seq`,
+//! `heads_q`, `heads_kv`, `head_dim`, `dtype`, `fwd_ms`, `fwdbwd_ms`, `peak_mib` (null: not
+//! measured here), `gpu`, `pairs`).
 //! Runtime: `cuda` feature -> CUDA device 0, else `wgpu`. TFLOP/s count `4 * D` flops per
 //! attended (query, key) pair for the forward and `10 * D` for forward+backward (the
 //! FlashAttention convention: backward = 2.5x forward), over the pairs actually attended.
@@ -37,6 +42,10 @@ fn main() {
     let n_sel: usize = get("--nsel", "16").parse().unwrap();
     let bk: usize = get("--bk", "64").parse().unwrap();
     let only = get("--only", "all");
+    let json = get("--json", "");
+    let gpu = get("--gpu", "");
+    let moba_block: usize = get("--moba-block", "512").parse().unwrap();
+    let moba_topk: usize = get("--moba-topk", "3").parse().unwrap();
     let dtype = match get("--dtype", "f32").as_str() {
         "f32" => AttnDtype::F32,
         "f16" => AttnDtype::F16,
@@ -120,7 +129,44 @@ fn main() {
     let pairs_dense = b * hq * s * (s + 1) / 2;
     let _ = nkb;
 
-    let run = |label: &str, schedule: Option<&BlockSchedule>, pairs: usize| {
+    // MoBA-like schedule: per (batch, head, query block of `moba_block`): the own block and
+    // `moba_topk - 1` random earlier blocks.
+    let mb = moba_block;
+    let n_qb = s.div_ceil(mb);
+    let mut midx = vec![-1i32; b * hq * n_qb * moba_topk];
+    let mut pairs_moba = 0usize;
+    for bh in 0..b * hq {
+        for r in 0..n_qb {
+            let list = &mut midx[(bh * n_qb + r) * moba_topk..(bh * n_qb + r + 1) * moba_topk];
+            let mut chosen: Vec<usize> = vec![r];
+            let mut tries = 0;
+            while chosen.len() < moba_topk.min(r + 1) && tries < 100 {
+                lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let c = (lcg >> 33) as usize % r.max(1);
+                if !chosen.contains(&c) {
+                    chosen.push(c);
+                }
+                tries += 1;
+            }
+            for (e, &c) in chosen.iter().enumerate() {
+                list[e] = c as i32;
+                for t in r * mb..((r + 1) * mb).min(s) {
+                    let lo = c * mb;
+                    let hi = ((c + 1) * mb).min(s).min(t + 1);
+                    pairs_moba += hi.saturating_sub(lo);
+                }
+            }
+        }
+    }
+    let moba_sched = BlockSchedule {
+        indices: upload_i32(&client, &midx),
+        sel_heads: hq,
+        capacity: moba_topk,
+        query_block: mb,
+        key_block: mb,
+    };
+    let dname = format!("{dtype:?}").to_lowercase();
+    let run = |label: &str, method: &str, schedule: Option<&BlockSchedule>, pairs: usize| {
         let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule };
         // Warm-up (kernel compilation).
         let (o, lse) = attention_forward(&client, &p, dtype, &inputs).unwrap();
@@ -147,11 +193,25 @@ fn main() {
             fb * 1e3,
             10.0 * fl / fb / 1e12,
         );
+        if !json.is_empty() {
+            use std::io::Write;
+            let line = format!(
+                "{{\"impl\":\"ours\",\"method\":\"{method}\",\"seq\":{s},\"batch\":{b},\"heads_q\":{hq},\"heads_kv\":{hkv},\"head_dim\":{d},\"dtype\":\"{dname}\",\"fwd_ms\":{:.4},\"fwdbwd_ms\":{:.4},\"peak_mib\":null,\"gpu\":\"{gpu}\",\"pairs\":{pairs},\"path\":\"{:?}\"}}",
+                fwd * 1e3,
+                fb * 1e3,
+                kernel_path(&client, dtype, d),
+            );
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&json).expect("--json: cannot open file");
+            writeln!(f, "{line}").expect("--json: write failed");
+        }
     };
     if only == "all" || only == "dense" {
-        run("dense causal", None, pairs_dense);
+        run("dense causal", "dense", None, pairs_dense);
     }
     if only == "all" || only == "nsa" {
-        run(&format!("nsa {n_sel}x{bk}"), Some(&sched), pairs_sparse);
+        run(&format!("nsa {n_sel}x{bk}"), &format!("nsa{n_sel}x{bk}"), Some(&sched), pairs_sparse);
+    }
+    if only == "all" || only == "moba" {
+        run(&format!("moba {moba_topk}x{mb}"), &format!("moba{moba_topk}x{mb}"), Some(&moba_sched), pairs_moba);
     }
 }

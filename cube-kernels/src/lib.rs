@@ -32,6 +32,8 @@
 pub mod kernels;
 #[allow(missing_docs, clippy::manual_is_multiple_of)]
 pub mod mma;
+#[allow(clippy::manual_is_multiple_of)]
+pub mod fragment;
 pub mod reference;
 pub mod host;
 
@@ -218,10 +220,15 @@ pub enum KernelPath {
     /// operands, or TF32 for f32 inputs (10-bit mantissa, as cuBLAS and Burn's f32 matmul
     /// on CUDA), accumulated in f32; softmax, masks and bias in f32.
     TensorCore,
+    /// Register fragments (CUDA `mma.sync` m16n8k16 + `ldmatrix`, f16/bf16, head dims that
+    /// are multiples of 16 up to 128): FlashAttention-2's recipe, with Q, S, P and O (dQ, dK,
+    /// dV in the backward) in registers for a whole pass. See [`fragment`].
+    Fragment,
 }
 
-/// Environment variable that forces a path: `portable` or `tensor-core` (the latter still
-/// falls back when the device cannot run it). Unset: the best path the device supports.
+/// Environment variable that forces a path: `portable`, `tensor-core` or `fragment` (the
+/// latter two still fall back when the device cannot run them). Unset: the best path the
+/// device supports.
 pub const KERNEL_PATH_ENV: &str = "SPARSE_ATTN_KERNEL_PATH";
 
 /// The operand type and fragment depth of the tensor-core path for `dtype`, when the device
@@ -242,8 +249,8 @@ fn mma_spec(client: &Client, dtype: AttnDtype, head_dim: usize) -> Option<MmaSpe
     use cubecl::ir::features::MmaConfig;
     match std::env::var(KERNEL_PATH_ENV).as_deref() {
         Ok("portable") => return None,
-        Ok("") | Ok("tensor-core") | Err(_) => {}
-        Ok(other) => panic!("{KERNEL_PATH_ENV}={other}: expected `portable` or `tensor-core`"),
+        Ok("") | Ok("tensor-core") | Ok("fragment") | Err(_) => {}
+        Ok(other) => panic!("{KERNEL_PATH_ENV}={other}: expected `portable`, `tensor-core` or `fragment`"),
     }
     if !head_dim.is_multiple_of(16) {
         return None;
@@ -273,9 +280,48 @@ fn mma_spec(client: &Client, dtype: AttnDtype, head_dim: usize) -> Option<MmaSpe
 /// `head_dim` on this client (tensor cores need a head dim that is a multiple of 16).
 pub fn kernel_path(client: &Client, dtype: AttnDtype, head_dim: usize) -> KernelPath {
     match mma_spec(client, dtype, head_dim) {
+        Some(_) if fragment_supported(client, dtype, head_dim) => KernelPath::Fragment,
         Some(_) => KernelPath::TensorCore,
         None => KernelPath::Portable,
     }
+}
+
+/// The fragment path reads q, k, v (and dO) as 16-byte vectors: every handle must start on a
+/// 16-byte boundary (true of fresh allocations; a view at an odd offset takes another path).
+fn vector_aligned(handles: &[&Handle]) -> bool {
+    handles.iter().all(|h| h.offset_start.unwrap_or(0).is_multiple_of(16))
+}
+
+/// Whether the register-fragment path can run `dtype` / `head_dim` here: CUDA (whose PTX
+/// fragment layout the kernels rely on), a plane of 32, f16/bf16 m16n8k16 `mma` with f32
+/// accumulators and `ldmatrix`, `head_dim` a multiple of 16 up to 128 (register budget).
+fn fragment_supported(client: &Client, dtype: AttnDtype, head_dim: usize) -> bool {
+    use cubecl::ir::FloatKind;
+    use cubecl::ir::features::MmaConfig;
+    if matches!(std::env::var(KERNEL_PATH_ENV).as_deref(), Ok("portable") | Ok("tensor-core")) {
+        return false;
+    }
+    let kind = match dtype {
+        AttnDtype::F16 => FloatKind::F16,
+        AttnDtype::BF16 => FloatKind::BF16,
+        AttnDtype::F32 => return false,
+    };
+    let p = client.properties();
+    let cfg = MmaConfig {
+        a_type: ElemType::Float(kind),
+        b_type: ElemType::Float(kind),
+        cd_type: ElemType::Float(FloatKind::F32),
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    client.name().to_ascii_lowercase().contains("cuda")
+        && p.hardware.plane_size_min == 32
+        && p.hardware.plane_size_max == 32
+        && head_dim.is_multiple_of(16)
+        && head_dim <= 128
+        && p.features.matmul.mma.contains(&cfg)
+        && p.features.matmul.ldmatrix.contains(&ElemType::Float(kind))
 }
 
 /// One-line capability summary of the client's device, and the chosen path.
@@ -928,6 +974,85 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
             )
         };
     }
+    let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
+    if aligned && fragment_supported(client, dtype, d) {
+        let cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
+        let rows_per_cube = 16 * cfg.planes;
+        // Dense: row groups of one head, `rows_per_cube` queries each.
+        let (qb_f, n_rb_f, n_chunks_f) = match inputs.schedule {
+            Some(_) => (qb, n_rb, (gh * qb).div_ceil(rows_per_cube)),
+            None => (rows_per_cube, p.seq_q.div_ceil(rows_per_cube), 1),
+        };
+        let count = grid(client, p.batch * (p.heads_q / gh) * n_rb_f * n_chunks_f);
+        let dim = CubeDim::new_2d(32, cfg.planes as u32);
+        let kv_len = p.batch * p.heads_kv * p.seq_k * d;
+        match bwd {
+            None => fragment::forward::fragment_forward_kernel::launch::<F>(
+                client,
+                count,
+                dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                gh as u32,
+                qb_f as u32,
+                n_rb_f as u32,
+                n_chunks_f as u32,
+                cap as u32,
+                kb as u32,
+                off,
+                w,
+                p.scale,
+                f32::NEG_INFINITY,
+                cfg,
+            ),
+            Some(_) => fragment::dq::fragment_dq_kernel::launch::<F>(
+                client,
+                count,
+                dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(do_h, do_len),
+                buf(delta_h, delta_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                gh as u32,
+                qb_f as u32,
+                n_rb_f as u32,
+                n_chunks_f as u32,
+                cap as u32,
+                kb as u32,
+                off,
+                w,
+                p.scale,
+                cfg,
+            ),
+        }
+        return Ok(());
+    }
     match mma {
         Some((spec, mp)) => launch!(
             mma::mma_rows_kernel::launch::<F, M>,
@@ -937,6 +1062,48 @@ fn rows_pass<F: Float + CubeElement, M: Float>(
         None => launch!(kernels::attn_rows_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_k]),
     }
     Ok(())
+}
+
+/// Tile shape of the fragment query-major passes: 4 planes (64 query rows) sharing each K/V
+/// tile, fewer planes when a schedule row group is smaller (a per-token list shared by a GQA
+/// group of 16 fills one plane); 64-key tiles (32 for dQ above head dim 64, which holds Q, dO,
+/// dQ, S and dP fragments at once), no longer than the schedule's key block.
+fn fragment_rows_config(p: &AttnProblem, inputs: &AttnInputs, bias: &BiasArgs, backward: bool) -> fragment::FragmentConfig {
+    let max_tile = if backward && p.head_dim > 64 { 32 } else { 64 };
+    let (planes, tile) = match inputs.schedule {
+        None => (4, max_tile),
+        Some(s) => {
+            let rows = p.heads_q / s.sel_heads * s.query_block;
+            (rows.div_ceil(16).clamp(1, 4), s.key_block.next_multiple_of(16).clamp(16, max_tile))
+        }
+    };
+    fragment::FragmentConfig {
+        planes,
+        head_dim: p.head_dim,
+        tile,
+        causal: p.causal,
+        windowed: p.window.is_some(),
+        has_bias: bias.has_bias,
+        has_thr: bias.has_thr,
+        blocks: inputs.schedule.is_some(),
+    }
+}
+
+/// Tile shape of the fragment key-major pass: 4 planes (64 keys), fewer for smaller key
+/// blocks; query tiles of 32 rows above head dim 64 (dK and dV fragments stay in registers),
+/// 64 otherwise.
+fn fragment_keys_config(p: &AttnProblem, inputs: &AttnInputs, bias: &BiasArgs) -> fragment::FragmentConfig {
+    let planes = inputs.schedule.map_or(4, |s| s.key_block.div_ceil(16).clamp(1, 4));
+    fragment::FragmentConfig {
+        planes,
+        head_dim: p.head_dim,
+        tile: if p.head_dim > 64 { 32 } else { 64 },
+        causal: p.causal,
+        windowed: p.window.is_some(),
+        has_bias: bias.has_bias,
+        has_thr: bias.has_thr,
+        blocks: inputs.schedule.is_some(),
+    }
 }
 
 /// How many cubes share the query rows of each key tile in the key-major pass. Enough to
@@ -972,9 +1139,14 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
     let (off, w, windowed) = mask_params(p);
     let mma = mma_spec(client, dtype, d)
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
-    let units = mma.map_or(plan.keys_units, |(_, mp)| 16 * mp.planes);
-
     let bias = BiasArgs::new(client, p, dtype, inputs);
+    let frag = (vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
+        .then(|| fragment_keys_config(p, inputs, &bias));
+    let units = match (frag, mma) {
+        (Some(cfg), _) => 16 * cfg.planes,
+        (None, Some((_, mp))) => 16 * mp.planes,
+        (None, None) => plan.keys_units,
+    };
 
     let inv;
     let off_dummy;
@@ -1006,7 +1178,11 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             (&off_dummy, 1, &rows_dummy, 1, p.heads_q, 1, p.seq_q, 1, units, 1, p.seq_k.div_ceil(units))
         }
     };
-    let tile_rows = mma.map_or(plan.tile_q, |(_, mp)| mp.tile);
+    let tile_rows = match (frag, mma) {
+        (Some(cfg), _) => cfg.tile,
+        (None, Some((_, mp))) => mp.tile,
+        (None, None) => plan.tile_q,
+    };
     let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
     let dk_parts = alloc(client, n_split * kv_len, 4);
@@ -1060,13 +1236,50 @@ fn keys_pass<F: Float + CubeElement, M: Float>(
             )
         };
     }
-    match mma {
-        Some((spec, mp)) => launch!(
+    match (frag, mma) {
+        (Some(cfg), _) => fragment::dkdv::fragment_dkdv_kernel::launch::<F>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_2d(32, cfg.planes as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(&bias.values, bias.len),
+            buf(&bias.thr_v, bias.thr_len),
+            buf(&bias.thr_i, bias.thr_len),
+            buf(off_h, off_len),
+            buf(rows_h, rows_len),
+            buf(d_o, rows * d),
+            buf(lse, rows),
+            buf(delta, rows),
+            buf(&dk_parts, n_split * kv_len),
+            buf(&dv_parts, n_split * kv_len),
+            buf(&db_parts, n_split * bias.len),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            bias.heads as u32,
+            hs as u32,
+            qb as u32,
+            n_rb as u32,
+            cap as u32,
+            kb as u32,
+            n_sub as u32,
+            n_kt as u32,
+            n_split as u32,
+            off,
+            w,
+            p.scale,
+            cfg,
+        ),
+        (None, Some((spec, mp))) => launch!(
             mma::mma_keys_kernel::launch::<F, M>,
             CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
             [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
         ),
-        None => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
+        (None, None) => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
     if let Some(dbias) = &grads.dbias {

@@ -1,0 +1,344 @@
+//! dK, dV and dbias on register fragments (key-major, see [`super`]). A cube owns
+//! `16 * planes` keys of one kv head; for each query head of the group it walks the query
+//! rows that can see those keys (dense: a contiguous range; blocks: the inverted schedule),
+//! `tile` rows at a time, and per tile computes `S^T = K Q^T`, `P^T = exp(S^T - lse)`,
+//! `dV += P^T dO`, `dP^T = V dO^T`, `dS^T = P^T (dP^T - delta)`, `dK += scale dS^T Q`, with
+//! dK and dV in registers for the whole walk.
+
+use super::{FragmentConfig, V2, V8, product_abt_staged, product_pb, quad_sum};
+use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
+use cubecl::prelude::*;
+
+/// Key-major backward. Same arguments, cube numbering, splits (`n_split` cubes share a key
+/// tile's query rows and write f32 partial sums, reduced afterwards) and walk as
+/// [`crate::mma::mma_keys_kernel`].
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn fragment_dkdv_kernel<F: Float>(
+    q: &[Vector<F, V8>],
+    k: &[Vector<F, V8>],
+    v: &[Vector<F, V8>],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    d_o: &[Vector<F, V8>],
+    lse: &[f32],
+    delta: &[f32],
+    dk: &mut [Vector<f32, V2>],
+    dv: &mut [Vector<f32, V2>],
+    dbias: &mut [f32],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    heads_s: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    cap: u32,
+    key_block: u32,
+    n_sub: u32,
+    n_key_tiles: u32,
+    n_split: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    #[comptime] cfg: FragmentConfig,
+) {
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let heads_s = heads_s as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_sub = n_sub as usize;
+    let n_kt = n_key_tiles as usize;
+    let n_split = n_split as usize;
+
+    let planes = comptime!(cfg.planes);
+    let head_dim = comptime!(cfg.head_dim);
+    let tile_q = comptime!(cfg.tile);
+    let bk = comptime!(planes * 16);
+    let nu = comptime!(planes * 32);
+    let vr = comptime!(head_dim / 8);
+    let sr = comptime!(head_dim / 8 + 1);
+    let dk_steps = comptime!(head_dim / 16);
+    let dn = comptime!(head_dim / 8);
+    let qn = comptime!(tile_q / 8);
+
+    let lane = UNIT_POS_X as usize;
+    let pl = UNIT_POS_Y as usize;
+    let u = pl * 32 + lane;
+    let cid = cube_linear();
+
+    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bk * sr, 16usize);
+    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bk * sr, 16usize);
+    let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_q * sr, 16usize);
+    let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_q * sr, 16usize);
+    let mut qi_s = Shared::<[i32]>::new_slice(tile_q);
+    let mut lse_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut dl_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut tv_s = Shared::<[f32]>::new_slice(tile_q);
+    let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
+
+    let per_split = n_batch * heads_kv * n_kt;
+    if cid < per_split * n_split {
+        let z = cid / per_split;
+        let t = cid % n_kt;
+        let hk = (cid / n_kt) % heads_kv;
+        let b = (cid % per_split) / (n_kt * heads_kv);
+        let kv_out = z * n_batch * heads_kv * seq_k * head_dim;
+        let bias_out = z * n_batch * heads_b * seq_k;
+        let group = heads_q / heads_kv;
+        let g_sel = heads_q / heads_s;
+        let g_b = heads_q / heads_b;
+
+        let mut kb = 0usize;
+        let mut t0 = t * bk;
+        let mut t1 = min(t0 + bk, seq_k);
+        if cfg.blocks {
+            kb = t / n_sub;
+            let sub = t % n_sub;
+            let b_end = min((kb + 1) * key_block, seq_k);
+            t0 = min(kb * key_block + sub * bk, b_end);
+            t1 = min(t0 + bk, b_end);
+        }
+        let kv_base = (b * heads_kv + hk) * seq_k;
+        let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
+
+        #[unroll]
+        for it in 0..comptime!((bk * vr).div_ceil(nu)) {
+            let idx = it * nu + u;
+            if idx < bk * vr {
+                let kr = idx / vr;
+                let c = idx % vr;
+                let mut kv = zero8;
+                let mut vv = zero8;
+                if t0 + kr < t1 {
+                    kv = k[(kv_base + t0 + kr) * vr + c];
+                    vv = v[(kv_base + t0 + kr) * vr + c];
+                }
+                k_s[kr * sr + c] = kv;
+                v_s[kr * sr + c] = vv;
+            }
+        }
+
+        // The two keys this lane holds: rows `quad` and `quad + 8` of the plane's 16.
+        let quad = lane / 4;
+        let tq = lane % 4;
+        let j0 = t0 + pl * 16 + quad;
+        let j1 = j0 + 8;
+        let kok0 = j0 < t1;
+        let kok1 = j1 < t1;
+
+        let zero2 = Vector::<f32, V2>::cast_from(0.0f32);
+        let mut dk_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
+        let mut dv_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
+        #[unroll]
+        for x in 0..comptime!(2 * dn) {
+            dk_acc[x] = zero2;
+            dv_acc[x] = zero2;
+        }
+        let mut st = Array::<Vector<f32, V2>>::new(comptime!(2 * qn));
+        let mut dpt = Array::<Vector<f32, V2>>::new(comptime!(2 * qn));
+        let mut db0 = 0.0f32;
+        let mut db1 = 0.0f32;
+        sync_cube();
+
+        for hh in 0..group {
+            let h = hk * group + hh;
+            let hb = h / g_b;
+            let bias_base = (b * heads_b + hb) * seq_k;
+            let mut bias0 = 0.0f32;
+            let mut bias1 = 0.0f32;
+            if cfg.has_bias {
+                if kok0 {
+                    bias0 = f32::cast_from(bias[bias_base + j0]);
+                }
+                if kok1 {
+                    bias1 = f32::cast_from(bias[bias_base + j1]);
+                }
+            }
+            let mut qa = 0usize;
+            let mut n_slots = 0usize;
+            let mut rows_base = 0usize;
+            let mut spc = tile_q.runtime();
+            if cfg.blocks {
+                let s = h / g_sel;
+                let bs = b * heads_s + s;
+                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
+                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
+                rows_base = bs * n_rb * cap + o0;
+                n_slots = (o1 - o0) * qb;
+                if qb <= tile_q {
+                    spc = (tile_q / qb) * qb;
+                }
+            } else if t0 < t1 {
+                let mut lo = 0i32;
+                let mut hi = seq_q as i32;
+                if cfg.causal {
+                    lo = max(lo, t0 as i32 - off);
+                }
+                if cfg.windowed {
+                    hi = min(hi, (t1 - 1) as i32 - off + w);
+                }
+                if hi > lo {
+                    qa = lo as usize;
+                    n_slots = (hi - lo) as usize;
+                }
+            }
+            let n_ch = n_slots.div_ceil(spc);
+            let mut ch = z;
+            while ch < n_ch {
+                // The chunk's query rows, their LSE, delta and threshold.
+                let mut x = u;
+                while x < tile_q {
+                    let slot = ch * spc + x;
+                    let mut qi = comptime!(-1i32).runtime();
+                    if x < spc && slot < n_slots {
+                        qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, cfg.blocks);
+                    }
+                    qi_s[x] = qi;
+                    lse_s[x] = comptime!(NEG_BIG).runtime();
+                    dl_s[x] = 0.0f32;
+                    if qi >= 0 {
+                        let row = (b * heads_q + h) * seq_q + qi as usize;
+                        lse_s[x] = lse[row];
+                        dl_s[x] = delta[row];
+                        if cfg.has_thr {
+                            tv_s[x] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
+                            ti_s[x] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
+                        }
+                    }
+                    x += nu;
+                }
+                sync_cube();
+                #[unroll]
+                for it in 0..comptime!((tile_q * vr).div_ceil(nu)) {
+                    let idx = it * nu + u;
+                    if idx < tile_q * vr {
+                        let rr = idx / vr;
+                        let c = idx % vr;
+                        let qi = qi_s[rr];
+                        let mut qv = zero8;
+                        let mut dov = zero8;
+                        if qi >= 0 {
+                            let gi = ((b * heads_q + h) * seq_q + qi as usize) * vr + c;
+                            qv = q[gi];
+                            dov = d_o[gi];
+                        }
+                        q_s[rr * sr + c] = qv;
+                        do_s[rr * sr + c] = dov;
+                    }
+                }
+                sync_cube();
+
+                // S^T = K Q^T and dP^T = V dO^T for this plane's 16 keys.
+                product_abt_staged::<F>(&k_s, pl * 16, &q_s, 0usize, &mut st, qn, dk_steps, sr);
+                product_abt_staged::<F>(&v_s, pl * 16, &do_s, 0usize, &mut dpt, qn, dk_steps, sr);
+
+                // P^T in `st`, dS^T in `dpt`.
+                #[unroll]
+                for n in 0..qn {
+                    let s0v = st[2 * n];
+                    let s1v = st[2 * n + 1];
+                    let d0v = dpt[2 * n];
+                    let d1v = dpt[2 * n + 1];
+                    let mut p0 = zero2;
+                    let mut p1 = zero2;
+                    let mut g0 = zero2;
+                    let mut g1 = zero2;
+                    #[unroll]
+                    for x in 0..2usize {
+                        let col = n * 8 + tq * 2 + x;
+                        let qi = qi_s[col];
+                        let lse_i = lse_s[col];
+                        let dl_i = dl_s[col];
+                        let mut row_ok = qi >= 0 && lse_i > NEG_BIG;
+                        let mut thr = comptime!(NEG_BIG).runtime();
+                        let mut thr_idx = 0i32;
+                        if cfg.has_thr {
+                            thr = tv_s[col];
+                            thr_idx = ti_s[col];
+                        }
+                        let qq = max(qi, 0i32) as usize;
+                        let mut keep0 = row_ok && kok0 && pair_visible(qq, j0, off, w, cfg.causal, cfg.windowed);
+                        let mut keep1 = row_ok && kok1 && pair_visible(qq, j1, off, w, cfg.causal, cfg.windowed);
+                        if cfg.has_thr {
+                            keep0 = keep0 && key_kept(bias0, j0, thr, thr_idx);
+                            keep1 = keep1 && key_kept(bias1, j1, thr, thr_idx);
+                        }
+                        row_ok = keep0 || keep1;
+                        let mut pp0 = 0.0f32;
+                        let mut pp1 = 0.0f32;
+                        let mut gg0 = 0.0f32;
+                        let mut gg1 = 0.0f32;
+                        if row_ok {
+                            if keep0 {
+                                pp0 = (s0v.extract(x) * scale + bias0 - lse_i).exp();
+                                gg0 = pp0 * (d0v.extract(x) - dl_i);
+                            }
+                            if keep1 {
+                                pp1 = (s1v.extract(x) * scale + bias1 - lse_i).exp();
+                                gg1 = pp1 * (d1v.extract(x) - dl_i);
+                            }
+                        }
+                        db0 += gg0;
+                        db1 += gg1;
+                        p0.insert(x, pp0);
+                        p1.insert(x, pp1);
+                        g0.insert(x, gg0 * scale);
+                        g1.insert(x, gg1 * scale);
+                    }
+                    st[2 * n] = p0;
+                    st[2 * n + 1] = p1;
+                    dpt[2 * n] = g0;
+                    dpt[2 * n + 1] = g1;
+                }
+                // dV += P^T dO and dK += dS^T Q (query rows are the k dimension).
+                product_pb::<F>(&st, &do_s, 0usize, &mut dv_acc, qn, dn, sr);
+                product_pb::<F>(&dpt, &q_s, 0usize, &mut dk_acc, qn, dn, sr);
+                sync_cube();
+                ch += n_split;
+            }
+            if cfg.has_bias && (h + 1) % g_b == 0 {
+                let s0 = quad_sum(db0);
+                let s1 = quad_sum(db1);
+                if tq == 0 {
+                    if kok0 {
+                        dbias[bias_out + bias_base + j0] = s0;
+                    }
+                    if kok1 {
+                        dbias[bias_out + bias_base + j1] = s1;
+                    }
+                }
+                db0 = 0.0f32;
+                db1 = 0.0f32;
+            }
+        }
+
+        // f32 partial sums, in pairs of elements.
+        #[unroll]
+        for n in 0..dn {
+            let c = n * 8 + tq * 2;
+            if kok0 {
+                let at = (kv_out + (kv_base + j0) * head_dim + c) / 2;
+                dk[at] = dk_acc[2 * n];
+                dv[at] = dv_acc[2 * n];
+            }
+            if kok1 {
+                let at = (kv_out + (kv_base + j1) * head_dim + c) / 2;
+                dk[at] = dk_acc[2 * n + 1];
+                dv[at] = dv_acc[2 * n + 1];
+            }
+        }
+    }
+}

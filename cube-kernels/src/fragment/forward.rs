@@ -1,0 +1,349 @@
+//! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
+
+use super::{FragmentConfig, V2, V8, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum};
+use crate::kernels::{NEG_BIG, cube_linear};
+use cubecl::prelude::*;
+
+/// Query-major forward: writes `out = O` (in pairs of elements) and `lse`. Same runtime
+/// arguments, cube numbering, row groups and schedule walk as
+/// [`crate::mma::mma_rows_kernel`] in its forward mode, with `16 * planes` rows per cube.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn fragment_forward_kernel<F: Float>(
+    q: &[Vector<F, V8>],
+    k: &[Vector<F, V8>],
+    v: &[Vector<F, V8>],
+    bias: &[F],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    sched: &[i32],
+    lse: &mut [f32],
+    out: &mut [Vector<F, V2>],
+    n_batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_b: u32,
+    group_heads: u32,
+    query_block: u32,
+    n_row_blocks: u32,
+    n_chunks: u32,
+    cap: u32,
+    key_block: u32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    neg_inf: f32,
+    #[comptime] cfg: FragmentConfig,
+) {
+    let n_batch = n_batch as usize;
+    let heads_q = heads_q as usize;
+    let heads_kv = heads_kv as usize;
+    let seq_q = seq_q as usize;
+    let seq_k = seq_k as usize;
+    let heads_b = heads_b as usize;
+    let gh = group_heads as usize;
+    let qb = query_block as usize;
+    let n_rb = n_row_blocks as usize;
+    let n_chunks = n_chunks as usize;
+    let cap = cap as usize;
+    let key_block = key_block as usize;
+    let n_gh = heads_q / gh;
+
+    let planes = comptime!(cfg.planes);
+    let head_dim = comptime!(cfg.head_dim);
+    let tile_k = comptime!(cfg.tile);
+    let bq = comptime!(planes * 16);
+    let nu = comptime!(planes * 32);
+    let vr = comptime!(head_dim / 8);
+    let sr = comptime!(head_dim / 8 + 1);
+    let dk = comptime!(head_dim / 16);
+    let dn = comptime!(head_dim / 8);
+    let kn = comptime!(tile_k / 8);
+
+    let lane = UNIT_POS_X as usize;
+    let pl = UNIT_POS_Y as usize;
+    let u = pl * 32 + lane;
+    let cid = cube_linear();
+    let n_cubes = n_batch * n_gh * n_rb * n_chunks;
+
+    let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
+    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
+    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
+
+    if cid < n_cubes {
+        let chunk = cid % n_chunks;
+        let r = (cid / n_chunks) % n_rb;
+        let g = (cid / (n_chunks * n_rb)) % n_gh;
+        let b = cid / (n_chunks * n_rb * n_gh);
+
+        let q0 = r * qb;
+        let nq = min(qb, seq_q - q0);
+        let n_group_rows = gh * nq;
+        let f0 = chunk * bq;
+        let f1 = min(f0 + bq, n_group_rows) - 1;
+        let mut cq_lo = q0;
+        let mut cq_hi = q0 + nq - 1;
+        if f0 / nq == f1 / nq {
+            cq_lo = q0 + f0 % nq;
+            cq_hi = q0 + f1 % nq;
+        }
+        let mut klo = 0i32;
+        let mut khi = seq_k as i32;
+        if cfg.causal {
+            khi = min(khi, cq_hi as i32 + off + 1);
+        }
+        if cfg.windowed {
+            klo = max(klo, cq_lo as i32 + off - w + 1);
+        }
+        let hk = (g * gh) / (heads_q / heads_kv);
+        let kv_base = (b * heads_kv + hk) * seq_k * vr;
+        let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
+
+        // Stage the cube's Q rows (16-byte loads); rows past the group are zero.
+        #[unroll]
+        for it in 0..comptime!((bq * vr).div_ceil(nu)) {
+            let idx = it * nu + u;
+            if idx < bq * vr {
+                let rr = idx / vr;
+                let c = idx % vr;
+                let flat = f0 + rr;
+                let mut val = zero8;
+                if flat < n_group_rows {
+                    let h = g * gh + flat / nq;
+                    let i = q0 + flat % nq;
+                    val = q[((b * heads_q + h) * seq_q + i) * vr + c];
+                }
+                q_s[rr * sr + c] = val;
+            }
+        }
+
+        // The two rows this lane holds: `quad` and `quad + 8` of the plane's 16.
+        let quad = lane / 4;
+        let tq = lane % 4;
+        let flat0 = f0 + pl * 16 + quad;
+        let flat1 = flat0 + 8;
+        let ok0 = flat0 < n_group_rows;
+        let ok1 = flat1 < n_group_rows;
+        let mut h0 = g * gh;
+        let mut i0 = q0;
+        let mut h1 = g * gh;
+        let mut i1 = q0;
+        if ok0 {
+            h0 = g * gh + flat0 / nq;
+            i0 = q0 + flat0 % nq;
+        }
+        if ok1 {
+            h1 = g * gh + flat1 / nq;
+            i1 = q0 + flat1 % nq;
+        }
+        let hb0 = h0 / (heads_q / heads_b);
+        let hb1 = h1 / (heads_q / heads_b);
+        let bias_base0 = (b * heads_b + hb0) * seq_k;
+        let bias_base1 = (b * heads_b + hb1) * seq_k;
+        let mut thr0 = comptime!(NEG_BIG).runtime();
+        let mut thr1 = comptime!(NEG_BIG).runtime();
+        let mut thr_i0 = 0i32;
+        let mut thr_i1 = 0i32;
+        if cfg.has_thr {
+            if ok0 {
+                thr0 = thr_v[(b * heads_b + hb0) * seq_q + i0];
+                thr_i0 = thr_i[(b * heads_b + hb0) * seq_q + i0];
+            }
+            if ok1 {
+                thr1 = thr_v[(b * heads_b + hb1) * seq_q + i1];
+                thr_i1 = thr_i[(b * heads_b + hb1) * seq_q + i1];
+            }
+        }
+        sync_cube();
+
+        // Q as A fragments for the whole pass: k-step `s` is q_frag[4 s .. 4 s + 4].
+        let mut q_frag = Array::<Vector<F, V2>>::new(comptime!(4 * dk));
+        #[unroll]
+        for s in 0..dk {
+            let regs = load_a::<F>(&q_s, pl * 16, s * 2, sr);
+            #[unroll]
+            for x in 0..4usize {
+                q_frag[s * 4 + x] = regs[x];
+            }
+        }
+
+        let zero2 = Vector::<f32, V2>::cast_from(0.0f32);
+        let mut o_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
+        #[unroll]
+        for x in 0..comptime!(2 * dn) {
+            o_acc[x] = zero2;
+        }
+        let mut s_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * kn));
+        let mut m0 = comptime!(NEG_BIG).runtime();
+        let mut m1 = comptime!(NEG_BIG).runtime();
+        let mut l0 = 0.0f32;
+        let mut l1 = 0.0f32;
+
+        let mut n_entries = 1usize;
+        let mut list_base = 0usize;
+        if cfg.blocks {
+            n_entries = cap;
+            list_base = ((b * n_gh + g) * n_rb + r) * cap;
+        }
+        for e in 0..n_entries {
+            let mut e_lo = klo;
+            let mut e_hi = khi;
+            if cfg.blocks {
+                let kb = sched[list_base + e];
+                if kb >= 0 {
+                    e_lo = max(e_lo, kb * key_block as i32);
+                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
+                } else {
+                    e_hi = e_lo;
+                }
+            }
+            let mut n_tiles = 0usize;
+            if e_hi > e_lo {
+                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
+            }
+            for t in 0..n_tiles {
+                let t0 = e_lo as usize + t * tile_k;
+                let t1 = min(t0 + tile_k, e_hi as usize);
+                // Stage K and V (keys past t1 are zero; their scores are masked).
+                #[unroll]
+                for it in 0..comptime!((tile_k * vr).div_ceil(nu)) {
+                    let idx = it * nu + u;
+                    if idx < tile_k * vr {
+                        let kr = idx / vr;
+                        let c = idx % vr;
+                        let mut kv = zero8;
+                        let mut vv = zero8;
+                        if t0 + kr < t1 {
+                            let gi = kv_base + (t0 + kr) * vr + c;
+                            kv = k[gi];
+                            vv = v[gi];
+                        }
+                        k_s[kr * sr + c] = kv;
+                        v_s[kr * sr + c] = vv;
+                    }
+                }
+                sync_cube();
+
+                // S = Q K^T for this plane's 16 rows.
+                product_abt::<F>(&q_frag, &k_s, 0usize, &mut s_acc, kn, dk, sr);
+
+                // Scale, mask, bias; online softmax on the fragments.
+                let mut tmax0 = comptime!(NEG_BIG).runtime();
+                let mut tmax1 = comptime!(NEG_BIG).runtime();
+                #[unroll]
+                for n in 0..kn {
+                    let mut r0 = s_acc[2 * n];
+                    let mut r1 = s_acc[2 * n + 1];
+                    #[unroll]
+                    for x in 0..2usize {
+                        let j = t0 + n * 8 + tq * 2 + x;
+                        let s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
+                        let s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        r0.insert(x, s0);
+                        r1.insert(x, s1);
+                        tmax0 = max(tmax0, s0);
+                        tmax1 = max(tmax1, s1);
+                    }
+                    s_acc[2 * n] = r0;
+                    s_acc[2 * n + 1] = r1;
+                }
+                let mn0 = max(m0, quad_max(tmax0));
+                let mn1 = max(m1, quad_max(tmax1));
+                let corr0 = (m0 - mn0).exp();
+                let corr1 = (m1 - mn1).exp();
+                m0 = mn0;
+                m1 = mn1;
+                l0 *= corr0;
+                l1 *= corr1;
+                let c0 = Vector::<f32, V2>::cast_from(corr0);
+                let c1 = Vector::<f32, V2>::cast_from(corr1);
+                #[unroll]
+                for n in 0..dn {
+                    o_acc[2 * n] = o_acc[2 * n] * c0;
+                    o_acc[2 * n + 1] = o_acc[2 * n + 1] * c1;
+                }
+                // P = exp(S - m), in place; masked scores give exactly 0.
+                #[unroll]
+                for n in 0..kn {
+                    let r0 = s_acc[2 * n];
+                    let r1 = s_acc[2 * n + 1];
+                    let mut p0 = zero2;
+                    let mut p1 = zero2;
+                    #[unroll]
+                    for x in 0..2usize {
+                        let s0 = r0.extract(x);
+                        let s1 = r1.extract(x);
+                        let mut e0 = 0.0f32;
+                        let mut e1 = 0.0f32;
+                        if s0 > NEG_BIG {
+                            e0 = (s0 - mn0).exp();
+                        }
+                        if s1 > NEG_BIG {
+                            e1 = (s1 - mn1).exp();
+                        }
+                        l0 += e0;
+                        l1 += e1;
+                        p0.insert(x, e0);
+                        p1.insert(x, e1);
+                    }
+                    s_acc[2 * n] = p0;
+                    s_acc[2 * n + 1] = p1;
+                }
+                // O += P V, P converted to A fragments in registers.
+                product_pb::<F>(&s_acc, &v_s, 0usize, &mut o_acc, kn, dn, sr);
+                sync_cube();
+            }
+        }
+
+        // Finish: the quad's partial sums, 1/l, LSE; rows with no visible key give 0 / -inf.
+        let lt0 = quad_sum(l0);
+        let lt1 = quad_sum(l1);
+        let mut inv0 = 0.0f32;
+        let mut inv1 = 0.0f32;
+        if lt0 > 0.0f32 {
+            inv0 = 1.0f32 / lt0;
+        }
+        if lt1 > 0.0f32 {
+            inv1 = 1.0f32 / lt1;
+        }
+        let row0 = (b * heads_q + h0) * seq_q + i0;
+        let row1 = (b * heads_q + h1) * seq_q + i1;
+        if tq == 0 {
+            if ok0 {
+                let mut lv = neg_inf;
+                if lt0 > 0.0f32 {
+                    lv = m0 + lt0.ln();
+                }
+                lse[row0] = lv;
+            }
+            if ok1 {
+                let mut lv = neg_inf;
+                if lt1 > 0.0f32 {
+                    lv = m1 + lt1.ln();
+                }
+                lse[row1] = lv;
+            }
+        }
+        #[unroll]
+        for n in 0..dn {
+            let a0 = o_acc[2 * n];
+            let a1 = o_acc[2 * n + 1];
+            let mut w0 = Vector::<F, V2>::empty();
+            let mut w1 = Vector::<F, V2>::empty();
+            #[unroll]
+            for x in 0..2usize {
+                w0.insert(x, F::cast_from(a0.extract(x) * inv0));
+                w1.insert(x, F::cast_from(a1.extract(x) * inv1));
+            }
+            // `out` is indexed in pairs of elements.
+            if ok0 {
+                out[(row0 * head_dim + n * 8 + tq * 2) / 2] = w0;
+            }
+            if ok1 {
+                out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The register-fragment path (CUDA, f16/bf16): FlashAttention-2's recipe written with
+//! CubeCL's manual MMA (`mma.sync.m16n8k16`, `ldmatrix`).
+//!
+//! A cube is `planes` planes of 32 lanes; plane `p` owns 16 consecutive rows of the cube's
+//! tile (query rows in [`forward`] and [`dq`], keys in [`dkdv`]). Operand tiles are staged
+//! in shared memory with 16-byte loads, row stride padded by one 16-byte vector so the eight
+//! rows an `ldmatrix` reads fall on eight different 4-bank groups. Products land in
+//! accumulator fragments that stay in registers for the whole pass (the running output, dQ,
+//! dK, dV); the softmax runs on the score fragments (the four lanes of a quad hold one row
+//! and combine with two plane shuffles); and probabilities or score gradients become the A
+//! operand of the next product in registers: the m16n8k16 accumulator layout of two
+//! adjacent 8-column tiles is exactly the layout of one A fragment, so P and dS never go
+//! through shared memory.
+//!
+//! That fragment layout (lane `l` holds rows `l / 4` and `l / 4 + 8`, columns `2 (l % 4)` and
+//! `+1` of every 8-wide accumulator tile) is the one PTX defines for m16n8k16, which is why
+//! this path is only picked on CUDA ([`crate::kernel_path`]). Masks, bias, the dynamic-mask
+//! threshold and the block-schedule walks are the same rules as the other paths, so every
+//! path visits the same keys.
+
+#[allow(missing_docs)]
+pub mod dkdv;
+#[allow(missing_docs)]
+pub mod dq;
+#[allow(missing_docs)]
+pub mod forward;
+
+use crate::kernels::{NEG_BIG, key_kept, pair_visible};
+use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::*;
+
+/// 16 bytes of f16/bf16: one `ldmatrix` row, one global load.
+pub type V8 = Const<8>;
+/// Two 16-bit operands or two f32 accumulators: one fragment register.
+pub type V2 = Const<2>;
+
+/// Compile-time shape and mask flags of a fragment kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentConfig {
+    /// Planes (of 32 lanes, 16 rows each) per cube.
+    pub planes: usize,
+    /// Head dimension (a multiple of 16).
+    pub head_dim: usize,
+    /// Depth of the staged tile on the other side: keys per K/V tile in the query-major
+    /// kernels, query rows per Q/dO tile in the key-major one (a multiple of 16).
+    pub tile: usize,
+    /// Bottom-right causal mask.
+    pub causal: bool,
+    /// Sliding window.
+    pub windowed: bool,
+    /// Additive per-key bias.
+    pub has_bias: bool,
+    /// Dynamic-mask keep threshold (implies `has_bias`).
+    pub has_thr: bool,
+    /// Block schedule.
+    pub blocks: bool,
+}
+
+/// The m16n8k16 definition with f32 accumulators.
+#[cube]
+pub(crate) fn mma_def<F: Float>() -> MmaDefinition<F, F, f32> {
+    MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize)
+}
+
+/// Max over the four lanes of a quad (the lanes that hold one fragment row).
+#[cube]
+pub(crate) fn quad_max(x: f32) -> f32 {
+    let a = max(x, plane_shuffle_xor(x, 1u32));
+    max(a, plane_shuffle_xor(a, 2u32))
+}
+
+/// Sum over the four lanes of a quad.
+#[cube]
+pub(crate) fn quad_sum(x: f32) -> f32 {
+    let a = x + plane_shuffle_xor(x, 1u32);
+    a + plane_shuffle_xor(a, 2u32)
+}
+
+/// A fragment (16 rows x 16 columns) of a row-major staged tile: rows `row0..row0 + 16`,
+/// columns from 8-wide vector `vcol0` (two vectors).
+#[cube]
+pub(crate) fn load_a<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
+    let lane = UNIT_POS_X as usize;
+    let at = (row0 + lane % 16) * sr + vcol0 + lane / 16;
+    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::A, 4usize, false)
+}
+
+/// Two B fragments of `X^T` for a row-major staged `X` whose rows are the product's columns:
+/// columns `row0..row0 + 8`, two k-steps from vector `vcol0` (fragment `h` in registers
+/// `2 h`, `2 h + 1`). Used for `Q K^T`-shaped products.
+#[cube]
+pub(crate) fn load_bt<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
+    let lane = UNIT_POS_X as usize;
+    let at = (row0 + lane % 8) * sr + vcol0 + lane / 8;
+    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 4usize, false)
+}
+
+/// One B fragment of `X^T` (one k-step), for head dims that are an odd multiple of 16.
+#[cube]
+pub(crate) fn load_bt_single<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
+    let lane = UNIT_POS_X as usize;
+    let at = (row0 + lane % 8) * sr + vcol0 + (lane / 8) % 2;
+    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 2usize, false)
+}
+
+/// Two B fragments of a row-major staged `X` whose rows are the k dimension: k rows
+/// `row0..row0 + 16`, output columns of vectors `vcol0` and `vcol0 + 1` (fragment `h` in
+/// registers `2 h`, `2 h + 1`). Used for `P V`-shaped products (transposing `ldmatrix`).
+#[cube]
+pub(crate) fn load_b<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
+    let lane = UNIT_POS_X as usize;
+    let at = (row0 + lane % 16) * sr + vcol0 + lane / 16;
+    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 4usize, true)
+}
+
+/// `acc[2 n .. 2 n + 2] += a * b[2 h .. 2 h + 2]` on one 16 x 8 accumulator tile.
+#[cube]
+pub(crate) fn mma_into<F: Float>(
+    a: &Array<Vector<F, V2>>,
+    b4: &Array<Vector<F, V2>>,
+    #[comptime] h: usize,
+    acc: &mut Array<Vector<f32, V2>>,
+    #[comptime] n: usize,
+) {
+    let mut b_tmp = Array::<Vector<F, V2>>::new(2usize);
+    let mut c_tmp = Array::<Vector<f32, V2>>::new(2usize);
+    b_tmp[0] = b4[2 * h];
+    b_tmp[1] = b4[2 * h + 1];
+    c_tmp[0] = acc[2 * n];
+    c_tmp[1] = acc[2 * n + 1];
+    mma_def::<F>().execute_inplace(a, &b_tmp, &mut c_tmp);
+    acc[2 * n] = c_tmp[0];
+    acc[2 * n + 1] = c_tmp[1];
+}
+
+/// `acc[0 .. 2 * tiles] = A X^T` for the A fragments `a_frags` (k-step `s` at `4 s`, `ksteps`
+/// of them) and a staged `X` whose rows `row0 + 8 n ..` give accumulator tile `n`.
+#[cube]
+pub(crate) fn product_abt<F: Float>(
+    a_frags: &Array<Vector<F, V2>>,
+    x_s: &[Vector<F, V8>],
+    row0: usize,
+    acc: &mut Array<Vector<f32, V2>>,
+    #[comptime] tiles: usize,
+    #[comptime] ksteps: usize,
+    #[comptime] sr: usize,
+) {
+    let zero = Vector::<f32, V2>::cast_from(0.0f32);
+    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    #[unroll]
+    for n in 0..tiles {
+        acc[2 * n] = zero;
+        acc[2 * n + 1] = zero;
+        #[unroll]
+        for s2 in 0..comptime!(ksteps / 2) {
+            let b4 = load_bt::<F>(x_s, row0 + n * 8, s2 * 4, sr);
+            #[unroll]
+            for h in 0..2usize {
+                #[unroll]
+                for x in 0..4usize {
+                    a_tmp[x] = a_frags[(s2 * 2 + h) * 4 + x];
+                }
+                mma_into::<F>(&a_tmp, &b4, h, acc, n);
+            }
+        }
+        if comptime!(ksteps % 2 == 1) {
+            let s = comptime!(ksteps - 1);
+            let b2 = load_bt_single::<F>(x_s, row0 + n * 8, s * 2, sr);
+            #[unroll]
+            for x in 0..4usize {
+                a_tmp[x] = a_frags[s * 4 + x];
+            }
+            mma_into::<F>(&a_tmp, &b2, 0usize, acc, n);
+        }
+    }
+}
+
+/// `A X^T` as [`product_abt`], with the A operand read from a staged tile (rows `a_row0..`)
+/// instead of registers.
+#[cube]
+pub(crate) fn product_abt_staged<F: Float>(
+    a_s: &[Vector<F, V8>],
+    a_row0: usize,
+    x_s: &[Vector<F, V8>],
+    row0: usize,
+    acc: &mut Array<Vector<f32, V2>>,
+    #[comptime] tiles: usize,
+    #[comptime] ksteps: usize,
+    #[comptime] sr: usize,
+) {
+    let mut a_frags = Array::<Vector<F, V2>>::new(comptime!(4 * ksteps));
+    #[unroll]
+    for s in 0..ksteps {
+        let regs = load_a::<F>(a_s, a_row0, s * 2, sr);
+        #[unroll]
+        for x in 0..4usize {
+            a_frags[s * 4 + x] = regs[x];
+        }
+    }
+    product_abt::<F>(&a_frags, x_s, row0, acc, tiles, ksteps, sr);
+}
+
+/// `out += P X` for probabilities held in accumulator layout (`p[2 n]`, `p[2 n + 1]` for
+/// 8-wide tile `n`, `ptiles` of them) converted to A fragments in registers, and a staged
+/// `X` whose rows are the k dimension (rows `row0..`), `otiles` 8-wide output tiles.
+#[cube]
+pub(crate) fn product_pb<F: Float>(
+    p: &Array<Vector<f32, V2>>,
+    x_s: &[Vector<F, V8>],
+    row0: usize,
+    out: &mut Array<Vector<f32, V2>>,
+    #[comptime] ptiles: usize,
+    #[comptime] otiles: usize,
+    #[comptime] sr: usize,
+) {
+    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    #[unroll]
+    for kk in 0..comptime!(ptiles / 2) {
+        // A registers: (row g, k 0-7), (row g+8, k 0-7), (row g, k 8-15), (row g+8, k 8-15).
+        #[unroll]
+        for hh in 0..2usize {
+            #[unroll]
+            for r in 0..2usize {
+                let src = p[2 * (kk * 2 + hh) + r];
+                let mut dst = Vector::<F, V2>::empty();
+                dst.insert(0usize, F::cast_from(src.extract(0usize)));
+                dst.insert(1usize, F::cast_from(src.extract(1usize)));
+                a_tmp[hh * 2 + r] = dst;
+            }
+        }
+        #[unroll]
+        for n2 in 0..comptime!(otiles / 2) {
+            let b4 = load_b::<F>(x_s, row0 + kk * 16, n2 * 2, sr);
+            #[unroll]
+            for h in 0..2usize {
+                mma_into::<F>(&a_tmp, &b4, h, out, n2 * 2 + h);
+            }
+        }
+    }
+}
+
+/// The score of one accumulator element after scale, mask, bias and keep rule (`NEG_BIG`
+/// when the pair is not attended). `bias_j` is read only when the config has a bias.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn masked_score<F: Float>(
+    acc: f32,
+    row_ok: bool,
+    i: usize,
+    j: usize,
+    t1: usize,
+    bias: &[F],
+    bias_base: usize,
+    thr: f32,
+    thr_i: i32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    #[comptime] cfg: FragmentConfig,
+) -> f32 {
+    let mut s = comptime!(NEG_BIG).runtime();
+    if row_ok && j < t1 && pair_visible(i, j, off, w, cfg.causal, cfg.windowed) {
+        let mut sv = acc * scale;
+        let mut keep = true;
+        if cfg.has_bias {
+            let bj = f32::cast_from(bias[bias_base + j]);
+            sv += bj;
+            if cfg.has_thr {
+                keep = key_kept(bj, j, thr, thr_i);
+            }
+        }
+        if keep {
+            s = sv;
+        }
+    }
+    s
+}
