@@ -5,7 +5,7 @@
 //! `dV += P^T dO`, `dP^T = V dO^T`, `dS^T = P^T (dP^T - delta)`, `dK += scale dS^T Q`, with
 //! dK and dV in registers for the whole walk.
 
-use super::{FragmentConfig, V2, V8, product_abt_staged, product_pb, quad_sum};
+use super::{FragmentConfig, V2, V8, fast_exp, product_abt_staged, product_pb, quad_sum};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::prelude::*;
 
@@ -283,11 +283,11 @@ pub fn fragment_dkdv_kernel<F: Float>(
                         let mut gg1 = 0.0f32;
                         if row_ok {
                             if keep0 {
-                                pp0 = (s0v.extract(x) * scale + bias0 - lse_i).exp();
+                                pp0 = fast_exp(s0v.extract(x) * scale + bias0 - lse_i);
                                 gg0 = pp0 * (d0v.extract(x) - dl_i);
                             }
                             if keep1 {
-                                pp1 = (s1v.extract(x) * scale + bias1 - lse_i).exp();
+                                pp1 = fast_exp(s1v.extract(x) * scale + bias1 - lse_i);
                                 gg1 = pp1 * (d1v.extract(x) - dl_i);
                             }
                         }

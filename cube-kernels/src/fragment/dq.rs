@@ -1,7 +1,7 @@
 //! dQ on register fragments (query-major, see [`super`]): per key tile `S = Q K^T` and
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
-use super::{FragmentConfig, V2, V8, load_a, masked_score, product_abt, product_pb};
+use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, tile_interior};
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::*;
 
@@ -252,6 +252,7 @@ pub fn fragment_dq_kernel<F: Float>(
                 // S = Q K^T and dP = dO V^T for this plane's 16 rows.
                 product_abt::<F>(&q_frag, &k_s, 0usize, &mut s_acc, kn, dk, sr);
                 product_abt::<F>(&do_frag, &v_s, 0usize, &mut dp_acc, kn, dk, sr);
+                let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
                 // dS = P (dP - delta) scale, in place of S.
                 #[unroll]
                 for n in 0..kn {
@@ -264,15 +265,24 @@ pub fn fragment_dq_kernel<F: Float>(
                     #[unroll]
                     for x in 0..2usize {
                         let j = t0 + n * 8 + tq * 2 + x;
-                        let s0 = masked_score::<F>(r0.extract(x), act0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
-                        let s1 = masked_score::<F>(r1.extract(x), act1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        let mut s0 = r0.extract(x) * scale;
+                        let mut s1 = r1.extract(x) * scale;
+                        if interior && act0 && act1 {
+                            if cfg.has_bias {
+                                s0 += f32::cast_from(bias[bias_base0 + j]);
+                                s1 += f32::cast_from(bias[bias_base1 + j]);
+                            }
+                        } else {
+                            s0 = masked_score::<F>(r0.extract(x), act0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
+                            s1 = masked_score::<F>(r1.extract(x), act1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        }
                         let mut g0 = 0.0f32;
                         let mut g1 = 0.0f32;
                         if s0 > NEG_BIG {
-                            g0 = (s0 - lse0).exp() * (d0.extract(x) - dl0) * scale;
+                            g0 = fast_exp(s0 - lse0) * (d0.extract(x) - dl0) * scale;
                         }
                         if s1 > NEG_BIG {
-                            g1 = (s1 - lse1).exp() * (d1.extract(x) - dl1) * scale;
+                            g1 = fast_exp(s1 - lse1) * (d1.extract(x) - dl1) * scale;
                         }
                         ds0.insert(x, g0);
                         ds1.insert(x, g1);

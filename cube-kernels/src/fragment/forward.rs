@@ -1,6 +1,6 @@
 //! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
 
-use super::{FragmentConfig, V2, V8, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum};
+use super::{FragmentConfig, V2, V8, fast_exp, tile_interior, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum};
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::*;
 
@@ -228,6 +228,7 @@ pub fn fragment_forward_kernel<F: Float>(
 
                 // S = Q K^T for this plane's 16 rows.
                 product_abt::<F>(&q_frag, &k_s, 0usize, &mut s_acc, kn, dk, sr);
+                let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
 
                 // Scale, mask, bias; online softmax on the fragments.
                 let mut tmax0 = comptime!(NEG_BIG).runtime();
@@ -239,8 +240,17 @@ pub fn fragment_forward_kernel<F: Float>(
                     #[unroll]
                     for x in 0..2usize {
                         let j = t0 + n * 8 + tq * 2 + x;
-                        let s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
-                        let s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        let mut s0 = r0.extract(x) * scale;
+                        let mut s1 = r1.extract(x) * scale;
+                        if interior {
+                            if cfg.has_bias {
+                                s0 += f32::cast_from(bias[bias_base0 + j]);
+                                s1 += f32::cast_from(bias[bias_base1 + j]);
+                            }
+                        } else {
+                            s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
+                            s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        }
                         r0.insert(x, s0);
                         r1.insert(x, s1);
                         tmax0 = max(tmax0, s0);
@@ -251,8 +261,8 @@ pub fn fragment_forward_kernel<F: Float>(
                 }
                 let mn0 = max(m0, quad_max(tmax0));
                 let mn1 = max(m1, quad_max(tmax1));
-                let corr0 = (m0 - mn0).exp();
-                let corr1 = (m1 - mn1).exp();
+                let corr0 = fast_exp(m0 - mn0);
+                let corr1 = fast_exp(m1 - mn1);
                 m0 = mn0;
                 m1 = mn1;
                 l0 *= corr0;
@@ -278,10 +288,10 @@ pub fn fragment_forward_kernel<F: Float>(
                         let mut e0 = 0.0f32;
                         let mut e1 = 0.0f32;
                         if s0 > NEG_BIG {
-                            e0 = (s0 - mn0).exp();
+                            e0 = fast_exp(s0 - mn0);
                         }
                         if s1 > NEG_BIG {
-                            e1 = (s1 - mn1).exp();
+                            e1 = fast_exp(s1 - mn1);
                         }
                         l0 += e0;
                         l1 += e1;

@@ -85,24 +85,6 @@ pub(crate) fn load_a<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #
     mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::A, 4usize, false)
 }
 
-/// Two B fragments of `X^T` for a row-major staged `X` whose rows are the product's columns:
-/// columns `row0..row0 + 8`, two k-steps from vector `vcol0` (fragment `h` in registers
-/// `2 h`, `2 h + 1`). Used for `Q K^T`-shaped products.
-#[cube]
-pub(crate) fn load_bt<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
-    let lane = UNIT_POS_X as usize;
-    let at = (row0 + lane % 8) * sr + vcol0 + lane / 8;
-    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 4usize, false)
-}
-
-/// One B fragment of `X^T` (one k-step), for head dims that are an odd multiple of 16.
-#[cube]
-pub(crate) fn load_bt_single<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
-    let lane = UNIT_POS_X as usize;
-    let at = (row0 + lane % 8) * sr + vcol0 + (lane / 8) % 2;
-    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 2usize, false)
-}
-
 /// Two B fragments of a row-major staged `X` whose rows are the k dimension: k rows
 /// `row0..row0 + 16`, output columns of vectors `vcol0` and `vcol0 + 1` (fragment `h` in
 /// registers `2 h`, `2 h + 1`). Used for `P V`-shaped products (transposing `ldmatrix`).
@@ -133,8 +115,21 @@ pub(crate) fn mma_into<F: Float>(
     acc[2 * n + 1] = c_tmp[1];
 }
 
+/// Two B fragments of `X^T` for one k-step: columns `row0..row0 + 8` (registers 0, 1) and
+/// `row0 + 8..row0 + 16` (registers 2, 3), k from vector `vcol0` (two vectors).
+#[cube]
+pub(crate) fn load_bt_pair<F: Float>(s: &[Vector<F, V8>], row0: usize, vcol0: usize, #[comptime] sr: usize) -> Array<Vector<F, V2>> {
+    let lane = UNIT_POS_X as usize;
+    let at = (row0 + (lane / 16) * 8 + lane % 8) * sr + vcol0 + (lane / 8) % 2;
+    mma_def::<F>().load_matrix::<Vector<F, V8>, V2>(&s[at..at + 1], MatrixIdent::B, 4usize, false)
+}
+
 /// `acc[0 .. 2 * tiles] = A X^T` for the A fragments `a_frags` (k-step `s` at `4 s`, `ksteps`
 /// of them) and a staged `X` whose rows `row0 + 8 n ..` give accumulator tile `n`.
+///
+/// The MMA and `ldmatrix` instructions are emitted as volatile assembly, so the order written
+/// here is the order they issue in: k-steps outer and tiles inner keeps `tiles` independent
+/// accumulator chains in flight, and every B fragment of a k-step is loaded before its MMAs.
 #[cube]
 pub(crate) fn product_abt<F: Float>(
     a_frags: &Array<Vector<F, V2>>,
@@ -146,31 +141,31 @@ pub(crate) fn product_abt<F: Float>(
     #[comptime] sr: usize,
 ) {
     let zero = Vector::<f32, V2>::cast_from(0.0f32);
-    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    let pairs = comptime!(tiles / 2);
     #[unroll]
     for n in 0..tiles {
         acc[2 * n] = zero;
         acc[2 * n + 1] = zero;
+    }
+    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    let mut b_all = Array::<Vector<F, V2>>::new(comptime!(4 * pairs));
+    #[unroll]
+    for s in 0..ksteps {
         #[unroll]
-        for s2 in 0..comptime!(ksteps / 2) {
-            let b4 = load_bt::<F>(x_s, row0 + n * 8, s2 * 4, sr);
-            #[unroll]
-            for h in 0..2usize {
-                #[unroll]
-                for x in 0..4usize {
-                    a_tmp[x] = a_frags[(s2 * 2 + h) * 4 + x];
-                }
-                mma_into::<F>(&a_tmp, &b4, h, acc, n);
-            }
-        }
-        if comptime!(ksteps % 2 == 1) {
-            let s = comptime!(ksteps - 1);
-            let b2 = load_bt_single::<F>(x_s, row0 + n * 8, s * 2, sr);
+        for n2 in 0..pairs {
+            let b4 = load_bt_pair::<F>(x_s, row0 + n2 * 16, s * 2, sr);
             #[unroll]
             for x in 0..4usize {
-                a_tmp[x] = a_frags[s * 4 + x];
+                b_all[n2 * 4 + x] = b4[x];
             }
-            mma_into::<F>(&a_tmp, &b2, 0usize, acc, n);
+        }
+        #[unroll]
+        for x in 0..4usize {
+            a_tmp[x] = a_frags[s * 4 + x];
+        }
+        #[unroll]
+        for n in 0..tiles {
+            mma_into::<F>(&a_tmp, &b_all, n, acc, n);
         }
     }
 }
@@ -213,30 +208,93 @@ pub(crate) fn product_pb<F: Float>(
     #[comptime] otiles: usize,
     #[comptime] sr: usize,
 ) {
-    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    let ksteps = comptime!(ptiles / 2);
+    let pairs = comptime!(otiles / 2);
+    let mut a_all = Array::<Vector<F, V2>>::new(comptime!(4 * ksteps));
+    // A registers of k-step kk: (row g, k 0-7), (row g+8, k 0-7), (row g, k 8-15),
+    // (row g+8, k 8-15), i.e. the accumulator registers of tiles 2 kk and 2 kk + 1.
     #[unroll]
-    for kk in 0..comptime!(ptiles / 2) {
-        // A registers: (row g, k 0-7), (row g+8, k 0-7), (row g, k 8-15), (row g+8, k 8-15).
+    for kk in 0..ksteps {
         #[unroll]
-        for hh in 0..2usize {
-            #[unroll]
-            for r in 0..2usize {
-                let src = p[2 * (kk * 2 + hh) + r];
-                let mut dst = Vector::<F, V2>::empty();
-                dst.insert(0usize, F::cast_from(src.extract(0usize)));
-                dst.insert(1usize, F::cast_from(src.extract(1usize)));
-                a_tmp[hh * 2 + r] = dst;
-            }
-        }
-        #[unroll]
-        for n2 in 0..comptime!(otiles / 2) {
-            let b4 = load_b::<F>(x_s, row0 + kk * 16, n2 * 2, sr);
-            #[unroll]
-            for h in 0..2usize {
-                mma_into::<F>(&a_tmp, &b4, h, out, n2 * 2 + h);
-            }
+        for x in 0..4usize {
+            let src = p[4 * kk + x];
+            let mut dst = Vector::<F, V2>::empty();
+            dst.insert(0usize, F::cast_from(src.extract(0usize)));
+            dst.insert(1usize, F::cast_from(src.extract(1usize)));
+            a_all[4 * kk + x] = dst;
         }
     }
+    let mut a_tmp = Array::<Vector<F, V2>>::new(4usize);
+    let mut b_cur = Array::<Vector<F, V2>>::new(4usize);
+    let mut b_nxt = Array::<Vector<F, V2>>::new(4usize);
+    // Volatile assembly issues in program order: the B fragments of step `i + 1` are loaded
+    // before the MMAs of step `i`, which write two independent output tiles.
+    let first = load_b::<F>(x_s, row0, 0usize, sr);
+    #[unroll]
+    for x in 0..4usize {
+        b_cur[x] = first[x];
+    }
+    #[unroll]
+    for i in 0..comptime!(ksteps * pairs) {
+        let kk = comptime!(i / pairs);
+        let n2 = comptime!(i % pairs);
+        if comptime!(i + 1 < ksteps * pairs) {
+            let nxt = load_b::<F>(x_s, row0 + comptime!((i + 1) / pairs) * 16, comptime!(((i + 1) % pairs) * 2), sr);
+            #[unroll]
+            for x in 0..4usize {
+                b_nxt[x] = nxt[x];
+            }
+        }
+        #[unroll]
+        for x in 0..4usize {
+            a_tmp[x] = a_all[4 * kk + x];
+        }
+        #[unroll]
+        for h in 0..2usize {
+            mma_into::<F>(&a_tmp, &b_cur, h, out, n2 * 2 + h);
+        }
+        #[unroll]
+        for x in 0..4usize {
+            b_cur[x] = b_nxt[x];
+        }
+    }
+}
+
+/// `exp(x)` with the hardware's base-2 approximation (`ex2.approx`, about 2 ulp), as
+/// FlashAttention computes its softmax; the precise `expf` costs several times the
+/// instructions in the loop the tensor cores wait on. CUDA only, like this path.
+#[cube]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    let y = x * 1.442_695_f32;
+    let out: f32;
+    gpu_asm!("ex2.approx.ftz.f32 {o}, {i};", o = out(_) out, i = in(_) y, options(nomem));
+    out
+}
+
+/// Whether every (row, key) pair of a key tile is attended before the keep rule: a full tile,
+/// every row of the cube valid, no threshold, and the tile inside the causal and window
+/// bounds of every row (`cq_lo..=cq_hi`). Interior tiles skip the per-element masks.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_interior(
+    t0: usize,
+    t1: usize,
+    f0: usize,
+    n_group_rows: usize,
+    cq_lo: usize,
+    cq_hi: usize,
+    off: i32,
+    w: i32,
+    #[comptime] cfg: FragmentConfig,
+) -> bool {
+    let mut ok = t1 - t0 == cfg.tile && f0 + cfg.planes * 16 <= n_group_rows && !cfg.has_thr;
+    if cfg.causal {
+        ok = ok && (t1 as i32 - 1) <= cq_lo as i32 + off;
+    }
+    if cfg.windowed {
+        ok = ok && (t0 as i32) > cq_hi as i32 + off - w;
+    }
+    ok
 }
 
 /// The score of one accumulator element after scale, mask, bias and keep rule (`NEG_BIG`
