@@ -5,8 +5,9 @@
 //! `dV += P^T dO`, `dP^T = V dO^T`, `dS^T = P^T (dP^T - delta)`, `dK += scale dS^T Q`, with
 //! dK and dV in registers for the whole walk.
 
-use super::{FragmentConfig, V2, V8, fast_exp, product_abt_staged, product_pb, quad_sum};
+use super::{FragmentConfig, V2, V8, copy_vec_async, fast_exp, product_abt_staged, product_pb, quad_sum};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 /// Key-major backward. Same arguments, cube numbering, splits (`n_split` cubes share a key
@@ -81,13 +82,17 @@ pub fn fragment_dkdv_kernel<F: Float>(
 
     let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bk * sr, 16usize);
     let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bk * sr, 16usize);
-    let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_q * sr, 16usize);
-    let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_q * sr, 16usize);
-    let mut qi_s = Shared::<[i32]>::new_slice(tile_q);
-    let mut lse_s = Shared::<[f32]>::new_slice(tile_q);
-    let mut dl_s = Shared::<[f32]>::new_slice(tile_q);
-    let mut tv_s = Shared::<[f32]>::new_slice(tile_q);
-    let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
+    // Two stages of query rows (Q, dO and their per-row data): the copies of the next chunk
+    // run while this one is multiplied.
+    let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_q * sr, 16usize);
+    let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_q * sr, 16usize);
+    let mut qi_s = Shared::<[i32]>::new_slice(2 * tile_q);
+    let mut lse_s = Shared::<[f32]>::new_slice(2 * tile_q);
+    let mut dl_s = Shared::<[f32]>::new_slice(2 * tile_q);
+    let mut tv_s = Shared::<[f32]>::new_slice(2 * tile_q);
+    let mut ti_s = Shared::<[i32]>::new_slice(2 * tile_q);
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     let per_split = n_batch * heads_kv * n_kt;
     if cid < per_split * n_split {
@@ -151,6 +156,8 @@ pub fn fragment_dkdv_kernel<F: Float>(
         let mut dpt = Array::<Vector<f32, V2>>::new(comptime!(2 * qn));
         let mut db0 = 0.0f32;
         let mut db1 = 0.0f32;
+        let mut ph0 = 0u32;
+        let mut ph1 = 0u32;
         sync_cube();
 
         for hh in 0..group {
@@ -197,53 +204,67 @@ pub fn fragment_dkdv_kernel<F: Float>(
             }
             let n_ch = n_slots.div_ceil(spc);
             let mut ch = z;
+            let mut stg = 0usize;
+            if ch < n_ch {
+                stage_rows::<F>(
+                    q, d_o, lse, delta, thr_v, thr_i, inv_rows, &mut q_s, &mut do_s, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s,
+                    &mut ti_s, ch, 0usize, spc, n_slots, rows_base, qb, qa, b, h, hb, heads_q, heads_b, seq_q, u, cfg,
+                );
+                bar0.commit_copy_async();
+                let _ = bar0.arrive();
+            }
             while ch < n_ch {
-                // The chunk's query rows, their LSE, delta and threshold.
-                let mut x = u;
-                while x < tile_q {
-                    let slot = ch * spc + x;
-                    let mut qi = comptime!(-1i32).runtime();
-                    if x < spc && slot < n_slots {
-                        qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, cfg.blocks);
+                let chn = ch + n_split;
+                if chn < n_ch {
+                    stage_rows::<F>(
+                        q,
+                        d_o,
+                        lse,
+                        delta,
+                        thr_v,
+                        thr_i,
+                        inv_rows,
+                        &mut q_s,
+                        &mut do_s,
+                        &mut qi_s,
+                        &mut lse_s,
+                        &mut dl_s,
+                        &mut tv_s,
+                        &mut ti_s,
+                        chn,
+                        1 - stg,
+                        spc,
+                        n_slots,
+                        rows_base,
+                        qb,
+                        qa,
+                        b,
+                        h,
+                        hb,
+                        heads_q,
+                        heads_b,
+                        seq_q,
+                        u,
+                        cfg,
+                    );
+                    if stg == 0 {
+                        bar1.commit_copy_async();
+                        let _ = bar1.arrive();
+                    } else {
+                        bar0.commit_copy_async();
+                        let _ = bar0.arrive();
                     }
-                    qi_s[x] = qi;
-                    lse_s[x] = comptime!(NEG_BIG).runtime();
-                    dl_s[x] = 0.0f32;
-                    if qi >= 0 {
-                        let row = (b * heads_q + h) * seq_q + qi as usize;
-                        lse_s[x] = lse[row];
-                        dl_s[x] = delta[row];
-                        if cfg.has_thr {
-                            tv_s[x] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
-                            ti_s[x] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
-                        }
-                    }
-                    x += nu;
                 }
-                sync_cube();
-                #[unroll]
-                for it in 0..comptime!((tile_q * vr).div_ceil(nu)) {
-                    let idx = it * nu + u;
-                    if idx < tile_q * vr {
-                        let rr = idx / vr;
-                        let c = idx % vr;
-                        let qi = qi_s[rr];
-                        let mut qv = zero8;
-                        let mut dov = zero8;
-                        if qi >= 0 {
-                            let gi = ((b * heads_q + h) * seq_q + qi as usize) * vr + c;
-                            qv = q[gi];
-                            dov = d_o[gi];
-                        }
-                        q_s[rr * sr + c] = qv;
-                        do_s[rr * sr + c] = dov;
-                    }
+                if stg == 0 {
+                    bar0.wait_parity(ph0);
+                    ph0 ^= 1u32;
+                } else {
+                    bar1.wait_parity(ph1);
+                    ph1 ^= 1u32;
                 }
-                sync_cube();
-
                 // S^T = K Q^T and dP^T = V dO^T for this plane's 16 keys.
-                product_abt_staged::<F>(&k_s, pl * 16, &q_s, 0usize, &mut st, qn, dk_steps, sr);
-                product_abt_staged::<F>(&v_s, pl * 16, &do_s, 0usize, &mut dpt, qn, dk_steps, sr);
+                product_abt_staged::<F>(&k_s, pl * 16, &q_s, stg * tile_q, &mut st, qn, dk_steps, sr);
+                product_abt_staged::<F>(&v_s, pl * 16, &do_s, stg * tile_q, &mut dpt, qn, dk_steps, sr);
 
                 // P^T in `st`, dS^T in `dpt`.
                 #[unroll]
@@ -258,7 +279,7 @@ pub fn fragment_dkdv_kernel<F: Float>(
                     let mut g1 = zero2;
                     #[unroll]
                     for x in 0..2usize {
-                        let col = n * 8 + tq * 2 + x;
+                        let col = stg * tile_q + n * 8 + tq * 2 + x;
                         let qi = qi_s[col];
                         let lse_i = lse_s[col];
                         let dl_i = dl_s[col];
@@ -304,10 +325,12 @@ pub fn fragment_dkdv_kernel<F: Float>(
                     dpt[2 * n + 1] = g1;
                 }
                 // dV += P^T dO and dK += dS^T Q (query rows are the k dimension).
-                product_pb::<F>(&st, &do_s, 0usize, &mut dv_acc, qn, dn, sr);
-                product_pb::<F>(&dpt, &q_s, 0usize, &mut dk_acc, qn, dn, sr);
+                product_pb::<F>(&st, &do_s, stg * tile_q, &mut dv_acc, qn, dn, sr);
+                product_pb::<F>(&dpt, &q_s, stg * tile_q, &mut dk_acc, qn, dn, sr);
+                // Every plane is done with this stage before the next iteration refills it.
                 sync_cube();
-                ch += n_split;
+                ch = chn;
+                stg = 1 - stg;
             }
             if cfg.has_bias && (h + 1) % g_b == 0 {
                 let s0 = quad_sum(db0);
@@ -339,6 +362,92 @@ pub fn fragment_dkdv_kernel<F: Float>(
                 dk[at] = dk_acc[2 * n + 1];
                 dv[at] = dv_acc[2 * n + 1];
             }
+        }
+    }
+}
+
+/// Fills stage `stg` with chunk `ch` of the walk: each row's query index, LSE, delta and
+/// threshold (plain stores), and the asynchronous copies of its Q and dO rows (rows with no
+/// query are zeroed). Each unit computes the query of the rows it copies itself, so no
+/// barrier is needed between the two.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows<F: Float>(
+    q: &[Vector<F, V8>],
+    d_o: &[Vector<F, V8>],
+    lse: &[f32],
+    delta: &[f32],
+    thr_v: &[f32],
+    thr_i: &[i32],
+    inv_rows: &[i32],
+    q_s: &mut [Vector<F, V8>],
+    do_s: &mut [Vector<F, V8>],
+    qi_s: &mut [i32],
+    lse_s: &mut [f32],
+    dl_s: &mut [f32],
+    tv_s: &mut [f32],
+    ti_s: &mut [i32],
+    ch: usize,
+    stg: usize,
+    spc: usize,
+    n_slots: usize,
+    rows_base: usize,
+    qb: usize,
+    qa: usize,
+    b: usize,
+    h: usize,
+    hb: usize,
+    heads_q: usize,
+    heads_b: usize,
+    seq_q: usize,
+    u: usize,
+    #[comptime] cfg: FragmentConfig,
+) {
+    let tile_q = comptime!(cfg.tile);
+    let vr = comptime!(cfg.head_dim / 8);
+    let sr = comptime!(cfg.head_dim / 8 + 1);
+    let nu = comptime!(cfg.planes * 32);
+    let mut x = u;
+    while x < tile_q {
+        let slot = ch * spc + x;
+        let mut qi = comptime!(-1i32).runtime();
+        if x < spc && slot < n_slots {
+            qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, cfg.blocks);
+        }
+        let at = stg * tile_q + x;
+        qi_s[at] = qi;
+        lse_s[at] = comptime!(NEG_BIG).runtime();
+        dl_s[at] = 0.0f32;
+        if qi >= 0 {
+            let row = (b * heads_q + h) * seq_q + qi as usize;
+            lse_s[at] = lse[row];
+            dl_s[at] = delta[row];
+            if cfg.has_thr {
+                tv_s[at] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
+                ti_s[at] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
+            }
+        }
+        x += nu;
+    }
+    #[unroll]
+    for it in 0..comptime!((tile_q * vr).div_ceil(nu)) {
+        let idx = it * nu + u;
+        if idx < tile_q * vr {
+            let rr = idx / vr;
+            let c = idx % vr;
+            let slot = ch * spc + rr;
+            let mut qi = comptime!(-1i32).runtime();
+            if rr < spc && slot < n_slots {
+                qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, cfg.blocks);
+            }
+            let valid = qi >= 0;
+            let mut gi = 0usize;
+            if valid {
+                gi = ((b * heads_q + h) * seq_q + qi as usize) * vr + c;
+            }
+            let at = (stg * tile_q + rr) * sr + c;
+            copy_vec_async::<F>(q, gi, q_s, at, valid);
+            copy_vec_async::<F>(d_o, gi, do_s, at, valid);
         }
     }
 }

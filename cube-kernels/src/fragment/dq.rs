@@ -1,8 +1,10 @@
 //! dQ on register fragments (query-major, see [`super`]): per key tile `S = Q K^T` and
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
-use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, tile_interior};
+use super::forward::stage_kv;
+use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, seek_entry, tile_interior};
 use crate::kernels::{NEG_BIG, cube_linear};
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 /// Query-major dQ: reads `lse` and `delta = rowsum(dO * O)`, writes `out = dQ` (in pairs of
@@ -72,8 +74,11 @@ pub fn fragment_dq_kernel<F: Float>(
 
     let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
     let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
-    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
-    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
+    // Two stages of K/V: the copies of the next tile run while this one is multiplied.
+    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
+    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     if cid < n_cubes {
         let chunk = cid % n_chunks;
@@ -210,90 +215,114 @@ pub fn fragment_dq_kernel<F: Float>(
             n_entries = cap;
             list_base = ((b * n_gh + g) * n_rb + r) * cap;
         }
-        for e in 0..n_entries {
-            let mut e_lo = klo;
-            let mut e_hi = khi;
-            if cfg.blocks {
-                let kb = sched[list_base + e];
-                if kb >= 0 {
-                    e_lo = max(e_lo, kb * key_block as i32);
-                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
+        // The same flattened, double-buffered walk as the forward.
+        let (e_first, _lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+        let mut e = e_first;
+        let mut hi = hi_first;
+        let mut t0n = _lo_first as usize;
+        let mut ph0 = 0u32;
+        let mut ph1 = 0u32;
+        let mut st = 0usize;
+        if e < n_entries {
+            stage_kv::<F>(
+                k,
+                v,
+                &mut k_s,
+                &mut v_s,
+                kv_base,
+                t0n,
+                min(t0n + tile_k, hi as usize),
+                0usize,
+                u,
+                cfg,
+            );
+            bar0.commit_copy_async();
+            let _ = bar0.arrive();
+        }
+        while e < n_entries {
+            let t0 = t0n;
+            let t1 = min(t0 + tile_k, hi as usize);
+            t0n = t1;
+            if t0n >= hi as usize {
+                let (e2, lo2, hi2) = seek_entry(sched, list_base, e + 1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+                e = e2;
+                hi = hi2;
+                t0n = lo2 as usize;
+            }
+            if e < n_entries {
+                stage_kv::<F>(
+                    k,
+                    v,
+                    &mut k_s,
+                    &mut v_s,
+                    kv_base,
+                    t0n,
+                    min(t0n + tile_k, hi as usize),
+                    (1 - st) * tile_k,
+                    u,
+                    cfg,
+                );
+                if st == 0 {
+                    bar1.commit_copy_async();
+                    let _ = bar1.arrive();
                 } else {
-                    e_hi = e_lo;
+                    bar0.commit_copy_async();
+                    let _ = bar0.arrive();
                 }
             }
-            let mut n_tiles = 0usize;
-            if e_hi > e_lo {
-                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
+            if st == 0 {
+                bar0.wait_parity(ph0);
+                ph0 ^= 1u32;
+            } else {
+                bar1.wait_parity(ph1);
+                ph1 ^= 1u32;
             }
-            for t in 0..n_tiles {
-                let t0 = e_lo as usize + t * tile_k;
-                let t1 = min(t0 + tile_k, e_hi as usize);
-                // Stage K and V (keys past t1 are zero; their scores are masked).
+            // S = Q K^T and dP = dO V^T for this plane's 16 rows.
+            product_abt::<F>(&q_frag, &k_s, st * tile_k, &mut s_acc, kn, dk, sr);
+            product_abt::<F>(&do_frag, &v_s, st * tile_k, &mut dp_acc, kn, dk, sr);
+            let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
+            // dS = P (dP - delta) scale, in place of S.
+            #[unroll]
+            for n in 0..kn {
+                let r0 = s_acc[2 * n];
+                let r1 = s_acc[2 * n + 1];
+                let d0 = dp_acc[2 * n];
+                let d1 = dp_acc[2 * n + 1];
+                let mut ds0 = zero2;
+                let mut ds1 = zero2;
                 #[unroll]
-                for it in 0..comptime!((tile_k * vr).div_ceil(nu)) {
-                    let idx = it * nu + u;
-                    if idx < tile_k * vr {
-                        let kr = idx / vr;
-                        let c = idx % vr;
-                        let mut kv = zero8;
-                        let mut vv = zero8;
-                        if t0 + kr < t1 {
-                            let gi = kv_base + (t0 + kr) * vr + c;
-                            kv = k[gi];
-                            vv = v[gi];
+                for x in 0..2usize {
+                    let j = t0 + n * 8 + tq * 2 + x;
+                    let mut s0 = r0.extract(x) * scale;
+                    let mut s1 = r1.extract(x) * scale;
+                    if interior && act0 && act1 {
+                        if cfg.has_bias {
+                            s0 += f32::cast_from(bias[bias_base0 + j]);
+                            s1 += f32::cast_from(bias[bias_base1 + j]);
                         }
-                        k_s[kr * sr + c] = kv;
-                        v_s[kr * sr + c] = vv;
+                    } else {
+                        s0 = masked_score::<F>(r0.extract(x), act0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
+                        s1 = masked_score::<F>(r1.extract(x), act1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
                     }
-                }
-                sync_cube();
-
-                // S = Q K^T and dP = dO V^T for this plane's 16 rows.
-                product_abt::<F>(&q_frag, &k_s, 0usize, &mut s_acc, kn, dk, sr);
-                product_abt::<F>(&do_frag, &v_s, 0usize, &mut dp_acc, kn, dk, sr);
-                let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
-                // dS = P (dP - delta) scale, in place of S.
-                #[unroll]
-                for n in 0..kn {
-                    let r0 = s_acc[2 * n];
-                    let r1 = s_acc[2 * n + 1];
-                    let d0 = dp_acc[2 * n];
-                    let d1 = dp_acc[2 * n + 1];
-                    let mut ds0 = zero2;
-                    let mut ds1 = zero2;
-                    #[unroll]
-                    for x in 0..2usize {
-                        let j = t0 + n * 8 + tq * 2 + x;
-                        let mut s0 = r0.extract(x) * scale;
-                        let mut s1 = r1.extract(x) * scale;
-                        if interior && act0 && act1 {
-                            if cfg.has_bias {
-                                s0 += f32::cast_from(bias[bias_base0 + j]);
-                                s1 += f32::cast_from(bias[bias_base1 + j]);
-                            }
-                        } else {
-                            s0 = masked_score::<F>(r0.extract(x), act0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
-                            s1 = masked_score::<F>(r1.extract(x), act1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
-                        }
-                        let mut g0 = 0.0f32;
-                        let mut g1 = 0.0f32;
-                        if s0 > NEG_BIG {
-                            g0 = fast_exp(s0 - lse0) * (d0.extract(x) - dl0) * scale;
-                        }
-                        if s1 > NEG_BIG {
-                            g1 = fast_exp(s1 - lse1) * (d1.extract(x) - dl1) * scale;
-                        }
-                        ds0.insert(x, g0);
-                        ds1.insert(x, g1);
+                    let mut g0 = 0.0f32;
+                    let mut g1 = 0.0f32;
+                    if s0 > NEG_BIG {
+                        g0 = fast_exp(s0 - lse0) * (d0.extract(x) - dl0) * scale;
                     }
-                    s_acc[2 * n] = ds0;
-                    s_acc[2 * n + 1] = ds1;
+                    if s1 > NEG_BIG {
+                        g1 = fast_exp(s1 - lse1) * (d1.extract(x) - dl1) * scale;
+                    }
+                    ds0.insert(x, g0);
+                    ds1.insert(x, g1);
                 }
-                // dQ += dS K (K rows are the k dimension here).
-                product_pb::<F>(&s_acc, &k_s, 0usize, &mut o_acc, kn, dn, sr);
-                sync_cube();
+                s_acc[2 * n] = ds0;
+                s_acc[2 * n + 1] = ds1;
             }
+            // dQ += dS K (K rows are the k dimension here).
+            product_pb::<F>(&s_acc, &k_s, st * tile_k, &mut o_acc, kn, dn, sr);
+            // Every plane is done with this stage before the next iteration refills it.
+            sync_cube();
+            st = 1 - st;
         }
 
         #[unroll]

@@ -1,7 +1,11 @@
 //! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
 
-use super::{FragmentConfig, V2, V8, fast_exp, tile_interior, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum};
+use super::{
+    FragmentConfig, V2, V8, copy_vec_async, fast_exp, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum, seek_entry,
+    tile_interior,
+};
 use crate::kernels::{NEG_BIG, cube_linear};
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 /// Query-major forward: writes `out = O` (in pairs of elements) and `lse`. Same runtime
@@ -69,8 +73,11 @@ pub fn fragment_forward_kernel<F: Float>(
     let n_cubes = n_batch * n_gh * n_rb * n_chunks;
 
     let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
-    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
-    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(tile_k * sr, 16usize);
+    // Two stages of K/V: the copies of the next tile run while this one is multiplied.
+    let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
+    let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     if cid < n_cubes {
         let chunk = cid % n_chunks;
@@ -187,124 +194,153 @@ pub fn fragment_forward_kernel<F: Float>(
             n_entries = cap;
             list_base = ((b * n_gh + g) * n_rb + r) * cap;
         }
-        for e in 0..n_entries {
-            let mut e_lo = klo;
-            let mut e_hi = khi;
-            if cfg.blocks {
-                let kb = sched[list_base + e];
-                if kb >= 0 {
-                    e_lo = max(e_lo, kb * key_block as i32);
-                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
+        // The walk, flattened over entries so the next tile's copies can start before this
+        // tile's products: (e, lo, hi) is the current entry's key range, t0 the next tile.
+        let (e_first, lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+        let mut e = e_first;
+        let mut lo = lo_first;
+        let mut hi = hi_first;
+        let mut t0n = lo as usize;
+        let mut ph0 = 0u32;
+        let mut ph1 = 0u32;
+        let mut st = 0usize;
+        if e < n_entries {
+            stage_kv::<F>(
+                k,
+                v,
+                &mut k_s,
+                &mut v_s,
+                kv_base,
+                t0n,
+                min(t0n + tile_k, hi as usize),
+                0usize,
+                u,
+                cfg,
+            );
+            bar0.commit_copy_async();
+            let _ = bar0.arrive();
+        }
+        while e < n_entries {
+            let t0 = t0n;
+            let t1 = min(t0 + tile_k, hi as usize);
+            // Advance to the next tile and start its copies into the other stage.
+            t0n = t1;
+            if t0n >= hi as usize {
+                let (e2, lo2, hi2) = seek_entry(sched, list_base, e + 1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+                e = e2;
+                lo = lo2;
+                hi = hi2;
+                t0n = lo as usize;
+            }
+            if e < n_entries {
+                stage_kv::<F>(
+                    k,
+                    v,
+                    &mut k_s,
+                    &mut v_s,
+                    kv_base,
+                    t0n,
+                    min(t0n + tile_k, hi as usize),
+                    (1 - st) * tile_k,
+                    u,
+                    cfg,
+                );
+                if st == 0 {
+                    bar1.commit_copy_async();
+                    let _ = bar1.arrive();
                 } else {
-                    e_hi = e_lo;
+                    bar0.commit_copy_async();
+                    let _ = bar0.arrive();
                 }
             }
-            let mut n_tiles = 0usize;
-            if e_hi > e_lo {
-                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
+            if st == 0 {
+                bar0.wait_parity(ph0);
+                ph0 ^= 1u32;
+            } else {
+                bar1.wait_parity(ph1);
+                ph1 ^= 1u32;
             }
-            for t in 0..n_tiles {
-                let t0 = e_lo as usize + t * tile_k;
-                let t1 = min(t0 + tile_k, e_hi as usize);
-                // Stage K and V (keys past t1 are zero; their scores are masked).
-                #[unroll]
-                for it in 0..comptime!((tile_k * vr).div_ceil(nu)) {
-                    let idx = it * nu + u;
-                    if idx < tile_k * vr {
-                        let kr = idx / vr;
-                        let c = idx % vr;
-                        let mut kv = zero8;
-                        let mut vv = zero8;
-                        if t0 + kr < t1 {
-                            let gi = kv_base + (t0 + kr) * vr + c;
-                            kv = k[gi];
-                            vv = v[gi];
-                        }
-                        k_s[kr * sr + c] = kv;
-                        v_s[kr * sr + c] = vv;
-                    }
-                }
-                sync_cube();
 
-                // S = Q K^T for this plane's 16 rows.
-                product_abt::<F>(&q_frag, &k_s, 0usize, &mut s_acc, kn, dk, sr);
-                let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
+            // S = Q K^T for this plane's 16 rows.
+            product_abt::<F>(&q_frag, &k_s, st * tile_k, &mut s_acc, kn, dk, sr);
+            let interior = tile_interior(t0, t1, f0, n_group_rows, cq_lo, cq_hi, off, w, cfg);
 
-                // Scale, mask, bias; online softmax on the fragments.
-                let mut tmax0 = comptime!(NEG_BIG).runtime();
-                let mut tmax1 = comptime!(NEG_BIG).runtime();
+            // Scale, mask, bias; online softmax on the fragments.
+            let mut tmax0 = comptime!(NEG_BIG).runtime();
+            let mut tmax1 = comptime!(NEG_BIG).runtime();
+            #[unroll]
+            for n in 0..kn {
+                let mut r0 = s_acc[2 * n];
+                let mut r1 = s_acc[2 * n + 1];
                 #[unroll]
-                for n in 0..kn {
-                    let mut r0 = s_acc[2 * n];
-                    let mut r1 = s_acc[2 * n + 1];
-                    #[unroll]
-                    for x in 0..2usize {
-                        let j = t0 + n * 8 + tq * 2 + x;
-                        let mut s0 = r0.extract(x) * scale;
-                        let mut s1 = r1.extract(x) * scale;
-                        if interior {
-                            if cfg.has_bias {
-                                s0 += f32::cast_from(bias[bias_base0 + j]);
-                                s1 += f32::cast_from(bias[bias_base1 + j]);
-                            }
-                        } else {
-                            s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
-                            s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                for x in 0..2usize {
+                    let j = t0 + n * 8 + tq * 2 + x;
+                    let mut s0 = r0.extract(x) * scale;
+                    let mut s1 = r1.extract(x) * scale;
+                    if interior {
+                        if cfg.has_bias {
+                            s0 += f32::cast_from(bias[bias_base0 + j]);
+                            s1 += f32::cast_from(bias[bias_base1 + j]);
                         }
-                        r0.insert(x, s0);
-                        r1.insert(x, s1);
-                        tmax0 = max(tmax0, s0);
-                        tmax1 = max(tmax1, s1);
+                    } else {
+                        s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
+                        s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
                     }
-                    s_acc[2 * n] = r0;
-                    s_acc[2 * n + 1] = r1;
+                    r0.insert(x, s0);
+                    r1.insert(x, s1);
+                    tmax0 = max(tmax0, s0);
+                    tmax1 = max(tmax1, s1);
                 }
-                let mn0 = max(m0, quad_max(tmax0));
-                let mn1 = max(m1, quad_max(tmax1));
-                let corr0 = fast_exp(m0 - mn0);
-                let corr1 = fast_exp(m1 - mn1);
-                m0 = mn0;
-                m1 = mn1;
-                l0 *= corr0;
-                l1 *= corr1;
-                let c0 = Vector::<f32, V2>::cast_from(corr0);
-                let c1 = Vector::<f32, V2>::cast_from(corr1);
-                #[unroll]
-                for n in 0..dn {
-                    o_acc[2 * n] = o_acc[2 * n] * c0;
-                    o_acc[2 * n + 1] = o_acc[2 * n + 1] * c1;
-                }
-                // P = exp(S - m), in place; masked scores give exactly 0.
-                #[unroll]
-                for n in 0..kn {
-                    let r0 = s_acc[2 * n];
-                    let r1 = s_acc[2 * n + 1];
-                    let mut p0 = zero2;
-                    let mut p1 = zero2;
-                    #[unroll]
-                    for x in 0..2usize {
-                        let s0 = r0.extract(x);
-                        let s1 = r1.extract(x);
-                        let mut e0 = 0.0f32;
-                        let mut e1 = 0.0f32;
-                        if s0 > NEG_BIG {
-                            e0 = fast_exp(s0 - mn0);
-                        }
-                        if s1 > NEG_BIG {
-                            e1 = fast_exp(s1 - mn1);
-                        }
-                        l0 += e0;
-                        l1 += e1;
-                        p0.insert(x, e0);
-                        p1.insert(x, e1);
-                    }
-                    s_acc[2 * n] = p0;
-                    s_acc[2 * n + 1] = p1;
-                }
-                // O += P V, P converted to A fragments in registers.
-                product_pb::<F>(&s_acc, &v_s, 0usize, &mut o_acc, kn, dn, sr);
-                sync_cube();
+                s_acc[2 * n] = r0;
+                s_acc[2 * n + 1] = r1;
             }
+            let mn0 = max(m0, quad_max(tmax0));
+            let mn1 = max(m1, quad_max(tmax1));
+            let corr0 = fast_exp(m0 - mn0);
+            let corr1 = fast_exp(m1 - mn1);
+            m0 = mn0;
+            m1 = mn1;
+            l0 *= corr0;
+            l1 *= corr1;
+            let c0 = Vector::<f32, V2>::cast_from(corr0);
+            let c1 = Vector::<f32, V2>::cast_from(corr1);
+            #[unroll]
+            for n in 0..dn {
+                o_acc[2 * n] = o_acc[2 * n] * c0;
+                o_acc[2 * n + 1] = o_acc[2 * n + 1] * c1;
+            }
+            // P = exp(S - m), in place; masked scores give exactly 0.
+            #[unroll]
+            for n in 0..kn {
+                let r0 = s_acc[2 * n];
+                let r1 = s_acc[2 * n + 1];
+                let mut p0 = zero2;
+                let mut p1 = zero2;
+                #[unroll]
+                for x in 0..2usize {
+                    let s0 = r0.extract(x);
+                    let s1 = r1.extract(x);
+                    let mut e0 = 0.0f32;
+                    let mut e1 = 0.0f32;
+                    if s0 > NEG_BIG {
+                        e0 = fast_exp(s0 - mn0);
+                    }
+                    if s1 > NEG_BIG {
+                        e1 = fast_exp(s1 - mn1);
+                    }
+                    l0 += e0;
+                    l1 += e1;
+                    p0.insert(x, e0);
+                    p1.insert(x, e1);
+                }
+                s_acc[2 * n] = p0;
+                s_acc[2 * n + 1] = p1;
+            }
+            // O += P V, P converted to A fragments in registers.
+            product_pb::<F>(&s_acc, &v_s, st * tile_k, &mut o_acc, kn, dn, sr);
+            // Every plane is done with this stage before the next iteration refills it.
+            sync_cube();
+            st = 1 - st;
         }
 
         // Finish: the quad's partial sums, 1/l, LSE; rows with no visible key give 0 / -inf.
@@ -354,6 +390,42 @@ pub fn fragment_forward_kernel<F: Float>(
             if ok1 {
                 out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
             }
+        }
+    }
+}
+
+/// Starts the copies of keys `t0..t1` of K and V into the stage at row `row0` (rows past `t1`
+/// are zeroed; their scores are masked).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_kv<F: Float>(
+    k: &[Vector<F, V8>],
+    v: &[Vector<F, V8>],
+    k_s: &mut [Vector<F, V8>],
+    v_s: &mut [Vector<F, V8>],
+    kv_base: usize,
+    t0: usize,
+    t1: usize,
+    row0: usize,
+    u: usize,
+    #[comptime] cfg: FragmentConfig,
+) {
+    let vr = comptime!(cfg.head_dim / 8);
+    let sr = comptime!(cfg.head_dim / 8 + 1);
+    let nu = comptime!(cfg.planes * 32);
+    #[unroll]
+    for it in 0..comptime!((cfg.tile * vr).div_ceil(nu)) {
+        let idx = it * nu + u;
+        if idx < cfg.tile * vr {
+            let kr = idx / vr;
+            let c = idx % vr;
+            let valid = t0 + kr < t1;
+            let mut gi = 0usize;
+            if valid {
+                gi = kv_base + (t0 + kr) * vr + c;
+            }
+            copy_vec_async::<F>(k, gi, k_s, (row0 + kr) * sr + c, valid);
+            copy_vec_async::<F>(v, gi, v_s, (row0 + kr) * sr + c, valid);
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod forward;
 
 use crate::kernels::{NEG_BIG, key_kept, pair_visible};
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
 
 /// 16 bytes of f16/bf16: one `ldmatrix` row, one global load.
@@ -269,6 +270,59 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let out: f32;
     gpu_asm!("ex2.approx.ftz.f32 {o}, {i};", o = out(_) out, i = in(_) y, options(nomem));
     out
+}
+
+/// Starts the asynchronous 16-byte copy (`cp.async`) of `src[gi]` into `dst[at]`, or stores
+/// zeros there when `valid` is false. Completion is tracked by the stage's barrier.
+#[cube]
+pub(crate) fn copy_vec_async<F: Float>(src: &[Vector<F, V8>], gi: usize, dst: &mut [Vector<F, V8>], at: usize, valid: bool) {
+    if valid {
+        copy_async(&src[gi..gi + 1], &mut dst[at..at + 1], 8u32);
+    } else {
+        dst[at] = Vector::<F, V8>::cast_from(F::from_int(0));
+    }
+}
+
+/// The first entry at or after `e` of a query-major walk whose key range is not empty, with
+/// that range: dense walks have one entry (`klo..khi`), block walks one per schedule entry
+/// (the block clipped to `klo..khi`; `-1` entries are empty). Returns `n_entries` when none.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seek_entry(
+    sched: &[i32],
+    list_base: usize,
+    e: usize,
+    n_entries: usize,
+    klo: i32,
+    khi: i32,
+    key_block: usize,
+    seq_k: usize,
+    #[comptime] blocks: bool,
+) -> (usize, i32, i32) {
+    let mut at = e;
+    let mut lo = klo;
+    let mut hi = khi;
+    loop {
+        if at >= n_entries {
+            break;
+        }
+        lo = klo;
+        hi = khi;
+        if blocks {
+            let kb = sched[list_base + at];
+            if kb >= 0 {
+                lo = max(lo, kb * key_block as i32);
+                hi = min(hi, min((kb + 1) * key_block as i32, seq_k as i32));
+            } else {
+                hi = lo;
+            }
+        }
+        if hi > lo {
+            break;
+        }
+        at += 1;
+    }
+    (at, lo, hi)
 }
 
 /// Whether every (row, key) pair of a key tile is attended before the keep rule: a full tile,
