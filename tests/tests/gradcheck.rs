@@ -1,5 +1,5 @@
-//! f64 finite-difference checks of every reference's gradients (DESIGN.md section 4: "reference
-//! gradients are themselves checked against finite differences in f64 on tiny shapes").
+//! f64 finite-difference checks of every reference's gradients (docs/testing.md section 2: the
+//! references' gradients are checked against central finite differences on tiny shapes).
 //!
 //! Losses are `sum(output * R)` with a fixed random `R`, so every output direction is probed.
 //! Routing (MoBA, NSA top-n, Seer, DMA top-w) is piecewise constant: inputs are random

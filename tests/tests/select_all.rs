@@ -1,4 +1,4 @@
-//! Degenerate oracles (DESIGN.md section 4): every method with "select everything" equals
+//! Degenerate oracles (docs/testing.md section 2): every method with "select everything" equals
 //! dense attention, for the output and the LSE, in f64.
 
 use burn::tensor::Tensor;
