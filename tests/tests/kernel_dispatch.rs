@@ -9,7 +9,7 @@
 //! kernels themselves are checked on every runtime by `cube-kernels/tests/attention.rs`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_sparse_attn::attention::reference::attention_reference;
 use burn_sparse_attn::attention::{AttentionOptions, KeyBias, attention_with_bias};
 use burn_sparse_attn::block_sparse::{BlockSelection, block_sparse_attention, block_sparse_attention_with_bias};
@@ -64,6 +64,21 @@ type Run = dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>, Option<Tensor<3>>) -> (Tensor
 
 /// Runs `f` (kernel) and `g` (reference) with the same inputs and compares O, LSE and grads.
 fn check(shape_q: [usize; 4], shape_k: [usize; 4], with_bias: bool, kernel: &Run, reference: &Run, tol: f64) {
+    check_in(None, shape_q, shape_k, with_bias, kernel, reference, tol, if tf32_possible() { 2e-3 } else { 1e-4 });
+}
+
+/// [`check`] with the kernel side's inputs cast to `dtype` (the reference stays f32 on Flex).
+#[allow(clippy::too_many_arguments)]
+fn check_in(
+    dtype: Option<DType>,
+    shape_q: [usize; 4],
+    shape_k: [usize; 4],
+    with_bias: bool,
+    kernel: &Run,
+    reference: &Run,
+    tol: f64,
+    lse_tol: f32,
+) {
     let kdev = device().autodiff();
     let rdev = Device::flex().autodiff();
     assert_eq!(kernel_impl_for(&kdev), burn_sparse_attn::kernel::AttentionImpl::Kernel);
@@ -74,9 +89,19 @@ fn check(shape_q: [usize; 4], shape_k: [usize; 4], with_bias: bool, kernel: &Run
     let d_o = pair(shape_q, 5, &kdev, &rdev);
     let mut results = Vec::new();
     for (side, run) in [kernel, reference].into_iter().enumerate() {
-        let pick = |t: &(Tensor<4>, Tensor<4>)| if side == 0 { t.0.clone() } else { t.1.clone() };
+        let cast4 = |t: Tensor<4>| match (side, dtype) {
+            (0, Some(dt)) => t.cast(dt),
+            _ => t,
+        };
+        let pick = |t: &(Tensor<4>, Tensor<4>)| cast4(if side == 0 { t.0.clone() } else { t.1.clone() });
         let (q0, k0, v0, d_o) = (pick(&q0), pick(&k0), pick(&v0), pick(&d_o));
-        let b0 = with_bias.then(|| if side == 0 { b0.0.clone() } else { b0.1.clone() });
+        let b0 = with_bias.then(|| {
+            let b = if side == 0 { b0.0.clone() } else { b0.1.clone() };
+            match (side, dtype) {
+                (0, Some(dt)) => b.cast(dt),
+                _ => b,
+            }
+        });
         let q = q0.clone().detach().require_grad();
         let k = k0.clone().detach().require_grad();
         let v = v0.clone().detach().require_grad();
@@ -94,7 +119,6 @@ fn check(shape_q: [usize; 4], shape_k: [usize; 4], with_bias: bool, kernel: &Run
         if b.is_infinite() {
             assert_eq!(a, b, "lse of an empty row");
         } else {
-            let lse_tol = if tf32_possible() { 2e-3 } else { 1e-4 };
             assert!((a - b).abs() <= lse_tol * b.abs().max(1.0), "lse {a} vs {b}");
         }
     }
@@ -224,4 +248,33 @@ fn block_sparse_per_query_block_with_bias_matches_reference() {
         (o.output, o.lse)
     };
     check([2, 2, sq, 16], [2, 2, sq, 16], true, &kern, &refr, tol());
+}
+
+/// bf16 on CUDA takes the register-fragment kernels (forward, dQ, dK/dV/dbias): through Burn
+/// and autodiff they must agree with the f32 reference to bf16 accuracy.
+#[test]
+#[cfg(feature = "cuda")]
+fn bf16_fragment_path_matches_f32_reference() {
+    let opts = AttentionOptions::causal().with_window(40);
+    let kern = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = attention_with_bias(q, k, v, &KeyBias { values: b.unwrap(), keep: None }, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = attention_reference(q, k, v, Some(&KeyBias { values: b.unwrap(), keep: None }), None, &opts);
+        (o.output, o.lse)
+    };
+    check_in(Some(DType::BF16), [1, 4, 150, 64], [1, 2, 150, 64], true, &kern, &refr, 3e-2, 3e-2);
+    let idx = random_selection(1, 2, 150, 3, 150usize.div_ceil(32), 5);
+    let (sel, s2) = selections(idx, |t| BlockSelection::per_token(t, 32));
+    let opts = AttentionOptions::causal();
+    let kern = move |q, k, v, _b| {
+        let o = block_sparse_attention(q, k, v, &sel, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = attention_reference(q, k, v, None, Some(&s2), &opts);
+        (o.output, o.lse)
+    };
+    check_in(Some(DType::BF16), [1, 4, 150, 128], [1, 2, 150, 128], false, &kern, &refr, 3e-2, 3e-2);
 }
