@@ -1,4 +1,4 @@
-//! Kernel vs f64 reference (DESIGN.md §4). Runtime: feature `cuda` -> CUDA device 0, else
+//! Kernel vs f64 reference (docs/testing.md sections 3-4). Runtime: feature `cuda` -> CUDA device 0, else
 //! feature `wgpu` -> the default wgpu adapter. Dtypes: env `SPARSE_ATTN_DTYPES`
 //! (comma-separated `f32,f16,bf16`; default `f32`); a dtype the device lacks is skipped
 //! with a message (and `unsupported_dtype_is_an_error` checks the error).
