@@ -298,7 +298,7 @@ fn seer_errors() {
 fn dma_errors() {
     let mut rng = Rng::new(413);
     let (q, k, v) = (r(&mut rng, [1, 4, 6, 3]), r(&mut rng, [1, 2, 6, 3]), r(&mut rng, [1, 2, 6, 3]));
-    let p = |window| DmaParams { window, scale: None };
+    let p = |window| DmaParams { window, ..DmaParams::default() };
     assert!(dma_attention(q.clone(), k.clone(), v.clone(), r(&mut rng, [1, 2, 6]), &p(2)).is_ok());
     assert_param_err("window 0", dma_attention(q.clone(), k.clone(), v.clone(), r(&mut rng, [1, 2, 6]), &p(0)), &["window"]);
     assert_param_err("keep window 0", dma_keep_threshold(&r(&mut rng, [1, 2, 6]), 6, 0, true), &["window"]);

@@ -413,8 +413,29 @@ fn dma_attention_grads_q_k_v_bias() {
     let mut inputs = qkv_inputs(&mut rng, &d);
     inputs.push(rng.normals(d.b * d.hkv * d.sk, 1.0));
     let w = rng.normals(d.q_shape().iter().product(), 1.0);
-    let params = DmaParams { window: 3, scale: None };
+    let params = DmaParams { window: 3, ..DmaParams::default() };
     grad_check("dma attention", &["q", "k", "v", "bias"], &inputs, &[true; 4], fd(), |x| {
+        let out = dma_attention(
+            r4(&x[0], d.q_shape()),
+            r4(&x[1], d.kv_shape()),
+            r4(&x[2], d.kv_shape()),
+            r3(&x[3], [d.b, d.hkv, d.sk]),
+            &params,
+        )
+        .unwrap();
+        weighted(out.output, &w)
+    });
+}
+
+#[test]
+fn dma_non_causal_attention_grads_q_k_v_bias() {
+    let mut rng = Rng::new(161);
+    let d = Dims::new(1, 2, 1, 5, 8, 3);
+    let mut inputs = qkv_inputs(&mut rng, &d);
+    inputs.push(rng.normals(d.b * d.hkv * d.sk, 1.0));
+    let w = rng.normals(d.q_shape().iter().product(), 1.0);
+    let params = DmaParams { window: 3, scale: None, causal: false };
+    grad_check("dma attention, non-causal", &["q", "k", "v", "bias"], &inputs, &[true; 4], fd(), |x| {
         let out = dma_attention(
             r4(&x[0], d.q_shape()),
             r4(&x[1], d.kv_shape()),
@@ -450,7 +471,7 @@ fn dma_end_to_end_grads_through_bias() {
     inputs.push(rng.normals(d.hkv * d.d * d.hkv, 0.5));
     inputs.push(rng.normals(d.hkv, 1.0));
     let w = rng.normals(d.q_shape().iter().product(), 1.0);
-    let params = DmaParams { window: 4, scale: None };
+    let params = DmaParams { window: 4, ..DmaParams::default() };
     grad_check("dma end to end", &["q", "k", "v", "dt_proj.weight", "a"], &inputs, &[true; 5], fd(), |x| {
         let v = r4(&x[2], d.kv_shape());
         let bias = dma_bias(v.clone(), &f64_linear(&x[3], d.hkv * d.d, d.hkv), x[4].clone()).unwrap();

@@ -488,7 +488,7 @@ fn dma_attention_keeps_the_hand_picked_keys() {
         tensor(kv.clone(), d.kv_shape(), &device),
         tensor(vv.clone(), d.kv_shape(), &device),
         tensor(bias_v.clone(), [1, 1, 6], &device),
-        &DmaParams { window: 2, scale: None },
+        &DmaParams { window: 2, ..DmaParams::default() },
     )
     .unwrap();
     let kept: [&[usize]; 6] = [&[0], &[0, 1], &[1, 2], &[1, 2], &[1, 4], &[1, 4]];

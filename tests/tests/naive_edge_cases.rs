@@ -5,7 +5,7 @@
 use burn::tensor::Tensor;
 use burn_sparse_attn::attention::{AttentionOptions, KeepThreshold, KeyBias, attention, attention_with_bias};
 use burn_sparse_attn::block_sparse::{BlockSelection, block_sparse_attention};
-use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_keep_threshold};
+use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_keep_mask, dma_keep_threshold};
 use burn_sparse_attn::moba::{MobaParams, moba_attention};
 use burn_sparse_attn::nsa::{NsaInputs, NsaParams, nsa_attention, num_compressed};
 use burn_sparse_attn::rope::apply_rope;
@@ -242,7 +242,7 @@ fn empty_rows_moba_and_dma_long_queries() {
     let bias = rng.normals(d.b * d.hkv * d.sk, 1.0);
     check_empty_rows("dma sq > sk", &d, &x, &empty, |q, k, v| {
         let device = q.device();
-        let o = dma_attention(q, k, v, tensor(bias.clone(), [1, 1, 4], &device), &DmaParams { window: 2, scale: None }).unwrap();
+        let o = dma_attention(q, k, v, tensor(bias.clone(), [1, 1, 4], &device), &DmaParams { window: 2, ..DmaParams::default() }).unwrap();
         (o.output, Some(o.lse))
     });
 }
@@ -528,6 +528,10 @@ fn naive_dma_kept(bias_row: &[f64], pos: i64, w: usize) -> Vec<usize> {
 }
 
 fn dma_case(d: &Dims, hb: usize, window: usize, f32_data: bool, quantised: bool, rng: &mut Rng) {
+    dma_case_vis(d, hb, window, f32_data, quantised, true, rng);
+}
+
+fn dma_case_vis(d: &Dims, hb: usize, window: usize, f32_data: bool, quantised: bool, causal: bool, rng: &mut Rng) {
     let device = dev();
     let round = |v: Vec<f64>| -> Vec<f64> { if f32_data { v.into_iter().map(|x| x as f32 as f64).collect() } else { v } };
     let x = Qkv::random(rng, d);
@@ -539,16 +543,33 @@ fn dma_case(d: &Dims, hb: usize, window: usize, f32_data: bool, quantised: bool,
     };
     let mk = |v: &Vec<f64>, s: [usize; 4]| if f32_data { tensor_f32(v.clone(), s, &device) } else { tensor(v.clone(), s, &device) };
     let bias = if f32_data { tensor_f32(bias_v.clone(), [d.b, hb, d.sk], &device) } else { tensor(bias_v.clone(), [d.b, hb, d.sk], &device) };
-    let out = dma_attention(mk(&x.q, d.q_shape()), mk(&x.k, d.kv_shape()), mk(&x.v, d.kv_shape()), bias, &DmaParams { window, scale: None }).unwrap();
+    let params = DmaParams { window, scale: None, causal };
+    let out = dma_attention(mk(&x.q, d.q_shape()), mk(&x.k, d.kv_shape()), mk(&x.v, d.kv_shape()), bias.clone(), &params).unwrap();
+    // Without causality every key is visible: the last key position.
+    let pos = |i: usize| if causal { d.pos(i) } else { d.sk as i64 - 1 };
     let kept = |b: usize, h: usize, i: usize, j: usize| {
         let hh = h / (d.hq / hb);
         let row = &bias_v[(b * hb + hh) * d.sk..][..d.sk];
-        naive_dma_kept(row, d.pos(i), window).contains(&j)
+        naive_dma_kept(row, pos(i), window).contains(&j)
     };
+    // The inspection mask is the same keep set, per bias head.
+    let mask: Vec<bool> = dma_keep_mask(&bias, d.sq, window, causal).unwrap().into_data().convert::<bool>().try_to_vec::<bool>().unwrap();
+    for b in 0..d.b {
+        for hh in 0..hb {
+            let row = &bias_v[(b * hb + hh) * d.sk..][..d.sk];
+            for i in 0..d.sq {
+                let want = naive_dma_kept(row, pos(i), window);
+                for j in 0..d.sk {
+                    let got = mask[((b * hb + hh) * d.sq + i) * d.sk + j];
+                    assert_eq!(got, want.contains(&j), "dma_keep_mask {d:?} causal {causal} b {b} h {hh} i {i} j {j}");
+                }
+            }
+        }
+    }
     let bias_of = |b: usize, h: usize, j: usize| bias_v[(b * hb + h / (d.hq / hb)) * d.sk + j];
     let (o, l) = naive_attention(d, &x.q, &x.k, &x.v, default_scale(d.d), &kept, &bias_of);
     let tol = if f32_data { 2e-5 } else { TOL };
-    let what = format!("dma {d:?} hb {hb} w {window} f32 {f32_data} quantised {quantised}");
+    let what = format!("dma {d:?} hb {hb} w {window} f32 {f32_data} quantised {quantised} causal {causal}");
     assert_close(&format!("{what} output"), &values(out.output), &o, tol, tol);
     assert_close(&format!("{what} lse"), &values(out.lse), &l, tol, tol);
 }
@@ -570,6 +591,19 @@ fn dma_matches_naive_top_w_f32() {
         for hb in [d.hkv, d.hq] {
             dma_case(&d, hb, w, true, false, &mut rng);
             dma_case(&d, hb, w, true, true, &mut rng); // ties broken towards the recent key
+        }
+    }
+}
+
+/// `causal: false`: every query sees every key, keeps the same top `w` (ties to the more
+/// recent key), and the output matches the naive loop; the inspection mask matches too.
+#[test]
+fn dma_non_causal_matches_naive_top_w() {
+    let mut rng = Rng::new(71);
+    for (d, w) in dma_dims() {
+        for hb in [d.hkv, d.hq] {
+            dma_case_vis(&d, hb, w, false, true, false, &mut rng);
+            dma_case_vis(&d, hb, w, true, false, false, &mut rng);
         }
     }
 }

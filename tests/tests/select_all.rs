@@ -236,7 +236,7 @@ fn dma_window_covering_sequence_equals_dense_with_bias() {
         let bias_v = rng.normals(d.b * d.hkv * d.sk, 1.0);
         let bias = tensor(bias_v.clone(), [d.b, d.hkv, d.sk], &device);
         for window in [d.sk, d.sk + 5] {
-            let got = dma_attention(q.clone(), k.clone(), v.clone(), bias.clone(), &DmaParams { window, scale: None }).unwrap();
+            let got = dma_attention(q.clone(), k.clone(), v.clone(), bias.clone(), &DmaParams { window, ..DmaParams::default() }).unwrap();
             let want = attention_with_bias(
                 q.clone(),
                 k.clone(),

@@ -16,7 +16,7 @@ use std::collections::BinaryHeap;
 
 use burn::nn::Linear;
 use burn::tensor::activation::softplus;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use crate::attention::{AttentionOptions, AttentionOutput, KeepThreshold, KeyBias, attention_core, validate_qkv};
 use crate::error::{Result, check_positive, shape_err};
@@ -28,11 +28,15 @@ pub struct DmaParams {
     pub window: usize,
     /// Softmax scale; `None` means `1/sqrt(head_dim)`.
     pub scale: Option<f64>,
+    /// Causal (bottom-right aligned) visibility, as in a decoder; `false` lets every query see
+    /// every key (the keep rule then picks the same top-`window` keys for every row). Default
+    /// `true`.
+    pub causal: bool,
 }
 
 impl Default for DmaParams {
     fn default() -> Self {
-        Self { window: 2048, scale: None }
+        Self { window: 2048, scale: None, causal: true }
     }
 }
 
@@ -108,12 +112,35 @@ impl Ord for OrdF64 {
     }
 }
 
-/// DMA attention (causal): keeps each query's top-`window` visible keys by bias and attends
-/// with the bias added to the scores. Gradients reach q, k, v and the bias.
+/// DMA attention: keeps each query's top-`window` visible keys by bias (causal or all keys,
+/// per `params.causal`) and attends with the bias added to the scores. Gradients reach q, k,
+/// v and the bias.
 pub fn dma_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<3>, params: &DmaParams) -> Result<AttentionOutput> {
     let dims = validate_qkv(&q, &k, &v)?;
-    let keep = dma_keep_threshold(&bias, dims.seq_q, params.window, true)?;
+    let keep = dma_keep_threshold(&bias, dims.seq_q, params.window, params.causal)?;
     let bias = KeyBias { values: bias, keep: Some(keep) };
-    let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
+    let opts = AttentionOptions { causal: params.causal, window: None, scale: params.scale };
     attention_core(q, k, v, Some(&bias), None, &opts)
+}
+
+/// The keys DMA attends to, as a mask `[b, hb, seq_q, seq_k]` (true = kept): visible to the
+/// query (causal, bottom-right aligned, or every key) and among its top `window` by bias,
+/// ties to the more recent key. For inspection and tests: it materialises `seq_q x seq_k`,
+/// which the attention itself never does.
+pub fn dma_keep_mask(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<Tensor<4, Bool>> {
+    let keep = dma_keep_threshold(bias, seq_q, window, causal)?;
+    let [b, h, sk] = bias.dims();
+    let device = bias.device();
+    let values = bias.clone().detach().reshape([b, h, 1, sk]).expand([b, h, seq_q, sk]);
+    let thr = keep.value.reshape([b, h, seq_q, 1]).expand([b, h, seq_q, sk]);
+    let thr_i = keep.index.reshape([b, h, seq_q, 1]).expand([b, h, seq_q, sk]);
+    let key = Tensor::<1, Int>::arange(0..sk as i64, &device).reshape([1, 1, 1, sk]).expand([b, h, seq_q, sk]);
+    let kept = values.clone().greater(thr.clone()).bool_or(values.equal(thr).bool_and(key.clone().greater_equal(thr_i)));
+    if !causal {
+        return Ok(kept);
+    }
+    let pos = (Tensor::<1, Int>::arange(0..seq_q as i64, &device) + (sk as i64 - seq_q as i64))
+        .reshape([1, 1, seq_q, 1])
+        .expand([b, h, seq_q, sk]);
+    Ok(kept.bool_and(key.lower_equal(pos)))
 }

@@ -61,7 +61,7 @@ impl DmaAttention {
     pub fn forward(&self, x: Tensor<3>) -> crate::error::Result<Tensor<3>> {
         let (q, k, v) = self.proj.qkv(x)?;
         let bias = dma_bias(v.clone(), &self.dt_proj, self.a.val())?;
-        let params = DmaParams { window: self.window, scale: None };
+        let params = DmaParams { window: self.window, scale: None, causal: true };
         Ok(self.proj.merge(dma_attention(q, k, v, bias, &params)?.output))
     }
 }
