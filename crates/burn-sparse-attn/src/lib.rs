@@ -14,6 +14,7 @@ pub mod attention;
 pub mod block_sparse;
 pub mod dma;
 pub mod error;
+mod grid;
 pub mod kernel;
 pub mod moba;
 pub mod nsa;

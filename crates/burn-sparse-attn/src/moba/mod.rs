@@ -80,16 +80,15 @@ pub fn moba_gate_scores(q: Tensor<4>, k: Tensor<4>, block_size: usize) -> Result
     let AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q: sq, head_dim: d, .. } = dims;
     let g = hq / hkv;
     let raw = q.detach().reshape([b, hkv, g * sq, d]).matmul(means.swap_dims(2, 3)).reshape([b, hq, sq, nb]);
-    let mut add = Vec::with_capacity(sq * nb);
-    for i in 0..sq {
-        let pos = dims.query_pos(i);
-        for j in 0..nb as i64 {
-            let own = pos >= 0 && j == pos / block_size as i64;
-            let candidate = (j + 1) * block_size as i64 <= pos;
-            add.push(if own { f32::INFINITY } else if candidate { 0.0 } else { f32::NEG_INFINITY });
-        }
-    }
-    let add = Tensor::<2>::from_data(TensorData::new(add, [sq, nb]), (&raw.device(), raw.dtype()));
+    // Offsets built on the device: +inf on the query's own block, 0 on complete earlier
+    // blocks, -inf elsewhere (later blocks, and everything for rows before the first key).
+    let bs = block_size as i64;
+    let (pos, j) = crate::grid::row_col(sq, nb, dims.seq_k as i64 - sq as i64, &raw.device());
+    let own = pos.clone().greater_equal_elem(0).bool_and(j.clone().equal(pos.clone().clamp_min(0).div_scalar(bs)));
+    let candidate = ((j + 1) * bs).lower_equal(pos);
+    let add = Tensor::<2>::zeros([sq, nb], (&raw.device(), raw.dtype()))
+        .mask_fill(candidate.bool_not(), f64::NEG_INFINITY)
+        .mask_fill(own, f64::INFINITY);
     Ok(raw + add.unsqueeze::<4>().expand([b, hq, sq, nb]))
 }
 

@@ -31,14 +31,8 @@ pub fn nsa_overlap_weights(n_cmp: usize, n_sel: usize, params: &NsaParams) -> Ve
 
 /// Visibility `[sq, n_cmp]` of compressed tokens: `i * stride + block - 1 <= t`.
 pub(crate) fn compressed_visibility(sq: usize, seq_k: usize, n_cmp: usize, params: &NsaParams, device: &Device) -> Tensor<2, Bool> {
-    let mut m = Vec::with_capacity(sq * n_cmp);
-    for t in 0..sq {
-        let pos = t as i64 + seq_k as i64 - sq as i64;
-        for i in 0..n_cmp {
-            m.push(((i * params.compress_stride + params.compress_block) as i64 - 1) <= pos);
-        }
-    }
-    Tensor::from_data(TensorData::new(m, [sq, n_cmp]), device)
+    let (pos, i) = crate::grid::row_col(sq, n_cmp, seq_k as i64 - sq as i64, device);
+    (i * params.compress_stride as i64 + (params.compress_block as i64 - 1)).lower_equal(pos)
 }
 
 /// Selection-block scores `[b, hkv, sq, n_sel]`: compression probabilities
@@ -84,18 +78,20 @@ pub fn nsa_select(scores: Tensor<4>, seq_q: usize, seq_k: usize, params: &NsaPar
     if sq != seq_q || n_sel != seq_k.div_ceil(params.select_block) {
         return shape_err("scores", format!("expected [.., .., {seq_q}, {}], got {:?}", seq_k.div_ceil(params.select_block), scores.dims()));
     }
+    // Score offsets, built on the device: +inf on forced blocks (block 0, the query's current
+    // and previous blocks), 0 on other blocks that start at or before the query, -inf after.
     let ls = params.select_block as i64;
-    let mut add = Vec::with_capacity(sq * n_sel);
-    for t in 0..sq {
-        let pos = t as i64 + seq_k as i64 - seq_q as i64;
-        let cur = if pos >= 0 { pos / ls } else { -1 };
-        for j in 0..n_sel as i64 {
-            let forced = pos >= 0 && (j == 0 || j == cur || j == cur - 1);
-            add.push(if forced { f32::INFINITY } else if j * ls <= pos { 0.0 } else { f32::NEG_INFINITY });
-        }
-    }
     let device = scores.device();
-    let add = Tensor::<2>::from_data(TensorData::new(add, [sq, n_sel]), (&device, scores.dtype()));
+    let (pos, j) = crate::grid::row_col(sq, n_sel, seq_k as i64 - seq_q as i64, &device);
+    let seen = pos.clone().greater_equal_elem(0);
+    let cur = pos.clone().clamp_min(0).div_scalar(ls);
+    let forced = seen.bool_and(
+        j.clone().equal_elem(0).bool_or(j.clone().equal(cur.clone())).bool_or(j.clone().equal(cur - 1)),
+    );
+    let allowed = (j * ls).lower_equal(pos);
+    let add = Tensor::<2>::zeros([sq, n_sel], (&device, scores.dtype()))
+        .mask_fill(allowed.bool_not(), f64::NEG_INFINITY)
+        .mask_fill(forced, f64::INFINITY);
     let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, sq, n_sel]);
     let (vals, idx) = masked.topk_with_indices(params.top_n.min(n_sel), 3);
     let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);

@@ -90,15 +90,10 @@ pub fn min_pool(x: Tensor<4>, block: usize) -> Tensor<4> {
 /// query of block `i`.
 pub fn block_causal_mask(seq_q: usize, seq_k: usize, block: usize, device: &Device) -> Tensor<2, Bool> {
     let (nq, nk) = (seq_q.div_ceil(block), seq_k.div_ceil(block));
-    let off = seq_k as i64 - seq_q as i64;
-    let mut m = Vec::with_capacity(nq * nk);
-    for i in 0..nq {
-        let last = ((i + 1) * block).min(seq_q) as i64 - 1 + off;
-        for j in 0..nk {
-            m.push((j * block) as i64 <= last);
-        }
-    }
-    Tensor::from_data(TensorData::new(m, [nq, nk]), device)
+    let (i, j) = crate::grid::row_col(nq, nk, 0, device);
+    // Key position of the last query of block `i` (bottom-right alignment).
+    let last = ((i + 1) * block as i64).clamp_max(seq_q as i64) + (seq_k as i64 - seq_q as i64 - 1);
+    (j * block as i64).lower_equal(last)
 }
 
 /// The AttnGate parameters.
