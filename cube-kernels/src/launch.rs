@@ -1,0 +1,457 @@
+//! The launches of the three passes (forward or dQ query-major, dK/dV key-major) for every
+//! path, and the buffers they bind.
+
+use crate::*;
+use cubecl::prelude::*;
+use crate::caps::{fragment_supported, mma_spec, vector_aligned};
+use crate::plan::*;
+use crate::schedule::{CleanSchedule, invert, sanitize};
+
+/// Buffer argument over `len` elements of `h`.
+pub(crate) fn buf(h: &Handle, len: usize) -> BufferArg {
+    // SAFETY: every caller passes a handle whose size was validated to hold `len` elements
+    // of the kernel's element type (or a freshly allocated one of that size).
+    unsafe { BufferArg::from_raw_parts(h.clone(), len.max(1)) }
+}
+
+/// A device buffer filled with zeros, used for absent optional inputs.
+pub(crate) fn dummy(client: &Client, bytes: usize) -> Handle {
+    client.create_from_slice(&vec![0u8; bytes.max(4)])
+}
+
+/// The bias and threshold buffers as both passes bind them: the caller's, or 1-element
+/// placeholders that the kernels' `#[comptime]` flags never read.
+pub(crate) struct BiasArgs {
+    pub(crate) values: Handle,
+    pub(crate) len: usize,
+    pub(crate) heads: usize,
+    pub(crate) thr_v: Handle,
+    pub(crate) thr_i: Handle,
+    pub(crate) thr_len: usize,
+    pub(crate) has_bias: bool,
+    pub(crate) has_thr: bool,
+}
+
+impl BiasArgs {
+    fn new(client: &Client, p: &AttnProblem, dtype: AttnDtype, inputs: &AttnInputs) -> Self {
+        let (values, len, heads) = match inputs.bias {
+            Some(b) => (b.values.clone(), p.batch * b.heads * p.seq_k, b.heads),
+            None => (dummy(client, dtype.size()), 1, p.heads_kv),
+        };
+        let (thr_v, thr_i, thr_len) = match inputs.bias.and_then(|b| b.threshold.as_ref()) {
+            Some((tv, ti)) => (tv.clone(), ti.clone(), p.batch * heads * p.seq_q),
+            None => (dummy(client, 4), dummy(client, 4), 1),
+        };
+        Self {
+            values,
+            len,
+            heads,
+            thr_v,
+            thr_i,
+            thr_len,
+            has_bias: inputs.bias.is_some(),
+            has_thr: inputs.bias.is_some_and(|b| b.threshold.is_some()),
+        }
+    }
+}
+
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
+    client: &Client,
+    p: &AttnProblem,
+    dtype: AttnDtype,
+    inputs: &AttnInputs,
+    o: &Handle,
+    lse: &Handle,
+    d_o: &Handle,
+    grads: &AttnGrads,
+) -> Result<(), KernelError> {
+    let rows = p.batch * p.heads_q * p.seq_q;
+    let d = p.head_dim;
+    // 1. delta = rowsum(dO * O).
+    let delta = alloc(client, rows, 4);
+    let (count, dim) = per_unit_launch(client, rows);
+    kernels::delta_kernel::launch::<F>(
+        client,
+        count,
+        dim,
+        buf(d_o, rows * d),
+        buf(o, rows * d),
+        buf(&delta, rows),
+        rows as u32,
+        d,
+    );
+    // Both passes walk the same sanitized schedule.
+    let clean = inputs.schedule.map(|s| sanitize(client, p, s));
+    // 2. dQ (query-major).
+    rows_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), Some((d_o, &delta)), lse, &grads.dq)?;
+    // 3. dK, dV, dbias (key-major).
+    keys_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), d_o, lse, &delta, grads)
+}
+
+/// The query-major kernel: forward (`bwd = None`, writes `out = O` and `lse`) or dQ
+/// (`bwd = Some((dO, delta))`, reads `lse`, writes `out = dQ`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
+    client: &Client,
+    p: &AttnProblem,
+    dtype: AttnDtype,
+    inputs: &AttnInputs,
+    clean: Option<&CleanSchedule>,
+    bwd: Option<(&Handle, &Handle)>,
+    lse: &Handle,
+    out: &Handle,
+) -> Result<(), KernelError> {
+    let plan = plan(client, p, inputs.schedule)?;
+    let es = dtype.size();
+    let d = p.head_dim;
+    let rows = p.batch * p.heads_q * p.seq_q;
+    let (off, w, windowed) = mask_params(p);
+    let mma = mma_spec(client, dtype, d)
+        .and_then(|spec| mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some()).map(|mp| (spec, mp)));
+    let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
+
+    let bias = BiasArgs::new(client, p, dtype, inputs);
+
+    let sched_dummy;
+    // (sched handle, len, group heads, query block, row blocks, chunks, cap, key block)
+    let (sched_h, sched_len, gh, qb, n_rb, n_chunks, cap, kb) = match (inputs.schedule, clean) {
+        (Some(s), Some(clean)) => {
+            let gh = p.heads_q / s.sel_heads;
+            let n_chunks = (gh * s.query_block).div_ceil(units);
+            let len = p.batch * s.sel_heads * clean.n_rows * s.capacity;
+            (&clean.clean, len, gh, s.query_block, clean.n_rows, n_chunks, s.capacity, s.key_block)
+        }
+        _ => {
+            sched_dummy = dummy(client, 4);
+            (&sched_dummy, 1, 1, units, p.seq_q.div_ceil(units), 1, 1, 1)
+        }
+    };
+    let n_cubes = p.batch * (p.heads_q / gh) * n_rb * n_chunks;
+
+    let dummy_do;
+    let dummy_delta;
+    let (do_h, do_len, delta_h, delta_len) = match bwd {
+        Some((dh, delta)) => (dh, rows * d, delta, rows),
+        None => {
+            dummy_do = dummy(client, es);
+            dummy_delta = dummy(client, 4);
+            (&dummy_do, 1, &dummy_delta, 1)
+        }
+    };
+
+    // Both paths take the same runtime arguments and mask flags; only the launch, the cube
+    // shape and the tiling constants differ.
+    macro_rules! launch {
+        ($kernel:path, $dim:expr, [$($tiling:expr),*]) => {
+            $kernel(
+                client,
+                grid(client, n_cubes),
+                $dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
+                buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(do_h, do_len),
+                buf(delta_h, delta_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                gh as u32,
+                qb as u32,
+                n_rb as u32,
+                n_chunks as u32,
+                cap as u32,
+                kb as u32,
+                off,
+                w,
+                p.scale,
+                f32::NEG_INFINITY,
+                $($tiling,)*
+                p.causal,
+                windowed,
+                bias.has_bias,
+                bias.has_thr,
+                inputs.schedule.is_some(),
+                bwd.is_some(),
+            )
+        };
+    }
+    let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
+    if aligned && fragment_supported(client, dtype, d) {
+        let cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
+        let rows_per_cube = 16 * cfg.planes;
+        // Dense: row groups of one head, `rows_per_cube` queries each.
+        let (qb_f, n_rb_f, n_chunks_f) = match inputs.schedule {
+            Some(_) => (qb, n_rb, (gh * qb).div_ceil(rows_per_cube)),
+            None => (rows_per_cube, p.seq_q.div_ceil(rows_per_cube), 1),
+        };
+        let count = grid(client, p.batch * (p.heads_q / gh) * n_rb_f * n_chunks_f);
+        let dim = CubeDim::new_2d(32, cfg.planes as u32);
+        let kv_len = p.batch * p.heads_kv * p.seq_k * d;
+        match bwd {
+            None => fragment::forward::fragment_forward_kernel::launch::<F>(
+                client,
+                count,
+                dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                gh as u32,
+                qb_f as u32,
+                n_rb_f as u32,
+                n_chunks_f as u32,
+                cap as u32,
+                kb as u32,
+                off,
+                w,
+                p.scale,
+                f32::NEG_INFINITY,
+                cfg,
+            ),
+            Some(_) => fragment::dq::fragment_dq_kernel::launch::<F>(
+                client,
+                count,
+                dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(do_h, do_len),
+                buf(delta_h, delta_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                gh as u32,
+                qb_f as u32,
+                n_rb_f as u32,
+                n_chunks_f as u32,
+                cap as u32,
+                kb as u32,
+                off,
+                w,
+                p.scale,
+                cfg,
+            ),
+        }
+        return Ok(());
+    }
+    match mma {
+        Some((spec, mp)) => launch!(
+            mma::mma_rows_kernel::launch::<F, M>,
+            CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+            [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
+        ),
+        None => launch!(kernels::attn_rows_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_k]),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
+    client: &Client,
+    p: &AttnProblem,
+    dtype: AttnDtype,
+    inputs: &AttnInputs,
+    clean: Option<&CleanSchedule>,
+    d_o: &Handle,
+    lse: &Handle,
+    delta: &Handle,
+    grads: &AttnGrads,
+) -> Result<(), KernelError> {
+    let plan = plan(client, p, inputs.schedule)?;
+    let d = p.head_dim;
+    let rows = p.batch * p.heads_q * p.seq_q;
+    let kv_len = p.batch * p.heads_kv * p.seq_k * d;
+    let (off, w, windowed) = mask_params(p);
+    let mma = mma_spec(client, dtype, d)
+        .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
+    let bias = BiasArgs::new(client, p, dtype, inputs);
+    let frag = (vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
+        .then(|| fragment_keys_config(p, inputs, &bias));
+    let units = match (frag, mma) {
+        (Some(cfg), _) => 16 * cfg.planes,
+        (None, Some((_, mp))) => 16 * mp.planes,
+        (None, None) => plan.keys_units,
+    };
+
+    let inv;
+    let off_dummy;
+    let rows_dummy;
+    // (offsets, offsets len, rows, rows len, sel heads, query block, row blocks, cap,
+    //  key block, n_sub, n_key_tiles)
+    let (off_h, off_len, rows_h, rows_len, hs, qb, n_rb, cap, kb, n_sub, n_kt) = match (inputs.schedule, clean) {
+        (Some(s), Some(cs)) => {
+            inv = invert(client, p, s, cs);
+            let n_bs = p.batch * s.sel_heads;
+            let n_sub = s.key_block.div_ceil(units);
+            (
+                &inv.offsets,
+                n_bs * (cs.nkb + 1),
+                &inv.rows,
+                n_bs * cs.n_rows * s.capacity,
+                s.sel_heads,
+                s.query_block,
+                cs.n_rows,
+                s.capacity,
+                s.key_block,
+                n_sub,
+                cs.nkb * n_sub,
+            )
+        }
+        _ => {
+            off_dummy = dummy(client, 4);
+            rows_dummy = dummy(client, 4);
+            (&off_dummy, 1, &rows_dummy, 1, p.heads_q, 1, p.seq_q, 1, units, 1, p.seq_k.div_ceil(units))
+        }
+    };
+    let tile_rows = match (frag, mma) {
+        (Some(cfg), _) => cfg.tile,
+        (None, Some((_, mp))) => mp.tile,
+        (None, None) => plan.tile_q,
+    };
+    let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
+    let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
+    let dk_parts = alloc(client, n_split * kv_len, 4);
+    let dv_parts = alloc(client, n_split * kv_len, 4);
+    let db_parts = alloc(client, n_split * bias.len, 4);
+    // Both paths take the same runtime arguments and mask flags; only the launch, the cube
+    // shape and the tiling constants differ.
+    macro_rules! launch {
+        ($kernel:path, $dim:expr, [$($tiling:expr),*]) => {
+            $kernel(
+                client,
+                grid(client, n_cubes),
+                $dim,
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(off_h, off_len),
+                buf(rows_h, rows_len),
+                buf(d_o, rows * d),
+                buf(lse, rows),
+                buf(delta, rows),
+                buf(&dk_parts, n_split * kv_len),
+                buf(&dv_parts, n_split * kv_len),
+                buf(&db_parts, n_split * bias.len),
+                p.batch as u32,
+                p.heads_q as u32,
+                p.heads_kv as u32,
+                p.seq_q as u32,
+                p.seq_k as u32,
+                bias.heads as u32,
+                hs as u32,
+                qb as u32,
+                n_rb as u32,
+                cap as u32,
+                kb as u32,
+                n_sub as u32,
+                n_kt as u32,
+                n_split as u32,
+                off,
+                w,
+                p.scale,
+                $($tiling,)*
+                p.causal,
+                windowed,
+                bias.has_bias,
+                bias.has_thr,
+                inputs.schedule.is_some(),
+            )
+        };
+    }
+    match (frag, mma) {
+        (Some(cfg), _) => fragment::dkdv::fragment_dkdv_kernel::launch::<F>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_2d(32, cfg.planes as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(&bias.values, bias.len),
+            buf(&bias.thr_v, bias.thr_len),
+            buf(&bias.thr_i, bias.thr_len),
+            buf(off_h, off_len),
+            buf(rows_h, rows_len),
+            buf(d_o, rows * d),
+            buf(lse, rows),
+            buf(delta, rows),
+            buf(&dk_parts, n_split * kv_len),
+            buf(&dv_parts, n_split * kv_len),
+            buf(&db_parts, n_split * bias.len),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            bias.heads as u32,
+            hs as u32,
+            qb as u32,
+            n_rb as u32,
+            cap as u32,
+            kb as u32,
+            n_sub as u32,
+            n_kt as u32,
+            n_split as u32,
+            off,
+            w,
+            p.scale,
+            cfg,
+        ),
+        (None, Some((spec, mp))) => launch!(
+            mma::mma_keys_kernel::launch::<F, M>,
+            CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+            [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
+        ),
+        (None, None) => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
+    }
+    let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
+    if let Some(dbias) = &grads.dbias {
+        outs.push((&db_parts, dbias, bias.len));
+    }
+    for (parts, out, n) in outs {
+        let (count, dim) = per_unit_launch(client, n);
+        kernels::sum_partials_kernel::launch::<F>(
+            client,
+            count,
+            dim,
+            buf(parts, n_split * n),
+            buf(out, n),
+            n as u32,
+            n_split as u32,
+        );
+    }
+    Ok(())
+}
