@@ -12,7 +12,7 @@ use cubecl::prelude::*;
 /// arguments, cube numbering, row groups and schedule walk as
 /// [`crate::mma::mma_rows_kernel`] in its forward mode, with `16 * planes` rows per cube.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::assign_op_pattern)]
 pub fn fragment_forward_kernel<F: Float>(
     q: &[Vector<F, V8>],
     k: &[Vector<F, V8>],
