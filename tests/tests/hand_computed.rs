@@ -5,13 +5,43 @@
 use burn_sparse_attn::attention::AttentionOptions;
 use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_keep_threshold};
 use burn_sparse_attn::moba::{block_mean_keys, moba_gate_scores, moba_select};
-use burn_sparse_attn::nsa::{NsaParams, nsa_compressed_attention, nsa_overlap_weights, nsa_select, nsa_selection_scores, num_compressed};
+use burn_sparse_attn::nsa::{
+    NsaParams, nsa_block_scores_from_probs, nsa_compressed_attention, nsa_overlap_weights, nsa_select, nsa_selection_scores, num_compressed,
+};
 use burn_sparse_attn::seer::{avg_pool, block_causal_mask, max_pool, min_pool, seer_attention_target, seer_gate_loss};
 use sparse_attn_tests::*;
 
 // ------------------------------------------------------------------------------------------
 // NSA
 // ------------------------------------------------------------------------------------------
+
+/// Block scores from a given probability map: with default NSA shapes (256 keys, 15
+/// compressed tokens, 4 blocks), query head 0 puts probability 1 on compressed token 3 and
+/// query head 1 (same GQA group) 0.5 on token 5; the group's scores are 1 * w[3] + 0.5 * w[5],
+/// i.e. block 0 gets 1 * 1 (token 3 shares its last 16 keys with block 0) and block 1 gets
+/// 1 * 1 + 0.5 * 2 = 2. A map given per kv head is used as is.
+#[test]
+fn nsa_block_scores_from_given_probabilities() {
+    let device = dev();
+    let p = NsaParams::default();
+    let n_cmp = num_compressed(256, 32, 16);
+    let mut probs = vec![0.0; 2 * n_cmp];
+    probs[3] = 1.0;
+    probs[n_cmp + 5] = 0.5;
+    let scores = nsa_block_scores_from_probs(tensor(probs.clone(), [1, 2, 1, n_cmp], &device), 1, 256, &p).unwrap();
+    assert_eq!(scores.dims(), [1, 1, 1, 4]);
+    assert_eq!(values(scores), vec![1.0, 2.0, 0.0, 0.0]);
+    let per_kv = nsa_block_scores_from_probs(tensor(probs[..n_cmp].to_vec(), [1, 1, 1, n_cmp], &device), 1, 256, &p).unwrap();
+    assert_eq!(values(per_kv), vec![1.0, 1.0, 0.0, 0.0]);
+    // Group sums: two kv heads of two query heads each.
+    let heads4: Vec<f64> = (0..4).flat_map(|h| (0..n_cmp).map(move |i| if i == 4 { (h + 1) as f64 } else { 0.0 })).collect();
+    let two = nsa_block_scores_from_probs(tensor(heads4, [1, 4, 1, n_cmp], &device), 2, 256, &p).unwrap();
+    // Token 4 has weight 2 on block 1 only: kv head 0 sums 1 + 2, kv head 1 sums 3 + 4.
+    assert_eq!(values(two), vec![0.0, 6.0, 0.0, 0.0, 0.0, 14.0, 0.0, 0.0]);
+    // A map with the wrong number of compressed tokens, or heads not a multiple of heads_kv.
+    assert!(nsa_block_scores_from_probs(tensor(vec![0.0; 2 * 14], [1, 2, 1, 14], &device), 1, 256, &p).is_err());
+    assert!(nsa_block_scores_from_probs(tensor(vec![0.0; 3 * n_cmp], [1, 3, 1, n_cmp], &device), 2, 256, &p).is_err());
+}
 
 #[test]
 fn nsa_overlap_weights_defaults_are_1_2_2_2_1() {

@@ -23,7 +23,7 @@ pub mod selection;
 
 pub use compression::{CompressionMlp, CompressionMlpConfig, compress_mean, num_compressed};
 pub use module::{NsaAttention, NsaAttentionConfig};
-pub use selection::{nsa_overlap_weights, nsa_select, nsa_selection_scores};
+pub use selection::{nsa_block_scores_from_probs, nsa_overlap_weights, nsa_select, nsa_selection_scores};
 
 use burn::tensor::Tensor;
 

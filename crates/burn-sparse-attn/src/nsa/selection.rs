@@ -44,7 +44,6 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
     let hkv = k_cmp.dims()[1];
     let n_sel = seq_k.div_ceil(params.select_block);
     let device = q.device();
-    let dtype = q.dtype();
     let n_cmp = k_cmp.dims()[2];
     if n_cmp == 0 {
         return Ok(Tensor::zeros([b, hkv, sq, n_sel], (&device, q.dtype())));
@@ -63,10 +62,35 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
     let lse = lse.mask_fill(empty, 0.0).expand([b, hq, sq, n_cmp]);
     let visible = compressed_visibility(sq, seq_k, n_cmp, params, &device).unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
     let p = (s - lse).exp().mask_fill(visible.bool_not(), 0.0);
-    let g = hq / hkv;
-    let p_group = p.reshape([b, hkv, g, sq, n_cmp]).sum_dim(2).reshape([b, hkv, sq, n_cmp]);
+    nsa_block_scores_from_probs(p, hkv, seq_k, params)
+}
+
+/// Selection-block scores `[b, heads_kv, sq, n_sel]` from a given compression-attention
+/// probability map `p_cmp: [b, heads_p, sq, n_cmp]` (the overlap-weighted transform on its
+/// own, for maps computed elsewhere): the probabilities are summed over the query heads of
+/// each GQA group when `heads_p` is a multiple of `heads_kv` (`heads_p == heads_kv`: already
+/// per kv head), then spread onto selection blocks with [`nsa_overlap_weights`]. Detached.
+pub fn nsa_block_scores_from_probs(p_cmp: Tensor<4>, heads_kv: usize, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
+    params.validate()?;
+    let [b, hp, sq, n_cmp] = p_cmp.dims();
+    if heads_kv == 0 || hp % heads_kv != 0 {
+        return shape_err("p_cmp", format!("heads ({hp}) must be a multiple of heads_kv ({heads_kv})"));
+    }
+    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
+        return shape_err(
+            "p_cmp",
+            format!("{n_cmp} compressed tokens, expected {} for seq_k = {seq_k}", num_compressed(seq_k, params.compress_block, params.compress_stride)),
+        );
+    }
+    let n_sel = seq_k.div_ceil(params.select_block);
+    let (device, dtype) = (p_cmp.device(), p_cmp.dtype());
+    if n_cmp == 0 {
+        return Ok(Tensor::zeros([b, heads_kv, sq, n_sel], (&device, dtype)));
+    }
+    let g = hp / heads_kv;
+    let p_group = p_cmp.detach().reshape([b, heads_kv, g, sq, n_cmp]).sum_dim(2).reshape([b, heads_kv, sq, n_cmp]);
     let w = Tensor::<2>::from_data(TensorData::new(nsa_overlap_weights(n_cmp, n_sel, params), [n_cmp, n_sel]), (&device, dtype));
-    Ok(p_group.matmul(w.unsqueeze::<4>().expand([b, hkv, n_cmp, n_sel])))
+    Ok(p_group.matmul(w.unsqueeze::<4>().expand([b, heads_kv, n_cmp, n_sel])))
 }
 
 /// Top-`n` selection per query and kv head from block scores `[b, hkv, sq, n_sel]`: blocks
