@@ -129,7 +129,7 @@ fn moba_errors() {
 // ------------------------------------------------------------------------------------------
 
 fn nsa_ok_params() -> NsaParams {
-    NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 2, window: 4, scale: None }
+    NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 2, window: 4, scale: None, ..NsaParams::default() }
 }
 
 struct NsaCase {

@@ -202,7 +202,7 @@ fn moba_grads_short_queries() {
 // ------------------------------------------------------------------------------------------
 
 fn small_nsa_params() -> NsaParams {
-    NsaParams { compress_block: 4, compress_stride: 2, select_block: 2, top_n: 4, window: 3, scale: None }
+    NsaParams { compress_block: 4, compress_stride: 2, select_block: 2, top_n: 4, window: 3, scale: None, ..NsaParams::default() }
 }
 
 #[test]

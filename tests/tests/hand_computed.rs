@@ -79,7 +79,7 @@ fn nsa_overlap_weights_defaults_are_1_2_2_2_1() {
 fn nsa_overlap_weights_small_case() {
     // Windows of 4 keys every 2, selection blocks of 4 keys, 12 keys: windows [0,4) [2,6) [4,8)
     // [6,10) [8,12); shared keys / stride:
-    let p = NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 2, window: 4, scale: None };
+    let p = NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 2, window: 4, scale: None, ..NsaParams::default() };
     let w = nsa_overlap_weights(5, 3, &p);
     #[rustfmt::skip]
     let want = [
@@ -107,7 +107,36 @@ fn nsa_num_compressed_counts_complete_windows() {
 }
 
 fn small_params(top_n: usize) -> NsaParams {
-    NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n, window: 4, scale: None }
+    NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n, window: 4, scale: None, ..NsaParams::default() }
+}
+
+/// The forced blocks are options: one query at key position 15 (16 keys, blocks of 4: its
+/// block is 3) with scores [0.1, 0.9, 0.5, 0.2] and `top_n = 3` selects {0, 2, 3} with the
+/// defaults (block 0, current, previous), the plain top-3 {1, 2, 3} with nothing forced, and
+/// {0, 1, 3} with two initial and one local block forced.
+#[test]
+fn nsa_forced_blocks_are_options() {
+    let device = dev();
+    let scores = tensor(vec![0.1, 0.9, 0.5, 0.2], [1, 1, 1, 4], &device);
+    let pick = |forced_initial: usize, forced_local: usize| {
+        let p = NsaParams { top_n: 3, select_block: 4, forced_initial, forced_local, ..small_params(3) };
+        let sel = nsa_select(scores.clone(), 1, 16, &p).unwrap();
+        let mut got = ints(sel.indices);
+        got.sort_unstable();
+        got
+    };
+    assert_eq!(pick(1, 2), vec![0, 2, 3]);
+    assert_eq!(NsaParams::default().forced_initial, 1);
+    assert_eq!(NsaParams::default().forced_local, 2);
+    assert_eq!(pick(0, 0), vec![1, 2, 3]);
+    assert_eq!(pick(2, 1), vec![0, 1, 3]);
+    // Nothing forced and a query that sees only blocks 0 and 1 (position 5): its best block.
+    let early = tensor(vec![0.1, 0.9, 0.5, 0.2], [1, 1, 1, 4], &device);
+    let p = NsaParams { top_n: 1, select_block: 4, forced_initial: 0, forced_local: 0, ..small_params(1) };
+    // seq_q 1, seq_k 16 puts the query at 15; use seq_q 11 rows to reach position 5 instead.
+    let rows = burn::tensor::Tensor::cat(vec![early; 11], 2);
+    let sel = nsa_select(rows, 11, 16, &p).unwrap();
+    assert_eq!(ints(sel.indices)[0], 1);
 }
 
 #[test]
@@ -148,7 +177,7 @@ fn nsa_selection_scores_match_naive() {
     let mut rng = Rng::new(201);
     for (hq, hkv, sq, sk, p) in [
         (4usize, 2usize, 12usize, 12usize, small_params(2)),
-        (2, 1, 5, 14, NsaParams { compress_block: 4, compress_stride: 3, select_block: 3, top_n: 2, window: 4, scale: Some(0.4) }),
+        (2, 1, 5, 14, NsaParams { compress_block: 4, compress_stride: 3, select_block: 3, top_n: 2, window: 4, scale: Some(0.4), ..NsaParams::default() }),
     ] {
         let d = 3;
         let device = dev();

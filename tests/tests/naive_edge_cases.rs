@@ -253,7 +253,7 @@ fn empty_rows_nsa_compression_branch() {
     // (LSE -inf) and no NaN reaches q, k_cmp or v_cmp. Here "k" and "v" are k_cmp and v_cmp.
     let mut rng = Rng::new(306);
     let (s, dh) = (9usize, 3usize);
-    let p = NsaParams { compress_block: 4, compress_stride: 2, select_block: 3, top_n: 3, window: 2, scale: None };
+    let p = NsaParams { compress_block: 4, compress_stride: 2, select_block: 3, top_n: 3, window: 2, scale: None, ..NsaParams::default() };
     let nc = num_compressed(s, 4, 2);
     let d = Dims::new(1, 2, 1, s, nc, dh);
     let x = Qkv::random(&mut rng, &d);
@@ -407,10 +407,10 @@ fn naive_nsa_scores(d: &Dims, q: &[f64], kc: &[f64], nc: usize, p: &NsaParams) -
 fn nsa_matches_naive_three_branches() {
     let mut rng = Rng::new(309);
     for (d, p) in [
-        (Dims::new(1, 4, 2, 13, 13, 3), NsaParams { compress_block: 4, compress_stride: 2, select_block: 2, top_n: 4, window: 3, scale: None }),
-        (Dims::new(2, 2, 1, 5, 14, 2), NsaParams { compress_block: 4, compress_stride: 3, select_block: 3, top_n: 3, window: 5, scale: Some(0.8) }),
-        (Dims::new(1, 2, 2, 1, 17, 4), NsaParams { compress_block: 4, compress_stride: 4, select_block: 4, top_n: 3, window: 4, scale: None }),
-        (Dims::new(1, 3, 1, 12, 7, 2), NsaParams { compress_block: 3, compress_stride: 2, select_block: 2, top_n: 3, window: 2, scale: None }),
+        (Dims::new(1, 4, 2, 13, 13, 3), NsaParams { compress_block: 4, compress_stride: 2, select_block: 2, top_n: 4, window: 3, scale: None, ..NsaParams::default() }),
+        (Dims::new(2, 2, 1, 5, 14, 2), NsaParams { compress_block: 4, compress_stride: 3, select_block: 3, top_n: 3, window: 5, scale: Some(0.8), ..NsaParams::default() }),
+        (Dims::new(1, 2, 2, 1, 17, 4), NsaParams { compress_block: 4, compress_stride: 4, select_block: 4, top_n: 3, window: 4, scale: None, ..NsaParams::default() }),
+        (Dims::new(1, 3, 1, 12, 7, 2), NsaParams { compress_block: 3, compress_stride: 2, select_block: 2, top_n: 3, window: 2, scale: None, ..NsaParams::default() }),
     ] {
         let device = dev();
         let nc = num_compressed(d.sk, p.compress_block, p.compress_stride);

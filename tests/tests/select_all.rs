@@ -123,9 +123,9 @@ fn moba_top_k_covering_all_blocks_equals_dense_causal() {
 fn nsa_selection_and_window_covering_everything_equal_dense() {
     let mut rng = Rng::new(103);
     for (b, hq, hkv, sq, sk, dh, params) in [
-        (1, 4, 2, 13, 13, 3, NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 4, window: 13, scale: None }),
-        (2, 2, 1, 6, 17, 4, NsaParams { compress_block: 4, compress_stride: 4, select_block: 3, top_n: 9, window: 40, scale: Some(0.6) }),
-        (1, 2, 2, 9, 9, 2, NsaParams { compress_block: 3, compress_stride: 1, select_block: 2, top_n: 5, window: 9, scale: None }),
+        (1, 4, 2, 13, 13, 3, NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 4, window: 13, scale: None, ..NsaParams::default() }),
+        (2, 2, 1, 6, 17, 4, NsaParams { compress_block: 4, compress_stride: 4, select_block: 3, top_n: 9, window: 40, scale: Some(0.6), ..NsaParams::default() }),
+        (1, 2, 2, 9, 9, 2, NsaParams { compress_block: 3, compress_stride: 1, select_block: 2, top_n: 5, window: 9, scale: None, ..NsaParams::default() }),
     ] {
         let d = Dims::new(b, hq, hkv, sq, sk, dh);
         let device = dev();

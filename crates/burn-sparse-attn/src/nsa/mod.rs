@@ -46,11 +46,26 @@ pub struct NsaParams {
     pub window: usize,
     /// Softmax scale of every branch; `None` means `1/sqrt(head_dim)`.
     pub scale: Option<f64>,
+    /// Leading selection blocks every query selects (once it can see them), counted in
+    /// `top_n`. Default 1 (block 0, as the paper).
+    pub forced_initial: usize,
+    /// Most recent selection blocks every query selects (its current block and the ones
+    /// before it), counted in `top_n`. Default 2 (as the paper). 0 and 0 give plain top-n.
+    pub forced_local: usize,
 }
 
 impl Default for NsaParams {
     fn default() -> Self {
-        Self { compress_block: 32, compress_stride: 16, select_block: 64, top_n: 16, window: 512, scale: None }
+        Self {
+            compress_block: 32,
+            compress_stride: 16,
+            select_block: 64,
+            top_n: 16,
+            window: 512,
+            scale: None,
+            forced_initial: 1,
+            forced_local: 2,
+        }
     }
 }
 

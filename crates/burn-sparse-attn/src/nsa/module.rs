@@ -35,6 +35,12 @@ pub struct NsaAttentionConfig {
     /// Sliding window. Default: 512.
     #[config(default = 512)]
     pub window: usize,
+    /// Leading selection blocks always selected. Default: 1.
+    #[config(default = 1)]
+    pub forced_initial: usize,
+    /// Most recent selection blocks always selected (current one included). Default: 2.
+    #[config(default = 2)]
+    pub forced_local: usize,
     /// One k/v projection for all three branches instead of one per branch. Default: `false`.
     #[config(default = false)]
     pub shared_kv: bool,
@@ -56,6 +62,8 @@ impl NsaAttentionConfig {
             top_n: self.top_n,
             window: self.window,
             scale: None,
+            forced_initial: self.forced_initial,
+            forced_local: self.forced_local,
         }
     }
 
@@ -81,6 +89,8 @@ impl NsaAttentionConfig {
             select_block: self.select_block,
             top_n: self.top_n,
             window: self.window,
+            forced_initial: self.forced_initial,
+            forced_local: self.forced_local,
         })
     }
 }
@@ -109,6 +119,8 @@ pub struct NsaAttention {
     select_block: usize,
     top_n: usize,
     window: usize,
+    forced_initial: usize,
+    forced_local: usize,
 }
 
 impl NsaAttention {
@@ -120,6 +132,8 @@ impl NsaAttention {
             top_n: self.top_n,
             window: self.window,
             scale: None,
+            forced_initial: self.forced_initial,
+            forced_local: self.forced_local,
         }
     }
 

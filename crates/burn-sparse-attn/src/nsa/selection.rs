@@ -94,24 +94,27 @@ pub fn nsa_block_scores_from_probs(p_cmp: Tensor<4>, heads_kv: usize, seq_k: usi
 }
 
 /// Top-`n` selection per query and kv head from block scores `[b, hkv, sq, n_sel]`: blocks
-/// starting after the query are excluded, block 0 and the query's current and previous
-/// blocks are forced in; the result has capacity `min(top_n, n_sel)` with `-1` padding.
+/// starting after the query are excluded, the first `forced_initial` blocks and the query's
+/// `forced_local` most recent ones (current block included) are forced in (defaults: block
+/// 0, the current and the previous block); the result has capacity `min(top_n, n_sel)` with
+/// `-1` padding.
 pub fn nsa_select(scores: Tensor<4>, seq_q: usize, seq_k: usize, params: &NsaParams) -> Result<BlockSelection> {
     params.validate()?;
     let [b, hkv, sq, n_sel] = scores.dims();
     if sq != seq_q || n_sel != seq_k.div_ceil(params.select_block) {
         return shape_err("scores", format!("expected [.., .., {seq_q}, {}], got {:?}", seq_k.div_ceil(params.select_block), scores.dims()));
     }
-    // Score offsets, built on the device: +inf on forced blocks (block 0, the query's current
-    // and previous blocks), 0 on other blocks that start at or before the query, -inf after.
+    // Score offsets, built on the device: +inf on forced blocks (the first `forced_initial`,
+    // the `forced_local` most recent), 0 on other blocks that start at or before the query,
+    // -inf after.
     let ls = params.select_block as i64;
     let device = scores.device();
     let (pos, j) = crate::grid::row_col(sq, n_sel, seq_k as i64 - seq_q as i64, &device);
     let seen = pos.clone().greater_equal_elem(0);
     let cur = pos.clone().clamp_min(0).div_scalar(ls);
-    let forced = seen.bool_and(
-        j.clone().equal_elem(0).bool_or(j.clone().equal(cur.clone())).bool_or(j.clone().equal(cur - 1)),
-    );
+    let initial = j.clone().lower_elem(params.forced_initial as i64);
+    let local = j.clone().lower_equal(cur.clone()).bool_and(j.clone().greater(cur - params.forced_local as i64));
+    let forced = seen.bool_and(initial.bool_or(local));
     let allowed = (j * ls).lower_equal(pos);
     let add = Tensor::<2>::zeros([sq, n_sel], (&device, scores.dtype()))
         .mask_fill(allowed.bool_not(), f64::NEG_INFINITY)
