@@ -1,13 +1,14 @@
 //! Bad input returns a `SparseAttnError` naming the offending argument (never a panic).
 
 use burn::nn::LinearConfig;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use burn_sparse_attn::attention::{AttentionOptions, KeepThreshold, KeyBias, attention, attention_with_bias};
 use burn_sparse_attn::block_sparse::{BlockSelection, block_sparse_attention};
 use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_bias, dma_keep_threshold};
 use burn_sparse_attn::moba::{MobaParams, block_mean_keys, moba_attention, moba_gate_scores, moba_select};
 use burn_sparse_attn::nsa::compression::compression_windows;
 use burn_sparse_attn::nsa::{
+    NsaBlocks, nsa_attention_with,
     CompressionMlpConfig, NsaInputs, NsaParams, nsa_attention, nsa_select, nsa_selection_scores, num_compressed,
 };
 use burn_sparse_attn::rope::apply_rope;
@@ -208,6 +209,20 @@ fn nsa_gates_and_compressed_count_errors() {
     assert_shape_err("k_cmp count", nsa_selection_scores(c.q.clone(), r(&mut rng, [1, 1, 2, 3]), lse, 10, &p), &["k_cmp"]);
     assert_shape_err("scores shape", nsa_select(r(&mut rng, [1, 1, 10, 2]), 10, 10, &p), &["scores"]);
     assert_shape_err("scores rows", nsa_select(r(&mut rng, [1, 1, 9, 3]), 10, 10, &p), &["scores"]);
+}
+
+#[test]
+fn nsa_given_blocks_and_counts_errors() {
+    let mut rng = Rng::new(408);
+    let c = NsaCase::new(&mut rng);
+    let p = nsa_ok_params();
+    let dev = c.q.device();
+    let lists = |shape: [usize; 4]| Tensor::<4, Int>::zeros(shape, &dev);
+    assert!(nsa_attention_with(c.inputs(), &p, NsaBlocks::Given(lists([1, 1, 10, 2])), None).is_ok());
+    assert_shape_err("given lists rows", nsa_attention_with(c.inputs(), &p, NsaBlocks::Given(lists([1, 1, 9, 2])), None), &["blocks"]);
+    assert_shape_err("given lists heads", nsa_attention_with(c.inputs(), &p, NsaBlocks::Given(lists([1, 2, 10, 2])), None), &["blocks"]);
+    let counts = Tensor::<3, Int>::zeros([1, 1, 9], &dev);
+    assert_shape_err("counts shape", nsa_attention_with(c.inputs(), &p, NsaBlocks::Computed, Some(counts)), &["counts"]);
 }
 
 #[test]

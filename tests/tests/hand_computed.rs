@@ -2,11 +2,12 @@
 //! top-n rules; MoBA's routing rules; SeerAttention's pooling, block mask, target and loss;
 //! DMA's keep threshold. Every expected value below is worked out by hand in the comments.
 
+use burn::tensor::{Int, Tensor};
 use burn_sparse_attn::attention::AttentionOptions;
 use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_keep_threshold};
 use burn_sparse_attn::moba::{block_mean_keys, moba_gate_scores, moba_select};
 use burn_sparse_attn::nsa::{
-    NsaParams, nsa_block_scores_from_probs, nsa_compressed_attention, nsa_overlap_weights, nsa_select, nsa_selection_scores, num_compressed,
+    NsaBlocks, NsaInputs, NsaParams, nsa_attention, nsa_attention_with, nsa_block_scores_from_probs, nsa_compressed_attention, nsa_overlap_weights, nsa_select, nsa_selection_scores, num_compressed,
 };
 use burn_sparse_attn::seer::{avg_pool, block_causal_mask, max_pool, min_pool, seer_attention_target, seer_gate_loss};
 use sparse_attn_tests::*;
@@ -134,9 +135,48 @@ fn nsa_forced_blocks_are_options() {
     let early = tensor(vec![0.1, 0.9, 0.5, 0.2], [1, 1, 1, 4], &device);
     let p = NsaParams { top_n: 1, select_block: 4, forced_initial: 0, forced_local: 0, ..small_params(1) };
     // seq_q 1, seq_k 16 puts the query at 15; use seq_q 11 rows to reach position 5 instead.
-    let rows = burn::tensor::Tensor::cat(vec![early; 11], 2);
+    let rows = Tensor::cat(vec![early; 11], 2);
     let sel = nsa_select(rows, 11, 16, &p).unwrap();
     assert_eq!(ints(sel.indices)[0], 1);
+}
+
+/// A given selection equal to the computed one reproduces NSA exactly; per-token counts keep
+/// the first entries of each list (count = capacity changes nothing; count 1 equals giving
+/// the first column only; count 0 leaves the selection branch empty: output 0).
+#[test]
+fn nsa_given_selection_and_per_token_counts() {
+    let device = dev();
+    let mut rng = Rng::new(230);
+    let p = small_params(3);
+    let (hq, hkv, s, d) = (4usize, 2usize, 14usize, 3usize);
+    let nc = num_compressed(s, p.compress_block, p.compress_stride);
+    let t = |rng: &mut Rng, shape: [usize; 4]| rng.randn(shape, 1.0, &device);
+    let inputs = NsaInputs {
+        q: t(&mut rng, [1, hq, s, d]),
+        k_cmp: t(&mut rng, [1, hkv, nc, d]),
+        v_cmp: t(&mut rng, [1, hkv, nc, d]),
+        k_slc: t(&mut rng, [1, hkv, s, d]),
+        v_slc: t(&mut rng, [1, hkv, s, d]),
+        k_win: t(&mut rng, [1, hkv, s, d]),
+        v_win: t(&mut rng, [1, hkv, s, d]),
+        gates: t(&mut rng, [1, hq, s, 3]),
+    };
+    let base = nsa_attention(inputs.clone(), &p).unwrap();
+    let given = nsa_attention_with(inputs.clone(), &p, NsaBlocks::Given(base.selection.indices.clone()), None).unwrap();
+    assert_eq!(values(given.output.clone()), values(base.output.clone()));
+    let full = Tensor::<3, Int>::full([1, hkv, s], 3, &device);
+    let counted = nsa_attention_with(inputs.clone(), &p, NsaBlocks::Computed, Some(full)).unwrap();
+    assert_eq!(values(counted.output), values(base.output.clone()));
+    let one = Tensor::<3, Int>::ones([1, hkv, s], &device);
+    let first = nsa_attention_with(inputs.clone(), &p, NsaBlocks::Computed, Some(one)).unwrap();
+    let first_col = base.selection.indices.clone().slice([0..1, 0..hkv, 0..s, 0..1]);
+    let given_first = nsa_attention_with(inputs.clone(), &p, NsaBlocks::Given(first_col), None).unwrap();
+    assert_eq!(values(first.selected.output.clone()), values(given_first.selected.output));
+    assert!(ints(first.selection.indices.slice([0..1, 0..hkv, 0..s, 1..3])).iter().all(|&x| x == -1));
+    assert_ne!(values(first.selected.output), values(base.selected.output.clone()));
+    let zero = Tensor::<3, Int>::zeros([1, hkv, s], &device);
+    let none = nsa_attention_with(inputs, &p, NsaBlocks::Computed, Some(zero)).unwrap();
+    assert!(values(none.selected.output).iter().all(|&x| x == 0.0));
 }
 
 #[test]

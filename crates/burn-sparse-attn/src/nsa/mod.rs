@@ -25,7 +25,7 @@ pub use compression::{CompressionMlp, CompressionMlpConfig, compress_mean, num_c
 pub use module::{NsaAttention, NsaAttentionConfig};
 pub use selection::{nsa_block_scores_from_probs, nsa_overlap_weights, nsa_select, nsa_selection_scores};
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::attention::{AttentionOptions, AttentionOutput, attention, validate_qkv};
 use crate::block_sparse::{BlockSelection, block_sparse_attention};
@@ -158,8 +158,27 @@ pub fn nsa_compressed_attention(
     Ok(crate::attention::reference::masked_attention(q, k_cmp, v_cmp, Some(mask), None, scale, &dims))
 }
 
+/// Where the selection branch's blocks come from.
+#[derive(Debug, Clone)]
+pub enum NsaBlocks {
+    /// Scored from the compression branch and chosen by [`nsa_select`] (NSA itself).
+    Computed,
+    /// Given per-token lists of selection-block indices `[b, heads_kv, seq_q, n]` (`-1`
+    /// padded, any order; out-of-range entries are ignored), e.g. from another router or a
+    /// reference implementation. The compression branch still runs for its output.
+    Given(Tensor<4, Int>),
+}
+
 /// The full NSA forward on precomputed branch inputs.
 pub fn nsa_attention(inputs: NsaInputs, params: &NsaParams) -> Result<NsaOutput> {
+    nsa_attention_with(inputs, params, NsaBlocks::Computed, None)
+}
+
+/// [`nsa_attention`] with the selection's source chosen by `blocks`, and optionally a number
+/// of blocks per query `counts: [b, heads_kv, seq_q]` (as flash-linear-attention's
+/// `block_counts`): list entries at or past a query's count are dropped. Computed lists are
+/// ordered by score (forced blocks first), so a count keeps the best blocks.
+pub fn nsa_attention_with(inputs: NsaInputs, params: &NsaParams, blocks: NsaBlocks, counts: Option<Tensor<3, Int>>) -> Result<NsaOutput> {
     params.validate()?;
     let NsaInputs { q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates } = inputs;
     let dims = validate_qkv(&q, &k_slc, &v_slc).map_err(|e| rename_kv(e, "k_slc", "v_slc"))?;
@@ -170,8 +189,31 @@ pub fn nsa_attention(inputs: NsaInputs, params: &NsaParams) -> Result<NsaOutput>
     }
     let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)
         .map_err(|e| rename_kv(e, "k_cmp", "v_cmp"))?;
-    let scores = nsa_selection_scores(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?;
-    let selection = nsa_select(scores, dims.seq_q, dims.seq_k, params)?;
+    let mut selection = match blocks {
+        NsaBlocks::Computed => {
+            let scores = nsa_selection_scores(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?;
+            nsa_select(scores, dims.seq_q, dims.seq_k, params)?
+        }
+        NsaBlocks::Given(indices) => {
+            let [b, h, s, n] = indices.dims();
+            if [b, h, s] != [dims.batch, dims.heads_kv, dims.seq_q] || n == 0 {
+                return shape_err(
+                    "blocks",
+                    format!("expected [{}, {}, {}, n >= 1], got {:?}", dims.batch, dims.heads_kv, dims.seq_q, indices.dims()),
+                );
+            }
+            BlockSelection::per_token(indices, params.select_block)
+        }
+    };
+    if let Some(counts) = counts {
+        let [b, h, s, n] = selection.indices.dims();
+        if counts.dims() != [b, h, s] {
+            return shape_err("counts", format!("expected [{b}, {h}, {s}], got {:?}", counts.dims()));
+        }
+        let slot = Tensor::<1, Int>::arange(0..n as i64, &counts.device()).reshape([1, 1, 1, n]).expand([b, h, s, n]);
+        let past = slot.greater_equal(counts.reshape([b, h, s, 1]).expand([b, h, s, n]));
+        selection.indices = selection.indices.mask_fill(past, -1);
+    }
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
     let selected = block_sparse_attention(q.clone(), k_slc, v_slc, &selection, &opts)?;
     let window = attention(q, k_win, v_win, &opts.with_window(params.window))?;
