@@ -327,10 +327,20 @@ fn nsa_module_grads_compression_mlp_gate_and_projections() {
 // ------------------------------------------------------------------------------------------
 
 fn seer_gate_case(head_dim: usize, hidden: usize, seed: u64) {
+    seer_gate_case_keys(head_dim, hidden, seed, false);
+}
+
+/// `kv_keys`: the key map has one head per kv head ([`AttnGate::new_kv_keys`]).
+fn seer_gate_case_keys(head_dim: usize, hidden: usize, seed: u64, kv_keys: bool) {
     let mut rng = Rng::new(seed);
     let (b, hq, hkv, s, bs) = (1, 2, 1, 7, 2);
     let ad = ad_dev();
-    let gate = module_to_f64(AttnGate::new(hq, head_dim, bs, hidden, 10000.0, &ad).unwrap());
+    let gate = if kv_keys {
+        AttnGate::new_kv_keys(hq, hkv, head_dim, bs, hidden, 10000.0, &ad).unwrap()
+    } else {
+        AttnGate::new(hq, head_dim, bs, hidden, 10000.0, &ad).unwrap()
+    };
+    let gate = module_to_f64(gate);
     // Larger weights than the 0.02 init, so that the gate is far from uniform.
     let gate = gate_scaled(gate, &mut rng);
     let q = rng.randn([b, hq, s, head_dim], 1.0, &ad);
@@ -369,6 +379,13 @@ fn seer_gate_loss_grads_wrt_gate_weights() {
 #[test]
 fn seer_gate_loss_grads_without_q_proj() {
     seer_gate_case(4, 4, 14);
+}
+
+#[test]
+fn seer_gate_loss_grads_with_kv_head_key_maps() {
+    // Two query heads share one kv head and its key map: the shared weights' gradient is the
+    // sum over the group.
+    seer_gate_case_keys(4, 6, 131, true);
 }
 
 #[test]

@@ -94,6 +94,10 @@ fn seer_round_trip() {
     for kv in layouts() {
         for (top_k, mode) in [(Some(2), SeerMode::Sparse), (None, SeerMode::Sparse), (None, SeerMode::Distill)] {
             let cfg = SeerAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(kv).with_block_size(4).with_gate_hidden(8).with_top_k(top_k).with_mode(mode);
+            // The per-kv-head gate key maps save, load and run the same way.
+            let cfg = cfg.with_gate_kv_head_keys(top_k.is_none() && mode == SeerMode::Sparse);
+            let k_heads = if cfg.gate_kv_head_keys { kv.unwrap_or(4) } else { 4 };
+            assert_eq!(cfg.init(&dev()).unwrap().gate.k_proj.weight.dims()[0], k_heads);
             let a = cfg.init(&dev()).unwrap();
             let what = format!("seer {kv:?} {top_k:?} {mode:?}");
             round_trip(&what, &a, cfg.init(&dev()).unwrap(), |m: &SeerAttention, x| m.forward(x).unwrap());

@@ -825,6 +825,41 @@ fn rope_matches_naive_f64() {
 // SeerAttention gate logits
 // ------------------------------------------------------------------------------------------
 
+/// A gate with one key map per kv head equals a per-query-head gate whose key maps repeat
+/// each kv head's weights over its GQA group (the published layout loads without
+/// broadcasting), and a kv-head count that does not divide the query heads is an error.
+#[test]
+fn seer_gate_kv_head_keys_equal_repeated_query_head_keys() {
+    use burn::module::{Param, ParamId};
+    use burn_sparse_attn::seer::AttnGate;
+    let mut rng = Rng::new(320);
+    let device = dev();
+    let d = Dims::new(2, 4, 2, 9, 9, 4);
+    let (bs, hidden) = (3usize, 6usize);
+    let kv_gate = randomize_params(module_to_f64(AttnGate::new_kv_keys(d.hq, d.hkv, d.d, bs, hidden, 1e4, &device).unwrap()), 321, 0.5);
+    assert_eq!(kv_gate.k_proj.weight.dims(), [d.hkv, 3 * d.d, hidden]);
+    let g = d.hq / d.hkv;
+    let repeated = kv_gate
+        .k_proj
+        .weight
+        .val()
+        .reshape([d.hkv, 1, 3 * d.d, hidden])
+        .expand([d.hkv, g, 3 * d.d, hidden])
+        .reshape([d.hq, 3 * d.d, hidden]);
+    let mut q_gate = module_to_f64(AttnGate::new(d.hq, d.d, bs, hidden, 1e4, &device).unwrap());
+    q_gate.q_proj = kv_gate.q_proj.clone();
+    q_gate.k_proj.weight = Param::initialized(ParamId::new(), repeated);
+    let x = Qkv::random(&mut rng, &d);
+    let (q, k, _) = x.tensors(&d);
+    let a = values(kv_gate.logits(q.clone(), k.clone()).unwrap());
+    let b = values(q_gate.logits(q, k).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x == y) || (x - y).abs() < 1e-12, "{x} vs {y}");
+    }
+    assert!(AttnGate::new_kv_keys(4, 3, 4, 3, 6, 1e4, &device).is_err());
+}
+
 #[test]
 #[allow(clippy::needless_range_loop)] // the naive loops index several arrays by the same (i, j), as the formula does
 fn seer_gate_logits_match_naive() {

@@ -101,7 +101,9 @@ pub fn block_causal_mask(seq_q: usize, seq_k: usize, block: usize, device: &Devi
 pub struct AttnGate {
     /// Query map `head_dim -> gate_hidden` (absent when they are equal, as in the reference).
     pub q_proj: Option<MultiHeadLinear>,
-    /// Key map `3 * head_dim -> gate_hidden`, one per query head.
+    /// Key map `3 * head_dim -> gate_hidden`: one per query head, or one per kv head (shared
+    /// by its GQA group, the published layout when queries are mapped too; see
+    /// [`AttnGate::new_kv_keys`]).
     pub k_proj: MultiHeadLinear,
     block_size: usize,
     hidden: usize,
@@ -120,6 +122,28 @@ impl AttnGate {
         Ok(Self { q_proj, k_proj: MultiHeadLinear::new(heads_q, 3 * head_dim, hidden, device), block_size, hidden, rope_theta })
     }
 
+    /// A gate whose key map has one head per kv head (`heads_kv`), shared by the query heads
+    /// of its GQA group: the published gate's layout under GQA when it maps queries too, so its
+    /// weights load as they are. Equal to a per-query-head map with each kv head's weights
+    /// repeated over its group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_kv_keys(
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        block_size: usize,
+        hidden: usize,
+        rope_theta: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        if heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
+            return crate::error::param_err("heads_kv", format!("must divide heads_q ({heads_q}), got {heads_kv}"));
+        }
+        let mut gate = Self::new(heads_q, head_dim, block_size, hidden, rope_theta, device)?;
+        gate.k_proj = MultiHeadLinear::new(heads_kv, 3 * head_dim, hidden, device);
+        Ok(gate)
+    }
+
     /// Keys per block.
     pub fn block_size(&self) -> usize {
         self.block_size
@@ -135,8 +159,17 @@ impl AttnGate {
         {
             return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1], q.dims()));
         }
-        if self.k_proj.weight.dims() != [hq, 3 * d, self.hidden] {
-            return shape_err("q", format!("gate expects {} query heads of width {}, got {:?}", self.k_proj.weight.dims()[0], self.k_proj.weight.dims()[1] / 3, q.dims()));
+        let k_heads = self.k_proj.weight.dims()[0];
+        if self.k_proj.weight.dims() != [k_heads, 3 * d, self.hidden] || (k_heads != hq && k_heads != hkv) {
+            return shape_err(
+                "k",
+                format!(
+                    "gate expects keys of width {} with {k_heads} query or kv heads, got q {:?}, k {:?}",
+                    self.k_proj.weight.dims()[1] / 3,
+                    q.dims(),
+                    k.dims()
+                ),
+            );
         }
         let bs = self.block_size;
         let qp = avg_pool(q, bs);
@@ -147,8 +180,14 @@ impl AttnGate {
         let kp = Tensor::cat(vec![max_pool(k.clone(), bs), min_pool(k.clone(), bs), avg_pool(k, bs)], 3);
         let nk = kp.dims()[2];
         let g = hq / hkv;
-        let kp = kp.reshape([b, hkv, 1, nk, 3 * d]).expand([b, hkv, g, nk, 3 * d]).reshape([b, hq, nk, 3 * d]);
-        let kg = self.k_proj.forward(kp);
+        let h = self.hidden;
+        // Per-kv-head key maps run once per kv head and are shared by the group; per-query-head
+        // maps read their kv head's pooled keys.
+        let kg = if k_heads == hq {
+            self.k_proj.forward(kp.reshape([b, hkv, 1, nk, 3 * d]).expand([b, hkv, g, nk, 3 * d]).reshape([b, hq, nk, 3 * d]))
+        } else {
+            self.k_proj.forward(kp).reshape([b, hkv, 1, nk, h]).expand([b, hkv, g, nk, h]).reshape([b, hq, nk, h])
+        };
         let nq = qg.dims()[2];
         let off = seq_k - seq_q.min(seq_k);
         let qpos: Vec<usize> = (0..nq).map(|i| i * bs + off).collect();

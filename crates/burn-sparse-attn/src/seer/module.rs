@@ -35,6 +35,10 @@ pub struct SeerAttentionConfig {
     /// Gate hidden width. Default: 128.
     #[config(default = 128)]
     pub gate_hidden: usize,
+    /// One gate key map per kv head, shared by its GQA group (the published gate's layout
+    /// when it maps queries too), instead of one per query head. Default: `false`.
+    #[config(default = false)]
+    pub gate_kv_head_keys: bool,
     /// Keep blocks with gate probability above this. Default: 1e-3.
     #[config(default = 1e-3)]
     pub threshold: f64,
@@ -66,7 +70,11 @@ impl SeerAttentionConfig {
         }
         Ok(SeerAttention {
             proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
-            gate: AttnGate::new(layout.n_heads, layout.head_dim, self.block_size, self.gate_hidden, self.rope_theta, device)?,
+            gate: if self.gate_kv_head_keys {
+                AttnGate::new_kv_keys(layout.n_heads, layout.n_kv_heads, layout.head_dim, self.block_size, self.gate_hidden, self.rope_theta, device)?
+            } else {
+                AttnGate::new(layout.n_heads, layout.head_dim, self.block_size, self.gate_hidden, self.rope_theta, device)?
+            },
             threshold: self.threshold,
             top_k: self.top_k.unwrap_or(0),
             loss_skip_fraction: self.loss_skip_fraction,
