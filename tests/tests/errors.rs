@@ -289,6 +289,10 @@ fn seer_errors() {
     assert_param_err("gate block 0", AttnGate::new(2, 4, 0, 8, 1e4, &device), &["block_size"]);
     assert_param_err("gate hidden odd", AttnGate::new(2, 4, 2, 7, 1e4, &device), &["gate_hidden"]);
     assert_param_err("gate hidden 0", AttnGate::new(2, 4, 2, 0, 1e4, &device), &["gate_hidden"]);
+    use burn_sparse_attn::seer::GatePool;
+    assert_param_err("gate q pool empty", AttnGate::with_pooling(2, 2, 4, 2, 8, 1e4, &[], &[GatePool::Avg], &device), &["q_pool"]);
+    assert_param_err("gate k pool empty", AttnGate::with_pooling(2, 2, 4, 2, 8, 1e4, &[GatePool::Avg], &[], &device), &["k_pool"]);
+    assert_param_err("gate key heads", AttnGate::with_pooling(4, 3, 4, 2, 8, 1e4, &[GatePool::Avg], &[GatePool::Avg], &device), &["heads_kv"]);
     let gate = AttnGate::new(2, 4, 2, 8, 1e4, &device).unwrap();
     let k = r(&mut rng, [1, 1, 6, 4]);
     assert!(gate.logits(r(&mut rng, [1, 2, 6, 4]), k.clone()).is_ok());

@@ -5,6 +5,7 @@ use burn::module::{Module, Param};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{DType, Tensor};
 use burn_sparse_attn::attention::{AttentionOptions, attention};
+use burn_sparse_attn::seer::GatePool;
 use burn_sparse_attn::{
     DenseAttention, DenseAttentionConfig, DmaAttention, DmaAttentionConfig, MobaAttention, MobaAttentionConfig, NsaAttention,
     NsaAttentionConfig, SeerAttention, SeerAttentionConfig, SeerMode,
@@ -96,6 +97,12 @@ fn seer_round_trip() {
             let cfg = SeerAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(kv).with_block_size(4).with_gate_hidden(8).with_top_k(top_k).with_mode(mode);
             // The per-kv-head gate key maps save, load and run the same way.
             let cfg = cfg.with_gate_kv_head_keys(top_k.is_none() && mode == SeerMode::Sparse);
+            // And the other published poolings (queries by max and mean, keys by mean only).
+            let cfg = if mode == SeerMode::Distill {
+                cfg.with_gate_q_pool(vec![GatePool::Max, GatePool::Avg]).with_gate_k_pool(vec![GatePool::Avg])
+            } else {
+                cfg
+            };
             let k_heads = if cfg.gate_kv_head_keys { kv.unwrap_or(4) } else { 4 };
             assert_eq!(cfg.init(&dev()).unwrap().gate.k_proj.weight.dims()[0], k_heads);
             let a = cfg.init(&dev()).unwrap();

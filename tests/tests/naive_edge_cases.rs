@@ -863,16 +863,35 @@ fn seer_gate_kv_head_keys_equal_repeated_query_head_keys() {
 #[test]
 #[allow(clippy::needless_range_loop)] // the naive loops index several arrays by the same (i, j), as the formula does
 fn seer_gate_logits_match_naive() {
-    // Pooled q (mean) through the per-head q map, pooled k (max | min | mean of the kv head)
-    // through the per-query-head k map, block RoPE at each block's first-token position,
-    // scaled dot product, block-causal -inf mask.
-    use burn_sparse_attn::seer::AttnGate;
+    // Pooled q (mean by default) through the per-head q map, pooled k (max | min | mean of the
+    // kv head by default) through the per-query-head k map, block RoPE at each block's
+    // first-token position, scaled dot product, block-causal -inf mask; then the other
+    // published poolings (q by max and mean; k by any of max, min and mean, in any order).
+    use burn_sparse_attn::seer::{AttnGate, GatePool};
+    use GatePool::{Avg, Max, Min};
     let mut rng = Rng::new(318);
     let theta = 10000.0;
-    for (d, bs, hidden) in [(Dims::new(1, 4, 2, 7, 7, 4), 2usize, 6usize), (Dims::new(2, 2, 1, 5, 11, 4), 3, 4), (Dims::new(1, 2, 2, 9, 9, 2), 4, 8)] {
+    let cases: [(Dims, usize, usize, &[GatePool], &[GatePool]); 6] = [
+        (Dims::new(1, 4, 2, 7, 7, 4), 2, 6, &[Avg], &[Max, Min, Avg]),
+        (Dims::new(2, 2, 1, 5, 11, 4), 3, 4, &[Avg], &[Max, Min, Avg]),
+        (Dims::new(1, 2, 2, 9, 9, 2), 4, 8, &[Avg], &[Max, Min, Avg]),
+        (Dims::new(1, 4, 2, 7, 7, 4), 2, 6, &[Max, Avg], &[Avg]),
+        (Dims::new(2, 2, 1, 5, 11, 2), 3, 4, &[Max, Avg], &[Min, Max]),
+        (Dims::new(1, 2, 2, 9, 9, 4), 4, 8, &[Avg], &[Avg, Min]),
+    ];
+    for (d, bs, hidden, q_pool, k_pool) in cases {
         let device = dev();
-        let gate = randomize_params(module_to_f64(AttnGate::new(d.hq, d.d, bs, hidden, theta, &device).unwrap()), 319, 0.5);
-        assert_eq!(gate.q_proj.is_some(), d.d != hidden);
+        let gate = AttnGate::with_pooling(d.hq, d.hq, d.d, bs, hidden, theta, q_pool, k_pool, &device).unwrap();
+        let gate = randomize_params(module_to_f64(gate), 319, 0.5);
+        assert_eq!(gate.q_proj.is_some(), q_pool.len() * d.d != hidden);
+        let pool = |kind: GatePool, vals: Vec<f64>| -> f64 {
+            match kind {
+                Avg => vals.iter().sum::<f64>() / vals.len() as f64,
+                Max => vals.into_iter().fold(f64::NEG_INFINITY, f64::max),
+                Min => vals.into_iter().fold(f64::INFINITY, f64::min),
+            }
+        };
+        let (nqp, nkp) = (q_pool.len(), k_pool.len());
         let x = Qkv::random(&mut rng, &d);
         let (q, k, _) = x.tensors(&d);
         let got = values(gate.logits(q, k).unwrap());
@@ -897,9 +916,10 @@ fn seer_gate_logits_match_naive() {
                 let qg: Vec<Vec<f64>> = (0..nq)
                     .map(|i| {
                         let rows: Vec<usize> = (i * bs..((i + 1) * bs).min(d.sq)).collect();
-                        let pooled: Vec<f64> = (0..d.d).map(|t| rows.iter().map(|&r| x.q[d.qi(b, h, r) + t]).sum::<f64>() / rows.len() as f64).collect();
+                        let col = |t: usize| rows.iter().map(|&r| x.q[d.qi(b, h, r) + t]).collect::<Vec<f64>>();
+                        let pooled: Vec<f64> = q_pool.iter().flat_map(|&kind| (0..d.d).map(move |t| (kind, t))).map(|(kind, t)| pool(kind, col(t))).collect();
                         let mut g: Vec<f64> = match &wq {
-                            Some(w) => (0..hidden).map(|o| (0..d.d).map(|t| pooled[t] * w[(h * d.d + t) * hidden + o]).sum()).collect(),
+                            Some(w) => (0..hidden).map(|o| (0..nqp * d.d).map(|t| pooled[t] * w[(h * nqp * d.d + t) * hidden + o]).sum()).collect(),
                             None => pooled,
                         };
                         rope(&mut g, i * bs + off);
@@ -910,11 +930,8 @@ fn seer_gate_logits_match_naive() {
                     .map(|j| {
                         let rows: Vec<usize> = (j * bs..((j + 1) * bs).min(d.sk)).collect();
                         let col = |t: usize| rows.iter().map(|&r| x.k[d.ki(b, hk, r) + t]).collect::<Vec<f64>>();
-                        let mut pooled = Vec::new();
-                        pooled.extend((0..d.d).map(|t| col(t).into_iter().fold(f64::NEG_INFINITY, f64::max)));
-                        pooled.extend((0..d.d).map(|t| col(t).into_iter().fold(f64::INFINITY, f64::min)));
-                        pooled.extend((0..d.d).map(|t| col(t).iter().sum::<f64>() / rows.len() as f64));
-                        let mut g: Vec<f64> = (0..hidden).map(|o| (0..3 * d.d).map(|t| pooled[t] * wk[(h * 3 * d.d + t) * hidden + o]).sum()).collect();
+                        let pooled: Vec<f64> = k_pool.iter().flat_map(|&kind| (0..d.d).map(move |t| (kind, t))).map(|(kind, t)| pool(kind, col(t))).collect();
+                        let mut g: Vec<f64> = (0..hidden).map(|o| (0..nkp * d.d).map(|t| pooled[t] * wk[(h * nkp * d.d + t) * hidden + o]).sum()).collect();
                         rope(&mut g, j * bs);
                         g
                     })
@@ -932,6 +949,6 @@ fn seer_gate_logits_match_naive() {
             }
         }
         // 1e-6: the library's RoPE tables are f32 today (see rope_matches_naive_f64).
-        assert_close(&format!("seer gate logits {d:?}"), &got, &want, 1e-6, 1e-6);
+        assert_close(&format!("seer gate logits {d:?} q {q_pool:?} k {k_pool:?}"), &got, &want, 1e-6, 1e-6);
     }
 }

@@ -19,7 +19,7 @@
 
 mod module;
 
-pub use module::{SeerAttention, SeerAttentionConfig, SeerMode};
+pub use module::{GatePool, SeerAttention, SeerAttentionConfig, SeerMode};
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
@@ -97,9 +97,34 @@ pub fn block_causal_mask(seq_q: usize, seq_k: usize, block: usize, device: &Devi
 }
 
 /// The AttnGate parameters.
+impl GatePool {
+    /// The published defaults: queries by average, keys by max, min and average, in that
+    /// order (`Qavg_Kmaxminavg`).
+    pub const DEFAULT_Q: [GatePool; 1] = [GatePool::Avg];
+    /// See [`GatePool::DEFAULT_Q`].
+    pub const DEFAULT_K: [GatePool; 3] = [GatePool::Max, GatePool::Min, GatePool::Avg];
+
+    fn pool(self, x: Tensor<4>, block: usize) -> Tensor<4> {
+        match self {
+            GatePool::Avg => avg_pool(x, block),
+            GatePool::Max => max_pool(x, block),
+            GatePool::Min => min_pool(x, block),
+        }
+    }
+}
+
+/// The pooled features of each block: the poolings of `x` concatenated along the channels.
+fn pool_concat(x: Tensor<4>, pools: &[GatePool], block: usize) -> Tensor<4> {
+    if pools.len() == 1 {
+        return pools[0].pool(x, block);
+    }
+    Tensor::cat(pools.iter().map(|p| p.pool(x.clone(), block)).collect(), 3)
+}
+
 #[derive(Module, Debug)]
 pub struct AttnGate {
-    /// Query map `head_dim -> gate_hidden` (absent when they are equal, as in the reference).
+    /// Query map `len(q_pool) * head_dim -> gate_hidden` (absent when they are equal, as in
+    /// the reference).
     pub q_proj: Option<MultiHeadLinear>,
     /// Key map `3 * head_dim -> gate_hidden`: one per query head, or one per kv head (shared
     /// by its GQA group, the published layout when queries are mapped too; see
@@ -108,18 +133,58 @@ pub struct AttnGate {
     block_size: usize,
     hidden: usize,
     rope_theta: f64,
+    #[module(skip)]
+    q_pool: Vec<GatePool>,
+    #[module(skip)]
+    k_pool: Vec<GatePool>,
 }
 
 impl AttnGate {
     /// A gate for `heads_q` query heads of width `head_dim`.
     pub fn new(heads_q: usize, head_dim: usize, block_size: usize, hidden: usize, rope_theta: f64, device: &Device) -> Result<Self> {
+        Self::with_pooling(heads_q, heads_q, head_dim, block_size, hidden, rope_theta, &GatePool::DEFAULT_Q, &GatePool::DEFAULT_K, device)
+    }
+
+    /// A gate with the given poolings: `q_pool` (the published choices: average, or max and
+    /// average) and `k_pool` (any of max, min and average, concatenated in the given order),
+    /// and `k_heads` key maps (`heads_q`, or `heads_kv` as in [`AttnGate::new_kv_keys`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_pooling(
+        heads_q: usize,
+        k_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        hidden: usize,
+        rope_theta: f64,
+        q_pool: &[GatePool],
+        k_pool: &[GatePool],
+        device: &Device,
+    ) -> Result<Self> {
         check_positive("block_size", block_size)?;
         check_positive("gate_hidden", hidden)?;
         if !hidden.is_multiple_of(2) {
             return crate::error::param_err("gate_hidden", format!("block RoPE needs an even width, got {hidden}"));
         }
-        let q_proj = (head_dim != hidden).then(|| MultiHeadLinear::new(heads_q, head_dim, hidden, device));
-        Ok(Self { q_proj, k_proj: MultiHeadLinear::new(heads_q, 3 * head_dim, hidden, device), block_size, hidden, rope_theta })
+        if q_pool.is_empty() {
+            return crate::error::param_err("q_pool", "needs at least one pooling");
+        }
+        if k_pool.is_empty() {
+            return crate::error::param_err("k_pool", "needs at least one pooling");
+        }
+        if k_heads == 0 || !heads_q.is_multiple_of(k_heads) {
+            return crate::error::param_err("heads_kv", format!("must divide heads_q ({heads_q}), got {k_heads}"));
+        }
+        let q_in = q_pool.len() * head_dim;
+        let q_proj = (q_in != hidden).then(|| MultiHeadLinear::new(heads_q, q_in, hidden, device));
+        Ok(Self {
+            q_proj,
+            k_proj: MultiHeadLinear::new(k_heads, k_pool.len() * head_dim, hidden, device),
+            block_size,
+            hidden,
+            rope_theta,
+            q_pool: q_pool.to_vec(),
+            k_pool: k_pool.to_vec(),
+        })
     }
 
     /// A gate whose key map has one head per kv head (`heads_kv`), shared by the query heads
@@ -136,12 +201,7 @@ impl AttnGate {
         rope_theta: f64,
         device: &Device,
     ) -> Result<Self> {
-        if heads_kv == 0 || !heads_q.is_multiple_of(heads_kv) {
-            return crate::error::param_err("heads_kv", format!("must divide heads_q ({heads_q}), got {heads_kv}"));
-        }
-        let mut gate = Self::new(heads_q, head_dim, block_size, hidden, rope_theta, device)?;
-        gate.k_proj = MultiHeadLinear::new(heads_kv, 3 * head_dim, hidden, device);
-        Ok(gate)
+        Self::with_pooling(heads_q, heads_kv, head_dim, block_size, hidden, rope_theta, &GatePool::DEFAULT_Q, &GatePool::DEFAULT_K, device)
     }
 
     /// Keys per block.
@@ -154,37 +214,42 @@ impl AttnGate {
     pub fn logits(&self, q: Tensor<4>, k: Tensor<4>) -> Result<Tensor<4>> {
         let dims = validate_qkv(&q, &k, &k)?;
         let AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q, seq_k, head_dim: d } = dims;
+        let (nqp, nkp) = (self.q_pool.len(), self.k_pool.len());
         if let Some(p) = &self.q_proj
-            && p.weight.dims() != [hq, d, self.hidden]
+            && p.weight.dims() != [hq, nqp * d, self.hidden]
         {
-            return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1], q.dims()));
+            return shape_err("q", format!("gate expects {} heads of width {}, got {:?}", p.weight.dims()[0], p.weight.dims()[1] / nqp, q.dims()));
         }
         let k_heads = self.k_proj.weight.dims()[0];
-        if self.k_proj.weight.dims() != [k_heads, 3 * d, self.hidden] || (k_heads != hq && k_heads != hkv) {
+        if self.q_proj.is_none() && nqp * d != self.hidden {
+            return shape_err("q", format!("gate expects width {}, got {:?}", self.hidden / nqp, q.dims()));
+        }
+        if self.k_proj.weight.dims() != [k_heads, nkp * d, self.hidden] || (k_heads != hq && k_heads != hkv) {
             return shape_err(
                 "k",
                 format!(
                     "gate expects keys of width {} with {k_heads} query or kv heads, got q {:?}, k {:?}",
-                    self.k_proj.weight.dims()[1] / 3,
+                    self.k_proj.weight.dims()[1] / nkp,
                     q.dims(),
                     k.dims()
                 ),
             );
         }
         let bs = self.block_size;
-        let qp = avg_pool(q, bs);
+        let qp = pool_concat(q, &self.q_pool, bs);
         let qg = match &self.q_proj {
             Some(p) => p.forward(qp),
             None => qp,
         };
-        let kp = Tensor::cat(vec![max_pool(k.clone(), bs), min_pool(k.clone(), bs), avg_pool(k, bs)], 3);
+        let kp = pool_concat(k, &self.k_pool, bs);
+        let kw = nkp * d;
         let nk = kp.dims()[2];
         let g = hq / hkv;
         let h = self.hidden;
         // Per-kv-head key maps run once per kv head and are shared by the group; per-query-head
         // maps read their kv head's pooled keys.
         let kg = if k_heads == hq {
-            self.k_proj.forward(kp.reshape([b, hkv, 1, nk, 3 * d]).expand([b, hkv, g, nk, 3 * d]).reshape([b, hq, nk, 3 * d]))
+            self.k_proj.forward(kp.reshape([b, hkv, 1, nk, kw]).expand([b, hkv, g, nk, kw]).reshape([b, hq, nk, kw]))
         } else {
             self.k_proj.forward(kp).reshape([b, hkv, 1, nk, h]).expand([b, hkv, g, nk, h]).reshape([b, hq, nk, h])
         };

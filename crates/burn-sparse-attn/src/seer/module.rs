@@ -7,6 +7,17 @@ use crate::attention::{AttentionOptions, attention};
 use crate::block_sparse::block_sparse_attention;
 use crate::projection::{HeadLayout, QkvProjection};
 
+/// How the gate pools the tokens of a block (per channel).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum GatePool {
+    /// Mean over the block's tokens (a partial last block over its real tokens).
+    Avg,
+    /// Maximum over the block's tokens.
+    Max,
+    /// Minimum over the block's tokens.
+    Min,
+}
+
 /// How a [`SeerAttention`] layer computes its output.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum SeerMode {
@@ -39,6 +50,13 @@ pub struct SeerAttentionConfig {
     /// when it maps queries too), instead of one per query head. Default: `false`.
     #[config(default = false)]
     pub gate_kv_head_keys: bool,
+    /// How the gate pools queries per block. Default: average (the published `Qavg`).
+    #[config(default = "vec![GatePool::Avg]")]
+    pub gate_q_pool: Vec<GatePool>,
+    /// How the gate pools keys per block, concatenated in this order. Default: max, min,
+    /// average (the published `Kmaxminavg`).
+    #[config(default = "vec![GatePool::Max, GatePool::Min, GatePool::Avg]")]
+    pub gate_k_pool: Vec<GatePool>,
     /// Keep blocks with gate probability above this. Default: 1e-3.
     #[config(default = 1e-3)]
     pub threshold: f64,
@@ -70,11 +88,17 @@ impl SeerAttentionConfig {
         }
         Ok(SeerAttention {
             proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
-            gate: if self.gate_kv_head_keys {
-                AttnGate::new_kv_keys(layout.n_heads, layout.n_kv_heads, layout.head_dim, self.block_size, self.gate_hidden, self.rope_theta, device)?
-            } else {
-                AttnGate::new(layout.n_heads, layout.head_dim, self.block_size, self.gate_hidden, self.rope_theta, device)?
-            },
+            gate: AttnGate::with_pooling(
+                layout.n_heads,
+                if self.gate_kv_head_keys { layout.n_kv_heads } else { layout.n_heads },
+                layout.head_dim,
+                self.block_size,
+                self.gate_hidden,
+                self.rope_theta,
+                &self.gate_q_pool,
+                &self.gate_k_pool,
+                device,
+            )?,
             threshold: self.threshold,
             top_k: self.top_k.unwrap_or(0),
             loss_skip_fraction: self.loss_skip_fraction,
