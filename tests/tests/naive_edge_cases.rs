@@ -871,7 +871,8 @@ fn seer_gate_logits_match_naive() {
     use GatePool::{Avg, Max, Min};
     let mut rng = Rng::new(318);
     let theta = 10000.0;
-    let cases: [(Dims, usize, usize, &[GatePool], &[GatePool]); 6] = [
+    type Case<'a> = (Dims, usize, usize, &'a [GatePool], &'a [GatePool]);
+    let cases: [Case; 6] = [
         (Dims::new(1, 4, 2, 7, 7, 4), 2, 6, &[Avg], &[Max, Min, Avg]),
         (Dims::new(2, 2, 1, 5, 11, 4), 3, 4, &[Avg], &[Max, Min, Avg]),
         (Dims::new(1, 2, 2, 9, 9, 2), 4, 8, &[Avg], &[Max, Min, Avg]),

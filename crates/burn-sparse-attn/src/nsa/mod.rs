@@ -160,6 +160,7 @@ pub fn nsa_compressed_attention(
 
 /// Where the selection branch's blocks come from.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per call
 pub enum NsaBlocks {
     /// Scored from the compression branch and chosen by [`nsa_select`] (NSA itself).
     Computed,
