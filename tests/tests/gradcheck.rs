@@ -423,15 +423,14 @@ fn seer_module_gate_loss_trains_only_the_gate() {
 // DMA
 // ------------------------------------------------------------------------------------------
 
-#[test]
-fn dma_attention_grads_q_k_v_bias() {
-    let mut rng = Rng::new(16);
-    let d = Dims::new(1, 2, 1, 8, 8, 3);
+/// DMA attention's gradients for q, k, v and the bias, causal or not.
+fn dma_attention_grads(seed: u64, d: Dims, window: usize, causal: bool) {
+    let mut rng = Rng::new(seed);
     let mut inputs = qkv_inputs(&mut rng, &d);
     inputs.push(rng.normals(d.b * d.hkv * d.sk, 1.0));
     let w = rng.normals(d.q_shape().iter().product(), 1.0);
-    let params = DmaParams { window: 3, ..DmaParams::default() };
-    grad_check("dma attention", &["q", "k", "v", "bias"], &inputs, &[true; 4], fd(), |x| {
+    let params = DmaParams { window, scale: None, causal };
+    grad_check(&format!("dma attention, causal {causal}"), &["q", "k", "v", "bias"], &inputs, &[true; 4], fd(), |x| {
         let out = dma_attention(
             r4(&x[0], d.q_shape()),
             r4(&x[1], d.kv_shape()),
@@ -445,24 +444,13 @@ fn dma_attention_grads_q_k_v_bias() {
 }
 
 #[test]
+fn dma_attention_grads_q_k_v_bias() {
+    dma_attention_grads(16, Dims::new(1, 2, 1, 8, 8, 3), 3, true);
+}
+
+#[test]
 fn dma_non_causal_attention_grads_q_k_v_bias() {
-    let mut rng = Rng::new(161);
-    let d = Dims::new(1, 2, 1, 5, 8, 3);
-    let mut inputs = qkv_inputs(&mut rng, &d);
-    inputs.push(rng.normals(d.b * d.hkv * d.sk, 1.0));
-    let w = rng.normals(d.q_shape().iter().product(), 1.0);
-    let params = DmaParams { window: 3, scale: None, causal: false };
-    grad_check("dma attention, non-causal", &["q", "k", "v", "bias"], &inputs, &[true; 4], fd(), |x| {
-        let out = dma_attention(
-            r4(&x[0], d.q_shape()),
-            r4(&x[1], d.kv_shape()),
-            r4(&x[2], d.kv_shape()),
-            r3(&x[3], [d.b, d.hkv, d.sk]),
-            &params,
-        )
-        .unwrap();
-        weighted(out.output, &w)
-    });
+    dma_attention_grads(161, Dims::new(1, 2, 1, 5, 8, 3), 3, false);
 }
 
 fn f64_linear(w: &Tensor<1>, i: usize, o: usize) -> Linear {
