@@ -2,7 +2,9 @@
 //! `nsa`, an NSA-like per-token schedule (`--nsel` selected blocks of `--bk` keys per query
 //! token, shared by the query heads of a GQA group; block 0 and the two most recent blocks
 //! always selected), and `moba`, a MoBA-like per-head schedule (`--moba-block` keys per block,
-//! `--moba-topk` blocks per query block of the same size, own block included).
+//! `--moba-topk` blocks per query block of the same size, own block included), and
+//! `mobatok`, MoBA's per-token form (one list per head and token: the own block and
+//! `--moba-topk - 1` random complete earlier blocks).
 //!
 //! ```text
 //! cargo run --release -p sparse-attn-kernels --features cuda --example attn_bench -- \
@@ -165,6 +167,38 @@ fn main() {
         query_block: mb,
         key_block: mb,
     };
+    // MoBA's own granularity: per (batch, head, token), the token's own block and
+    // `moba_topk - 1` random complete earlier blocks (lists differ from token to token, one
+    // query row per list: the gathered path).
+    let mut tidx = vec![-1i32; b * hq * s * moba_topk];
+    let mut pairs_moba_tok = 0usize;
+    for bh in 0..b * hq {
+        for t in 0..s {
+            let r = t / mb;
+            let list = &mut tidx[(bh * s + t) * moba_topk..(bh * s + t + 1) * moba_topk];
+            list[0] = r as i32;
+            pairs_moba_tok += t + 1 - r * mb;
+            let mut n = 1;
+            let mut tries = 0;
+            while n < moba_topk.min(r + 1) && tries < 100 {
+                lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let c = ((lcg >> 33) as usize % r.max(1)) as i32;
+                if !list[..n].contains(&c) {
+                    list[n] = c;
+                    n += 1;
+                    pairs_moba_tok += mb;
+                }
+                tries += 1;
+            }
+        }
+    }
+    let moba_tok_sched = BlockSchedule {
+        indices: upload_i32(&client, &tidx),
+        sel_heads: hq,
+        capacity: moba_topk,
+        query_block: 1,
+        key_block: mb,
+    };
     let dname = format!("{dtype:?}").to_lowercase();
     let run = |label: &str, method: &str, schedule: Option<&BlockSchedule>, pairs: usize| {
         let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule };
@@ -213,5 +247,8 @@ fn main() {
     }
     if only == "all" || only == "moba" {
         run(&format!("moba {moba_topk}x{mb}"), &format!("moba{moba_topk}x{mb}"), Some(&moba_sched), pairs_moba);
+    }
+    if only == "all" || only == "mobatok" {
+        run(&format!("moba/tok {moba_topk}x{mb}"), &format!("mobatok{moba_topk}x{mb}"), Some(&moba_tok_sched), pairs_moba_tok);
     }
 }

@@ -5,6 +5,7 @@ use crate::*;
 use cubecl::prelude::*;
 use crate::caps::{fragment_supported, mma_spec, vector_aligned};
 use crate::plan::*;
+use crate::gather;
 use crate::schedule::{CleanSchedule, invert, sanitize};
 
 /// Buffer argument over `len` elements of `h`.
@@ -188,16 +189,61 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     }
     let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
     if aligned && fragment_supported(client, dtype, d) {
-        let cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
-        let rows_per_cube = 16 * cfg.planes;
-        // Dense: row groups of one head, `rows_per_cube` queries each.
-        let (qb_f, n_rb_f, n_chunks_f) = match inputs.schedule {
-            Some(_) => (qb, n_rb, (gh * qb).div_ceil(rows_per_cube)),
-            None => (rows_per_cube, p.seq_q.div_ceil(rows_per_cube), 1),
+        let mut cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
+        // Small row groups gather the rows that selected each key block (see `gather`).
+        let gathered = match (inputs.schedule, clean) {
+            (Some(s), Some(cs)) if gather::gathers(p, s) => {
+                cfg.planes = 4;
+                cfg.blocks = false;
+                cfg.gathered = true;
+                let inv = invert(client, p, s, cs);
+                let g = gather::prepare(client, p, s, cs, &inv, 16 * cfg.planes, bwd.is_none());
+                Some((s, cs, inv, g))
+            }
+            _ => None,
         };
-        let count = grid(client, p.batch * (p.heads_q / gh) * n_rb_f * n_chunks_f);
+        let rows_per_cube = 16 * cfg.planes;
+        // Dense: row groups of one head, `rows_per_cube` queries each. Gathered: `n_chunks`
+        // counts tiles per list.
+        let (qb_f, n_rb_f, n_chunks_f) = match (inputs.schedule, &gathered) {
+            (Some(_), Some((_, _, _, g))) => (qb, n_rb, g.max_tiles),
+            (Some(_), None) => (qb, n_rb, (gh * qb).div_ceil(rows_per_cube)),
+            (None, _) => (rows_per_cube, p.seq_q.div_ceil(rows_per_cube), 1),
+        };
+        let n_cubes_f = match &gathered {
+            Some(_) => p.batch * (p.heads_q / gh) * n_chunks_f,
+            None => p.batch * (p.heads_q / gh) * n_rb_f * n_chunks_f,
+        };
+        let count = grid(client, n_cubes_f);
         let dim = CubeDim::new_2d(32, cfg.planes as u32);
         let kv_len = p.batch * p.heads_kv * p.seq_k * d;
+        let n_bs = p.batch * (p.heads_q / gh);
+        let gather_dummy;
+        // (inverted offsets, inverted rows, tile offsets, partials, partial LSEs, key blocks)
+        let (inv_off_a, inv_rows_a, work_a, part_a, part_lse_a, n_kb) = match &gathered {
+            Some((s, cs, inv, g)) => {
+                let slots = rows * s.capacity;
+                (
+                    buf(&inv.offsets, n_bs * (cs.nkb + 1)),
+                    buf(&inv.rows, n_bs * cs.n_rows * s.capacity),
+                    buf(&g.work_off, n_bs * (cs.nkb + 1)),
+                    buf(&g.part, slots * d),
+                    buf(&g.part_lse, if bwd.is_none() { slots } else { 1 }),
+                    cs.nkb,
+                )
+            }
+            None => {
+                gather_dummy = dummy(client, 8);
+                (
+                    buf(&gather_dummy, 1),
+                    buf(&gather_dummy, 1),
+                    buf(&gather_dummy, 1),
+                    buf(&gather_dummy, 1),
+                    buf(&gather_dummy, 1),
+                    1,
+                )
+            }
+        };
         match bwd {
             None => fragment::forward::fragment_forward_kernel::launch::<F>(
                 client,
@@ -210,8 +256,13 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(&bias.thr_v, bias.thr_len),
                 buf(&bias.thr_i, bias.thr_len),
                 buf(sched_h, sched_len),
+                inv_off_a,
+                inv_rows_a,
+                work_a,
                 buf(lse, rows),
                 buf(out, rows * d),
+                part_a,
+                part_lse_a,
                 p.batch as u32,
                 p.heads_q as u32,
                 p.heads_kv as u32,
@@ -224,6 +275,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 n_chunks_f as u32,
                 cap as u32,
                 kb as u32,
+                n_kb as u32,
                 off,
                 w,
                 p.scale,
@@ -241,10 +293,14 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(&bias.thr_v, bias.thr_len),
                 buf(&bias.thr_i, bias.thr_len),
                 buf(sched_h, sched_len),
+                inv_off_a,
+                inv_rows_a,
+                work_a,
                 buf(do_h, do_len),
                 buf(delta_h, delta_len),
                 buf(lse, rows),
                 buf(out, rows * d),
+                part_a,
                 p.batch as u32,
                 p.heads_q as u32,
                 p.heads_kv as u32,
@@ -257,11 +313,18 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 n_chunks_f as u32,
                 cap as u32,
                 kb as u32,
+                n_kb as u32,
                 off,
                 w,
                 p.scale,
                 cfg,
             ),
+        }
+        if let Some((s, cs, _, g)) = &gathered {
+            match bwd {
+                None => gather::merge_forward::<F>(client, p, s, cs, g, out, lse),
+                Some(_) => gather::sum_dq::<F>(client, p, s, cs, g, out),
+            }
         }
         return Ok(());
     }

@@ -46,6 +46,8 @@ pub mod fragment;
 pub mod reference;
 pub mod host;
 mod caps;
+mod gather;
+pub use gather::GATHER_ENV;
 mod launch;
 mod plan;
 mod schedule;

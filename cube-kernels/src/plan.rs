@@ -192,6 +192,7 @@ pub(crate) fn fragment_rows_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         has_bias: bias.has_bias,
         has_thr: bias.has_thr,
         blocks: inputs.schedule.is_some(),
+        gathered: false,
     }
 }
 
@@ -209,6 +210,7 @@ pub(crate) fn fragment_keys_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         has_bias: bias.has_bias,
         has_thr: bias.has_thr,
         blocks: inputs.schedule.is_some(),
+        gathered: false,
     }
 }
 

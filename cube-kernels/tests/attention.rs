@@ -473,6 +473,39 @@ fn blocks_per_token_per_head_sq_lt_sk() {
     run_case(&c);
 }
 
+/// One list per head and token with more than 64 queries per block: the fragment path
+/// gathers several row tiles per key block; the inversion walks several row chunks.
+#[test]
+fn blocks_per_token_per_head_gathered_window() {
+    let mut c = case("blocks_per_token_per_head_gathered_window", prob(1, 2, 2, 200, 230, 64, true, Some(120)));
+    c.sel = Some(Sel::Random { sel_heads_kv: false, query_block: 1, key_block: 16, cap: 6 });
+    run_case(&c);
+}
+
+/// Lists shared by a GQA group of 4 at head dim 128 (gathered rows of 4 heads per token).
+#[test]
+fn blocks_per_token_gqa4_gathered_d128() {
+    let mut c = case("blocks_per_token_gqa4_gathered_d128", prob(1, 4, 1, 96, 96, 128, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 1, key_block: 32, cap: 3 });
+    run_case(&c);
+}
+
+/// Query blocks of 4 queries x 2 heads per list (gathered), more queries than keys.
+#[test]
+fn blocks_per_query_block_4_gathered_sq_gt_sk() {
+    let mut c = case("blocks_per_query_block_4_gathered_sq_gt_sk", prob(1, 4, 2, 90, 70, 64, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 4, key_block: 16, cap: 4 });
+    run_case(&c);
+}
+
+/// More key blocks than the inversion counts in one launch (4096): two segments.
+#[test]
+fn blocks_more_key_blocks_than_one_segment() {
+    let mut c = case("blocks_more_key_blocks_than_one_segment", prob(1, 1, 1, 12, 4200, 16, false, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: false, query_block: 1, key_block: 1, cap: 8 });
+    run_case(&c);
+}
+
 #[test]
 fn blocks_per_query_block_64() {
     let mut c = case("blocks_per_query_block_64", prob(1, 2, 2, 150, 150, 64, true, None));

@@ -2,7 +2,7 @@
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
 use super::forward::stage_kv;
-use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, seek_entry, tile_interior};
+use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, seek_entry, tile_interior, flat_row, gathered_cube, list_slot};
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
@@ -20,10 +20,14 @@ pub fn fragment_dq_kernel<F: Float>(
     thr_v: &[f32],
     thr_i: &[i32],
     sched: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    work_off: &[i32],
     d_o: &[Vector<F, V8>],
     delta: &[f32],
     lse: &[f32],
     out: &mut [Vector<F, V2>],
+    part: &mut [Vector<f32, V2>],
     n_batch: u32,
     heads_q: u32,
     heads_kv: u32,
@@ -36,6 +40,7 @@ pub fn fragment_dq_kernel<F: Float>(
     n_chunks: u32,
     cap: u32,
     key_block: u32,
+    n_kb: u32,
     off: i32,
     w: i32,
     scale: f32,
@@ -53,6 +58,7 @@ pub fn fragment_dq_kernel<F: Float>(
     let n_chunks = n_chunks as usize;
     let cap = cap as usize;
     let key_block = key_block as usize;
+    let n_kb = n_kb as usize;
     let n_gh = heads_q / gh;
 
     let planes = comptime!(cfg.planes);
@@ -70,7 +76,11 @@ pub fn fragment_dq_kernel<F: Float>(
     let pl = UNIT_POS_Y as usize;
     let u = pl * 32 + lane;
     let cid = cube_linear();
-    let n_cubes = n_batch * n_gh * n_rb * n_chunks;
+    // Gathered cubes are numbered (list, tile) with `n_chunks` tiles per list.
+    let mut n_cubes = n_batch * n_gh * n_rb * n_chunks;
+    if cfg.gathered {
+        n_cubes = n_batch * n_gh * n_chunks;
+    }
 
     let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
     let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
@@ -81,24 +91,60 @@ pub fn fragment_dq_kernel<F: Float>(
     let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     if cid < n_cubes {
-        let chunk = cid % n_chunks;
-        let r = (cid / n_chunks) % n_rb;
-        let g = (cid / (n_chunks * n_rb)) % n_gh;
-        let b = cid / (n_chunks * n_rb * n_gh);
-
-        let q0 = r * qb;
-        let nq = min(qb, seq_q - q0);
-        let n_group_rows = gh * nq;
-        let f0 = chunk * bq;
-        let f1 = min(f0 + bq, n_group_rows) - 1;
+        let mut b = cid / (n_chunks * n_rb * n_gh);
+        let mut g = (cid / (n_chunks * n_rb)) % n_gh;
+        let mut r = (cid / n_chunks) % n_rb;
+        let mut q0 = r * qb;
+        let mut nq = min(qb, seq_q - q0);
+        let mut n_group_rows = gh * nq;
+        let mut f0 = (cid % n_chunks) * bq;
         let mut cq_lo = q0;
         let mut cq_hi = q0 + nq - 1;
-        if f0 / nq == f1 / nq {
-            cq_lo = q0 + f0 % nq;
-            cq_hi = q0 + f1 % nq;
+        let mut rows_base = 0usize;
+        let mut kbg = 0usize;
+        if cfg.gathered {
+            b = cid / (n_chunks * n_gh);
+            g = (cid / n_chunks) % n_gh;
+            r = 0usize;
+            q0 = 0usize;
+            nq = 1usize;
+            let (kb_c, f0_c, nf_c, rb_c, lo_c, hi_c) = gathered_cube(
+                work_off,
+                inv_off,
+                inv_rows,
+                b * n_gh + g,
+                cid % n_chunks,
+                n_kb,
+                n_rb,
+                cap,
+                gh * qb,
+                qb,
+                seq_q,
+                bq,
+            );
+            kbg = kb_c;
+            f0 = f0_c;
+            n_group_rows = nf_c;
+            rows_base = rb_c;
+            cq_lo = lo_c;
+            cq_hi = hi_c;
+        } else {
+            let f1 = min(f0 + bq, n_group_rows) - 1;
+            if f0 / nq == f1 / nq {
+                cq_lo = q0 + f0 % nq;
+                cq_hi = q0 + f1 % nq;
+            }
         }
         let mut klo = 0i32;
         let mut khi = seq_k as i32;
+        if cfg.gathered {
+            // The selected block only; a cube past its list's tiles walks nothing.
+            klo = (kbg * key_block) as i32;
+            khi = min((kbg + 1) * key_block, seq_k) as i32;
+            if n_group_rows == 0 {
+                khi = klo;
+            }
+        }
         if cfg.causal {
             khi = min(khi, cq_hi as i32 + off + 1);
         }
@@ -119,9 +165,8 @@ pub fn fragment_dq_kernel<F: Float>(
                 let flat = f0 + rr;
                 let mut val = zero8;
                 let mut dov = zero8;
-                if flat < n_group_rows {
-                    let h = g * gh + flat / nq;
-                    let i = q0 + flat % nq;
+                let (okr, h, i, _) = flat_row(inv_rows, flat, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
+                if okr {
                     val = q[((b * heads_q + h) * seq_q + i) * vr + c];
                     dov = d_o[((b * heads_q + h) * seq_q + i) * vr + c];
                 }
@@ -135,20 +180,8 @@ pub fn fragment_dq_kernel<F: Float>(
         let tq = lane % 4;
         let flat0 = f0 + pl * 16 + quad;
         let flat1 = flat0 + 8;
-        let ok0 = flat0 < n_group_rows;
-        let ok1 = flat1 < n_group_rows;
-        let mut h0 = g * gh;
-        let mut i0 = q0;
-        let mut h1 = g * gh;
-        let mut i1 = q0;
-        if ok0 {
-            h0 = g * gh + flat0 / nq;
-            i0 = q0 + flat0 % nq;
-        }
-        if ok1 {
-            h1 = g * gh + flat1 / nq;
-            i1 = q0 + flat1 % nq;
-        }
+        let (ok0, h0, i0, srow0) = flat_row(inv_rows, flat0, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
+        let (ok1, h1, i1, srow1) = flat_row(inv_rows, flat1, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
         let hb0 = h0 / (heads_q / heads_b);
         let hb1 = h1 / (heads_q / heads_b);
         let bias_base0 = (b * heads_b + hb0) * seq_k;
@@ -325,6 +358,15 @@ pub fn fragment_dq_kernel<F: Float>(
             st = 1 - st;
         }
 
+        // Gathered: dQ of this block goes to its slot of each row's list, for the reduction.
+        let mut at0 = row0;
+        let mut at1 = row1;
+        if cfg.gathered {
+            let list0 = ((b * n_gh + g) * n_rb + srow0) * cap;
+            let list1 = ((b * n_gh + g) * n_rb + srow1) * cap;
+            at0 = row0 * cap + list_slot(sched, list0, cap, kbg);
+            at1 = row1 * cap + list_slot(sched, list1, cap, kbg);
+        }
         #[unroll]
         for n in 0..dn {
             let a0 = o_acc[2 * n];
@@ -336,12 +378,21 @@ pub fn fragment_dq_kernel<F: Float>(
                 w0.insert(x, F::cast_from(a0.extract(x)));
                 w1.insert(x, F::cast_from(a1.extract(x)));
             }
-            // `out` is indexed in pairs of elements.
-            if ok0 {
-                out[(row0 * head_dim + n * 8 + tq * 2) / 2] = w0;
-            }
-            if ok1 {
-                out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
+            // `out` and `part` are indexed in pairs of elements.
+            if cfg.gathered {
+                if ok0 {
+                    part[(at0 * head_dim + n * 8 + tq * 2) / 2] = a0;
+                }
+                if ok1 {
+                    part[(at1 * head_dim + n * 8 + tq * 2) / 2] = a1;
+                }
+            } else {
+                if ok0 {
+                    out[(row0 * head_dim + n * 8 + tq * 2) / 2] = w0;
+                }
+                if ok1 {
+                    out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
+                }
             }
         }
     }

@@ -53,8 +53,13 @@ pub struct FragmentConfig {
     pub has_bias: bool,
     /// Dynamic-mask keep threshold (implies `has_bias`).
     pub has_thr: bool,
-    /// Block schedule.
+    /// Block schedule walked per row (query-major kernels) or per key tile (key-major).
     pub blocks: bool,
+    /// Query-major kernels only: the cube takes one selected key block and the query rows
+    /// that selected it, gathered from the inverted schedule ([`gathered_cube`]), and
+    /// writes a partial result per (row, list slot) for [`crate::gather`] to merge. Set with
+    /// `blocks = false`: the walk is then the block's own key range.
+    pub gathered: bool,
 }
 
 /// The m16n8k16 definition with f32 accumulators.
@@ -387,4 +392,114 @@ pub(crate) fn masked_score<F: Float>(
         }
     }
     s
+}
+
+/// The work of a gathered query-major cube: cube `cid` is tile `t` of list `bs`
+/// (`bs = b * n_lists + g`), where the list's tiles run over its key blocks in order
+/// (`work_off[bs]`, `n_kb + 1` prefix entries) and each block's tiles over the rows that
+/// selected it (`inv_off` / `inv_rows`, the inverted schedule), `per_entry = gh * qb` flat
+/// rows per schedule row, `bq` flat rows per tile.
+///
+/// Returns `(kb, f0, n_flat, rows_base, cq_lo, cq_hi)`: the key block, the tile's first
+/// flat row, the block's number of flat rows (0 for a cube past the list's last tile), the
+/// offset of the block's rows in `inv_rows`, and bounds on the tile's query indices (rows
+/// are ascending in the inverted schedule).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gathered_cube(
+    work_off: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    bs: usize,
+    t: usize,
+    n_kb: usize,
+    n_rb: usize,
+    cap: usize,
+    per_entry: usize,
+    qb: usize,
+    seq_q: usize,
+    bq: usize,
+) -> (usize, usize, usize, usize, usize, usize) {
+    let wb = bs * (n_kb + 1);
+    let mut kb = 0usize;
+    let mut f0 = 0usize;
+    let mut n_flat = 0usize;
+    let mut rows_base = 0usize;
+    let mut cq_lo = 0usize;
+    let mut cq_hi = 0usize;
+    if (t as i32) < work_off[wb + n_kb] {
+        // Largest kb with work_off[kb] <= t (blocks without rows have empty ranges).
+        let mut lo = 0usize;
+        let mut hi = n_kb;
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if work_off[wb + mid] as usize <= t {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        kb = lo;
+        let o0 = inv_off[wb + kb] as usize;
+        let o1 = inv_off[wb + kb + 1] as usize;
+        rows_base = bs * n_rb * cap + o0;
+        n_flat = (o1 - o0) * per_entry;
+        f0 = (t - work_off[wb + kb] as usize) * bq;
+        let f1 = min(f0 + bq, n_flat) - 1;
+        cq_lo = inv_rows[rows_base + f0 / per_entry] as usize * qb;
+        cq_hi = min(inv_rows[rows_base + f1 / per_entry] as usize * qb + qb, seq_q) - 1;
+    }
+    (kb, f0, n_flat, rows_base, cq_lo, cq_hi)
+}
+
+/// Query head, query index and schedule row of flat row `flat` of a query-major cube, and
+/// whether it exists. Row groups: flat rows run over the group's `gh` heads, `nq` queries
+/// each, from query `q0` of schedule row `r`. Gathered: over the entries of the inverted
+/// list at `rows_base`, `gh * qb` flat rows per entry (heads outer, queries inner).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flat_row(
+    inv_rows: &[i32],
+    flat: usize,
+    n_flat: usize,
+    g: usize,
+    gh: usize,
+    q0: usize,
+    nq: usize,
+    r: usize,
+    rows_base: usize,
+    qb: usize,
+    seq_q: usize,
+    #[comptime] gathered: bool,
+) -> (bool, usize, usize, usize) {
+    let mut ok = flat < n_flat;
+    let mut h = g * gh;
+    let mut i = q0;
+    let mut srow = r;
+    if ok {
+        if gathered {
+            let per = gh * qb;
+            srow = inv_rows[rows_base + flat / per] as usize;
+            let rem = flat % per;
+            h = g * gh + rem / qb;
+            i = srow * qb + rem % qb;
+            ok = i < seq_q;
+        } else {
+            h = g * gh + flat / nq;
+            i = q0 + flat % nq;
+        }
+    }
+    (ok, h, i, srow)
+}
+
+/// Position of key block `kb` in the sanitized list at `list_base` (`cap` entries).
+#[cube]
+pub(crate) fn list_slot(sched: &[i32], list_base: usize, cap: usize, kb: usize) -> usize {
+    let mut slot = 0usize;
+    for e in 0..cap {
+        if sched[list_base + e] == kb as i32 {
+            slot = e;
+        }
+    }
+    slot
 }
