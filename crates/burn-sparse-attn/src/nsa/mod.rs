@@ -18,6 +18,7 @@
 //! shares one pair across branches, as several implementations do.
 
 pub mod compression;
+mod compressed;
 mod module;
 pub mod selection;
 
@@ -151,6 +152,29 @@ pub fn nsa_compressed_attention(
             ),
         );
     }
+    validate_qkv(&q, &k_cmp, &v_cmp)?;
+    compressed::compressed_attention_on_engine(q, k_cmp, v_cmp, seq_k, params)
+}
+
+/// [`nsa_compressed_attention`] as one masked softmax over a `[seq_q, n_cmp]` score matrix:
+/// the definition, kept as the oracle for the engine version (tests) and for inspection.
+pub fn nsa_compressed_attention_reference(
+    q: Tensor<4>,
+    k_cmp: Tensor<4>,
+    v_cmp: Tensor<4>,
+    seq_k: usize,
+    params: &NsaParams,
+) -> Result<AttentionOutput> {
+    params.validate()?;
+    let [b, hq, sq, d] = q.dims();
+    let n_cmp = k_cmp.dims()[2];
+    let device = q.device();
+    if n_cmp == 0 {
+        return Ok(AttentionOutput {
+            output: Tensor::zeros([b, hq, sq, d], (&device, q.dtype())),
+            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&device, q.dtype())),
+        });
+    }
     let dims = validate_qkv(&q, &k_cmp, &v_cmp)?;
     let mask = selection::compressed_visibility(sq, seq_k, n_cmp, params, &device);
     let mask = mask.unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
@@ -191,10 +215,7 @@ pub fn nsa_attention_with(inputs: NsaInputs, params: &NsaParams, blocks: NsaBloc
     let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)
         .map_err(|e| rename_kv(e, "k_cmp", "v_cmp"))?;
     let mut selection = match blocks {
-        NsaBlocks::Computed => {
-            let scores = nsa_selection_scores(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?;
-            nsa_select(scores, dims.seq_q, dims.seq_k, params)?
-        }
+        NsaBlocks::Computed => selection::select_in_chunks(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?,
         NsaBlocks::Given(indices) => {
             let [b, h, s, n] = indices.dims();
             if [b, h, s] != [dims.batch, dims.heads_kv, dims.seq_q] || n == 0 {

@@ -1,6 +1,6 @@
 //! NSA's block selection: compression probabilities mapped onto selection blocks by overlap.
 
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::{NsaParams, num_compressed};
 use crate::attention::reference::scores;
@@ -31,8 +31,46 @@ pub fn nsa_overlap_weights(n_cmp: usize, n_sel: usize, params: &NsaParams) -> Ve
 
 /// Visibility `[sq, n_cmp]` of compressed tokens: `i * stride + block - 1 <= t`.
 pub(crate) fn compressed_visibility(sq: usize, seq_k: usize, n_cmp: usize, params: &NsaParams, device: &Device) -> Tensor<2, Bool> {
-    let (pos, i) = crate::grid::row_col(sq, n_cmp, seq_k as i64 - sq as i64, device);
+    visibility_from(sq, seq_k as i64 - sq as i64, n_cmp, params, device)
+}
+
+/// [`compressed_visibility`] for `rows` queries, the first at position `pos0`.
+fn visibility_from(rows: usize, pos0: i64, n_cmp: usize, params: &NsaParams, device: &Device) -> Tensor<2, Bool> {
+    let (pos, i) = crate::grid::row_col(rows, n_cmp, pos0, device);
     (i * params.compress_stride as i64 + (params.compress_block as i64 - 1)).lower_equal(pos)
+}
+
+/// Score elements (`batch x heads_q x rows x n_cmp`) one chunk of the fused selection may
+/// hold: 2^27 f32 values (512 MiB), so the selection's memory is independent of length.
+const CHUNK_SCORES: usize = 1 << 27;
+
+/// [`nsa_selection_scores`] followed by [`nsa_select`], over chunks of queries: the scores
+/// of one chunk (`[b, hq, rows, n_cmp]`) live only while its lists are chosen, so memory is
+/// `O(seq_q x top_n)` plus one chunk instead of `O(seq_q x n_cmp)`. Same lists as the
+/// unchunked pair (the same per-row operations).
+pub(crate) fn select_in_chunks(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k: usize, params: &NsaParams) -> Result<BlockSelection> {
+    let [b, hq, _, _] = q.dims();
+    let rows = CHUNK_SCORES / (b * hq * k_cmp.dims()[2].max(1)).max(1);
+    select_in_chunks_of(q, k_cmp, lse_cmp, seq_k, params, rows)
+}
+
+/// [`select_in_chunks`] with `rows` queries per chunk.
+fn select_in_chunks_of(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k: usize, params: &NsaParams, rows: usize) -> Result<BlockSelection> {
+    let [b, hq, sq, d] = q.dims();
+    let rows = rows.clamp(1, sq.max(1));
+    let pos0 = seq_k as i64 - sq as i64;
+    let mut lists = Vec::with_capacity(sq.div_ceil(rows));
+    let mut t0 = 0;
+    while t0 < sq {
+        let t1 = (t0 + rows).min(sq);
+        let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]);
+        let lc = lse_cmp.clone().slice([0..b, 0..hq, t0..t1]);
+        let scores = scores_from(qc, k_cmp.clone(), lc, pos0 + t0 as i64, seq_k, params)?;
+        lists.push(select_from(scores, pos0 + t0 as i64, params));
+        t0 = t1;
+    }
+    let indices = if lists.len() == 1 { lists.pop().unwrap() } else { Tensor::cat(lists, 2) };
+    Ok(BlockSelection::per_token(indices, params.select_block))
 }
 
 /// Selection-block scores `[b, hkv, sq, n_sel]`: compression probabilities
@@ -40,7 +78,7 @@ pub(crate) fn compressed_visibility(sq: usize, seq_k: usize, n_cmp: usize, param
 /// the windows overlapping each block with [`nsa_overlap_weights`]. No gradient flows.
 pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
     params.validate()?;
-    let [b, hq, sq, d] = q.dims();
+    let [b, hq, sq, _] = q.dims();
     let hkv = k_cmp.dims()[1];
     let n_sel = seq_k.div_ceil(params.select_block);
     let device = q.device();
@@ -54,13 +92,25 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
     if lse_cmp.dims() != [b, hq, sq] {
         return shape_err("lse_cmp", format!("expected {:?}, got {:?}", [b, hq, sq], lse_cmp.dims()));
     }
+    validate_qkv(&q, &k_cmp, &k_cmp)?;
+    scores_from(q, k_cmp, lse_cmp, seq_k as i64 - sq as i64, seq_k, params)
+}
+
+/// The scores of [`nsa_selection_scores`] for queries whose first sits at position `pos0`
+/// (arguments already checked).
+fn scores_from(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, pos0: i64, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
     let dims = validate_qkv(&q, &k_cmp, &k_cmp)?;
+    let (b, hq, sq, d, hkv) = (dims.batch, dims.heads_q, dims.seq_q, dims.head_dim, dims.heads_kv);
+    let n_cmp = k_cmp.dims()[2];
+    if n_cmp == 0 {
+        return Ok(Tensor::zeros([b, hkv, sq, seq_k.div_ceil(params.select_block)], (&q.device(), q.dtype())));
+    }
     let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let s = scores(q.detach(), k_cmp.detach(), scale, &dims);
-    let lse = lse_cmp.detach().reshape([b, hq, sq, 1]);
+    let lse = lse_cmp.detach().cast(s.dtype()).reshape([b, hq, sq, 1]);
     let empty = lse.clone().equal_elem(f64::NEG_INFINITY);
     let lse = lse.mask_fill(empty, 0.0).expand([b, hq, sq, n_cmp]);
-    let visible = compressed_visibility(sq, seq_k, n_cmp, params, &device).unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
+    let visible = visibility_from(sq, pos0, n_cmp, params, &s.device()).unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
     let p = (s - lse).exp().mask_fill(visible.bool_not(), 0.0);
     nsa_block_scores_from_probs(p, hkv, seq_k, params)
 }
@@ -100,16 +150,22 @@ pub fn nsa_block_scores_from_probs(p_cmp: Tensor<4>, heads_kv: usize, seq_k: usi
 /// `-1` padding.
 pub fn nsa_select(scores: Tensor<4>, seq_q: usize, seq_k: usize, params: &NsaParams) -> Result<BlockSelection> {
     params.validate()?;
-    let [b, hkv, sq, n_sel] = scores.dims();
+    let [_, _, sq, n_sel] = scores.dims();
     if sq != seq_q || n_sel != seq_k.div_ceil(params.select_block) {
         return shape_err("scores", format!("expected [.., .., {seq_q}, {}], got {:?}", seq_k.div_ceil(params.select_block), scores.dims()));
     }
+    Ok(BlockSelection::per_token(select_from(scores, seq_k as i64 - seq_q as i64, params), params.select_block))
+}
+
+/// The lists of [`nsa_select`] for queries whose first sits at position `pos0`.
+fn select_from(scores: Tensor<4>, pos0: i64, params: &NsaParams) -> Tensor<4, Int> {
+    let [b, hkv, sq, n_sel] = scores.dims();
     // Score offsets, built on the device: +inf on forced blocks (the first `forced_initial`,
     // the `forced_local` most recent), 0 on other blocks that start at or before the query,
     // -inf after.
     let ls = params.select_block as i64;
     let device = scores.device();
-    let (pos, j) = crate::grid::row_col(sq, n_sel, seq_k as i64 - seq_q as i64, &device);
+    let (pos, j) = crate::grid::row_col(sq, n_sel, pos0, &device);
     let seen = pos.clone().greater_equal_elem(0);
     let cur = pos.clone().clamp_min(0).div_scalar(ls);
     let initial = j.clone().lower_elem(params.forced_initial as i64);
@@ -121,6 +177,32 @@ pub fn nsa_select(scores: Tensor<4>, seq_q: usize, seq_k: usize, params: &NsaPar
         .mask_fill(forced, f64::INFINITY);
     let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, sq, n_sel]);
     let (vals, idx) = masked.topk_with_indices(params.top_n.min(n_sel), 3);
-    let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
-    Ok(BlockSelection::per_token(idx, params.select_block))
+    idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Distribution};
+
+    /// Chunks of 1, 3 and 7 queries choose exactly the lists of the whole-sequence pair
+    /// `nsa_selection_scores` + `nsa_select`, with seq_q < seq_k so positions are offset.
+    #[test]
+    fn chunked_selection_equals_whole_sequence() {
+        let device = Device::flex();
+        let params = NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 3, ..NsaParams::default() };
+        let (b, hq, hkv, sq, sk, d) = (2, 4, 2, 19, 27, 8);
+        let n_cmp = crate::nsa::num_compressed(sk, 4, 2);
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, hq, sq, d], dist, (&device, DType::F64));
+        let k_cmp = Tensor::<4>::random([b, hkv, n_cmp, d], dist, (&device, DType::F64));
+        let v_cmp = Tensor::<4>::random([b, hkv, n_cmp, d], dist, (&device, DType::F64));
+        let lse = crate::nsa::nsa_compressed_attention_reference(q.clone(), k_cmp.clone(), v_cmp, sk, &params).unwrap().lse;
+        let scores = nsa_selection_scores(q.clone(), k_cmp.clone(), lse.clone(), sk, &params).unwrap();
+        let whole = nsa_select(scores, sq, sk, &params).unwrap().indices.into_data();
+        for rows in [1, 3, 7, 100] {
+            let chunked = select_in_chunks_of(q.clone(), k_cmp.clone(), lse.clone(), sk, &params, rows).unwrap();
+            assert_eq!(chunked.indices.into_data(), whole, "chunks of {rows} rows");
+        }
+    }
 }

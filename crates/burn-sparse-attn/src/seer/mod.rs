@@ -268,31 +268,86 @@ impl AttnGate {
 /// The distillation target `[b, hq, nq_blocks, nk_blocks]`: causal attention probabilities
 /// of (post-RoPE) q and k, max-pooled over each block pair, rows normalised to sum 1.
 /// Detached. Also returns the dense attention output so one pass serves both.
+///
+/// The dense output and its LSE come from [`crate::attention::attention`] (the engine, with
+/// its gradients); the target is then built chunk by chunk of query blocks from
+/// `exp(scale q.k - lse)`, so memory is `O(seq x chunk)` plus the `nq x nk` target instead of
+/// `O(seq^2)`. [`seer_attention_target_reference`] is the one-pass definition.
 pub fn seer_attention_target(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block_size: usize, scale: Option<f64>) -> Result<(Tensor<4>, crate::AttentionOutput)> {
     check_positive("block_size", block_size)?;
     let dims = validate_qkv(&q, &k, &v)?;
-    let AttnDims { batch: b, heads_q: hq, seq_q, seq_k, head_dim: d, .. } = dims;
+    let opts = AttentionOptions { causal: true, window: None, scale };
+    let dense = crate::attention::attention(q.clone(), k.clone(), v, &opts)?;
+    let rows = (TARGET_CHUNK / (dims.batch * dims.heads_q * dims.seq_k).max(1)) / block_size * block_size;
+    let target = pooled_target_in_chunks(q.detach(), k.detach(), dense.lse.clone().detach(), block_size, opts.scale_for(dims.head_dim), &dims, rows.max(block_size));
+    Ok((target, dense))
+}
+
+/// Score elements (`batch x heads_q x rows x seq_k`) one chunk of the target holds: 2^27.
+const TARGET_CHUNK: usize = 1 << 27;
+
+/// The pooled, row-normalised target from the dense LSE, `rows` queries (a multiple of the
+/// block) at a time.
+fn pooled_target_in_chunks(q: Tensor<4>, k: Tensor<4>, lse: Tensor<3>, block_size: usize, scale: f64, dims: &AttnDims, rows: usize) -> Tensor<4> {
+    let AttnDims { batch: b, heads_q: hq, seq_q, seq_k, head_dim: d, .. } = *dims;
+    let nk = seq_k.div_ceil(block_size);
+    let pos0 = seq_k as i64 - seq_q as i64;
+    let mut chunks = Vec::with_capacity(seq_q.div_ceil(rows));
+    let mut t0 = 0;
+    while t0 < seq_q {
+        let t1 = (t0 + rows).min(seq_q);
+        let n = t1 - t0;
+        let cdims = AttnDims { seq_q: n, ..*dims };
+        let s = scores(q.clone().slice([0..b, 0..hq, t0..t1, 0..d]), k.clone(), scale, &cdims);
+        let l = lse.clone().slice([0..b, 0..hq, t0..t1]).cast(s.dtype()).reshape([b, hq, n, 1]);
+        let empty = l.clone().equal_elem(f64::NEG_INFINITY);
+        let l = l.mask_fill(empty, 0.0).expand([b, hq, n, seq_k]);
+        let (pos, j) = crate::grid::row_col(n, seq_k, pos0 + t0 as i64, &s.device());
+        let hidden = j.greater(pos).unsqueeze::<4>().expand([b, hq, n, seq_k]);
+        let p = (s - l).exp().mask_fill(hidden, 0.0);
+        chunks.push(max_pool_blocks(p, block_size, b, hq, nk));
+        t0 = t1;
+    }
+    let pooled = if chunks.len() == 1 { chunks.pop().unwrap() } else { Tensor::cat(chunks, 2) };
+    normalise_rows(pooled)
+}
+
+/// `[b, hq, rows, seq_k]` probabilities to their block maxima `[b, hq, ceil(rows / bs), nk]`
+/// (zero padding: probabilities are non-negative).
+fn max_pool_blocks(p: Tensor<4>, block_size: usize, b: usize, hq: usize, nk: usize) -> Tensor<4> {
+    let [_, _, rows, seq_k] = p.dims();
+    let nq = rows.div_ceil(block_size);
+    let (device, dtype) = (p.device(), p.dtype());
+    let p = if nq * block_size > rows { Tensor::cat(vec![p, Tensor::zeros([b, hq, nq * block_size - rows, seq_k], (&device, dtype))], 2) } else { p };
+    let p = if nk * block_size > seq_k {
+        Tensor::cat(vec![p, Tensor::zeros([b, hq, nq * block_size, nk * block_size - seq_k], (&device, dtype))], 3)
+    } else {
+        p
+    };
+    p.reshape([b * hq, nq, block_size, nk, block_size]).max_dim(4).max_dim(2).reshape([b, hq, nq, nk])
+}
+
+/// Each row divided by its sum (rows summing to 0 stay 0).
+fn normalise_rows(pooled: Tensor<4>) -> Tensor<4> {
+    let dims = pooled.dims();
+    let sums = pooled.clone().sum_dim(3);
+    let sums = sums.clone().mask_fill(sums.equal_elem(0.0), 1.0);
+    pooled / sums.expand(dims)
+}
+
+/// [`seer_attention_target`] in one pass over the full `[seq_q, seq_k]` probability matrix
+/// (the tensor-op reference attention): the definition, kept as the oracle of its tests.
+pub fn seer_attention_target_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block_size: usize, scale: Option<f64>) -> Result<(Tensor<4>, crate::AttentionOutput)> {
+    check_positive("block_size", block_size)?;
+    let dims = validate_qkv(&q, &k, &v)?;
+    let AttnDims { batch: b, heads_q: hq, seq_k, head_dim: d, .. } = dims;
     let opts = AttentionOptions { causal: true, window: None, scale };
     let mask = position_mask(&dims, &opts, &q.device());
     let (p, lse) = masked_softmax(scores(q, k, opts.scale_for(d), &dims), mask);
     let out = crate::attention::reference::apply_values(p.clone(), v, &dims);
-    let (nq, nk) = (seq_q.div_ceil(block_size), seq_k.div_ceil(block_size));
-    let p = p.detach();
-    let p = if nq * block_size > seq_q {
-        Tensor::cat(vec![p.clone(), Tensor::zeros([b, hq, nq * block_size - seq_q, seq_k], (&p.device(), p.dtype()))], 2)
-    } else {
-        p
-    };
-    let p = if nk * block_size > seq_k {
-        let rows = p.dims()[2];
-        Tensor::cat(vec![p.clone(), Tensor::zeros([b, hq, rows, nk * block_size - seq_k], (&p.device(), p.dtype()))], 3)
-    } else {
-        p
-    };
-    let pooled = p.reshape([b * hq, nq, block_size, nk, block_size]).max_dim(4).max_dim(2).reshape([b, hq, nq, nk]);
-    let sums = pooled.clone().sum_dim(3);
-    let sums = sums.clone().mask_fill(sums.equal_elem(0.0), 1.0);
-    Ok((pooled / sums.expand([b, hq, nq, nk]), crate::AttentionOutput { output: out, lse }))
+    let nk = seq_k.div_ceil(block_size);
+    let pooled = max_pool_blocks(p.detach(), block_size, b, hq, nk);
+    Ok((normalise_rows(pooled), crate::AttentionOutput { output: out, lse }))
 }
 
 /// `KL(target || softmax(logits))` averaged over all elements, PyTorch's
@@ -335,4 +390,32 @@ pub fn seer_select_topk(logits: Tensor<4>, top_k: usize, block_size: usize) -> R
     let (vals, idx) = logits.detach().topk_with_indices(top_k.min(nk), 3);
     let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
     Ok(BlockSelection::per_query_block(idx, block_size, block_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Distribution};
+
+    /// The chunked target equals the one-pass definition for chunks of one and two blocks and
+    /// the whole sequence, with a partial last block and seq_q < seq_k.
+    #[test]
+    fn chunked_target_equals_one_pass() {
+        let device = Device::flex();
+        let (b, hq, hkv, sq, sk, d, bs) = (1, 4, 2, 21, 30, 8, 4);
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, hq, sq, d], dist, (&device, DType::F64));
+        let k = Tensor::<4>::random([b, hkv, sk, d], dist, (&device, DType::F64));
+        let v = Tensor::<4>::random([b, hkv, sk, d], dist, (&device, DType::F64));
+        let (want, dense) = seer_attention_target_reference(q.clone(), k.clone(), v, bs, None).unwrap();
+        let dims = validate_qkv(&q, &k, &k).unwrap();
+        let want: Vec<f64> = want.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+        for rows in [bs, 2 * bs, 100] {
+            let got = pooled_target_in_chunks(q.clone(), k.clone(), dense.lse.clone(), bs, 1.0 / (d as f64).sqrt(), &dims, rows);
+            let got: Vec<f64> = got.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            for (a, w) in got.iter().zip(&want) {
+                assert!((a - w).abs() <= 1e-12, "chunks of {rows} rows: {a} vs {w}");
+            }
+        }
+    }
 }
