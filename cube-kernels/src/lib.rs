@@ -48,6 +48,9 @@ pub mod host;
 mod caps;
 mod gather;
 pub use gather::GATHER_ENV;
+#[allow(missing_docs)]
+pub mod topk;
+pub use topk::{MAX_TOPK, row_topk};
 mod launch;
 mod plan;
 mod schedule;

@@ -278,3 +278,43 @@ fn bf16_fragment_path_matches_f32_reference() {
     };
     check_in(Some(DType::BF16), [1, 4, 150, 128], [1, 2, 150, 128], false, &kern, &refr, 3e-2, 3e-2);
 }
+
+/// The routers' top-k runs as a kernel on Cube devices: MoBA's routing, NSA's selection and
+/// Seer's top-k pick the same blocks (as sets: equal scores may be ordered differently) as on
+/// Flex, where Burn's `topk_with_indices` runs. Quick on software Vulkan too, so CI runs it.
+#[test]
+fn routers_top_k_on_device_match_flex() {
+    use burn_sparse_attn::moba::moba_select;
+    use burn_sparse_attn::nsa::{NsaParams, nsa_select};
+    use burn_sparse_attn::seer::seer_select_topk;
+    let kdev = device();
+    let rdev = Device::flex();
+    let sets = |t: Tensor<4, Int>| -> Vec<Vec<i64>> {
+        let n = t.dims()[3];
+        let v: Vec<i64> = t.into_data().convert::<i64>().try_to_vec().unwrap();
+        v.chunks(n).map(|r| {
+            let mut r: Vec<i64> = r.iter().copied().filter(|&x| x >= 0).collect();
+            r.sort_unstable();
+            r
+        }).collect()
+    };
+    // MoBA: per token and head, 90 tokens of blocks of 8, top 3.
+    let (qk, qr) = pair([1, 4, 90, 16], 11, &kdev, &rdev);
+    let (kk, kr) = pair([1, 2, 90, 16], 12, &kdev, &rdev);
+    let a = moba_select(qk, kk, 8, 3).unwrap().indices;
+    let b = moba_select(qr, kr, 8, 3).unwrap().indices;
+    assert_eq!(sets(a), sets(b), "MoBA routing");
+    // NSA: block scores with forced blocks (+inf ties) and future blocks (-inf).
+    let p = NsaParams { select_block: 4, top_n: 5, ..NsaParams::default() };
+    let (sk, sr) = pair([1, 2, 70, 18], 13, &kdev, &rdev);
+    let a = nsa_select(sk, 70, 70, &p).unwrap().indices;
+    let b = nsa_select(sr, 70, 70, &p).unwrap().indices;
+    assert_eq!(sets(a), sets(b), "NSA selection");
+    // Seer: top 4 of block-causal gate logits.
+    let mask = burn_sparse_attn::seer::block_causal_mask(96, 96, 8, &kdev).unsqueeze::<4>().expand([1, 4, 12, 12]);
+    let mask_r = burn_sparse_attn::seer::block_causal_mask(96, 96, 8, &rdev).unsqueeze::<4>().expand([1, 4, 12, 12]);
+    let (lk, lr) = pair([1, 4, 12, 12], 14, &kdev, &rdev);
+    let a = seer_select_topk(lk.mask_fill(mask.bool_not(), f64::NEG_INFINITY), 4, 8).unwrap().indices;
+    let b = seer_select_topk(lr.mask_fill(mask_r.bool_not(), f64::NEG_INFINITY), 4, 8).unwrap().indices;
+    assert_eq!(sets(a), sets(b), "Seer top-k");
+}

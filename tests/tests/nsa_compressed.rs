@@ -8,6 +8,7 @@ use burn::tensor::Tensor;
 use burn_sparse_attn::nsa::{NsaParams, nsa_compressed_attention, nsa_compressed_attention_reference, num_compressed};
 use sparse_attn_tests::*;
 
+#[allow(clippy::too_many_arguments)]
 fn case(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize, block: usize, stride: usize, seed: u64) {
     let p = NsaParams { compress_block: block, compress_stride: stride, select_block: block.max(stride), ..NsaParams::default() };
     let nc = num_compressed(sk, block, stride);

@@ -6,8 +6,10 @@
 
 #[cfg(feature = "cube")]
 mod ext;
+#[cfg(feature = "cube")]
+mod topk;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, KeyBias};
 use crate::block_sparse::BlockSelection;
@@ -57,4 +59,17 @@ pub(crate) fn try_attention(
     }
     #[allow(unreachable_code)]
     Ok(None)
+}
+
+/// Indices of the `k` largest values along the last dimension (descending; `-1` where fewer
+/// than `k` values are above `-inf`), detached: the routers' top-k. A kernel that reads each
+/// row once on Cube devices; Burn's `topk_with_indices` elsewhere (ties may be ordered
+/// differently there: the kernel keeps equal values in index order).
+pub(crate) fn topk_indices(scores: Tensor<4>, k: usize) -> Tensor<4, Int> {
+    #[cfg(feature = "cube")]
+    if attention_impl(&scores.device()) == AttentionImpl::Kernel && k <= sparse_attn_kernels::MAX_TOPK {
+        return topk::row_topk(scores, k);
+    }
+    let (vals, idx) = scores.detach().topk_with_indices(k, 3);
+    idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1)
 }

@@ -125,8 +125,7 @@ fn select_in_chunks(q: Tensor<4>, means: &Tensor<4>, block_size: usize, top_k: u
     while t0 < sq {
         let t1 = (t0 + rows).min(sq);
         let gate = gate_scores_from(q.clone().slice([0..b, 0..hq, t0..t1, 0..d]), means, pos0 + t0 as i64, block_size, dims);
-        let (vals, idx) = gate.topk_with_indices(top_k.min(nb), 3);
-        lists.push(idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1));
+        lists.push(crate::kernel::topk_indices(gate, top_k.min(nb)));
         t0 = t1;
     }
     let indices = if lists.len() == 1 { lists.pop().unwrap() } else { Tensor::cat(lists, 2) };

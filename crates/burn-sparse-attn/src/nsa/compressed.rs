@@ -49,8 +49,10 @@ pub(crate) fn compressed_attention_on_engine(
     let offset = |r: usize| a + (r as i64 + 1 - block).div_euclid(stride as i64);
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
 
-    // One engine call per run of residues with the same offset.
-    let mut groups: Vec<(usize, Option<(Tensor<5>, Tensor<4>)>, usize)> = Vec::new();
+    // One engine call per run of residues with the same offset: (residues, output and LSE
+    // `[b, hq, residues, rows]` when the run has keys, rows computed).
+    type Group = (usize, Option<(Tensor<5>, Tensor<4>)>, usize);
+    let mut groups: Vec<Group> = Vec::new();
     let mut r0 = 0;
     while r0 < stride {
         let c = offset(r0);

@@ -99,12 +99,14 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
 /// The scores of [`nsa_selection_scores`] for queries whose first sits at position `pos0`
 /// (arguments already checked).
 fn scores_from(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, pos0: i64, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
-    let dims = validate_qkv(&q, &k_cmp, &k_cmp)?;
-    let (b, hq, sq, d, hkv) = (dims.batch, dims.heads_q, dims.seq_q, dims.head_dim, dims.heads_kv);
     let n_cmp = k_cmp.dims()[2];
     if n_cmp == 0 {
+        let [b, _, sq, _] = q.dims();
+        let hkv = k_cmp.dims()[1];
         return Ok(Tensor::zeros([b, hkv, sq, seq_k.div_ceil(params.select_block)], (&q.device(), q.dtype())));
     }
+    let dims = validate_qkv(&q, &k_cmp, &k_cmp)?;
+    let (b, hq, sq, d, hkv) = (dims.batch, dims.heads_q, dims.seq_q, dims.head_dim, dims.heads_kv);
     let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
     let s = scores(q.detach(), k_cmp.detach(), scale, &dims);
     let lse = lse_cmp.detach().cast(s.dtype()).reshape([b, hq, sq, 1]);
@@ -176,8 +178,7 @@ fn select_from(scores: Tensor<4>, pos0: i64, params: &NsaParams) -> Tensor<4, In
         .mask_fill(allowed.bool_not(), f64::NEG_INFINITY)
         .mask_fill(forced, f64::INFINITY);
     let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, sq, n_sel]);
-    let (vals, idx) = masked.topk_with_indices(params.top_n.min(n_sel), 3);
-    idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1)
+    crate::kernel::topk_indices(masked, params.top_n.min(n_sel))
 }
 
 #[cfg(test)]

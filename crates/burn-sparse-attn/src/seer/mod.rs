@@ -387,8 +387,7 @@ pub fn seer_select_topk(logits: Tensor<4>, top_k: usize, block_size: usize) -> R
     check_positive("top_k", top_k)?;
     check_positive("block_size", block_size)?;
     let nk = logits.dims()[3];
-    let (vals, idx) = logits.detach().topk_with_indices(top_k.min(nk), 3);
-    let idx = idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1);
+    let idx = crate::kernel::topk_indices(logits, top_k.min(nk));
     Ok(BlockSelection::per_query_block(idx, block_size, block_size))
 }
 
