@@ -50,6 +50,9 @@ mod gather;
 pub use gather::GATHER_ENV;
 #[allow(missing_docs)]
 pub mod topk;
+#[allow(missing_docs)]
+pub mod keep;
+pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
 pub use topk::{MAX_TOPK, row_topk};
 mod launch;
 mod plan;

@@ -2,8 +2,9 @@
 //! the tensor-op reference on the same device: output, LSE and the gradients of q, k, v and
 //! the bias, for dense, block-sparse (both granularities) and DMA-style biased attention.
 //!
-//! Built with `--features cuda` these run by default. Built with `--features wgpu` only, they
-//! are `#[ignore]`d: on Mesa's software Vulkan driver (CI) they spend 3 to over 15 minutes
+//! Built with `--features cuda` these run by default. Built with `--features wgpu` only, the
+//! attention checks are `#[ignore]`d (the routers' top-k and DMA's keep threshold, which
+//! compile a few small shaders, run everywhere): on Mesa's software Vulkan driver (CI) they spend 3 to over 15 minutes
 //! compiling shaders (LLVM splits every barrier-bearing shader into coroutines), so run them
 //! there or on a GPU's Vulkan driver with `cargo test --features wgpu -- --include-ignored`. The
 //! kernels themselves are checked on every runtime by `cube-kernels/tests/attention.rs`.
@@ -317,4 +318,30 @@ fn routers_top_k_on_device_match_flex() {
     let a = seer_select_topk(lk.mask_fill(mask.bool_not(), f64::NEG_INFINITY), 4, 8).unwrap().indices;
     let b = seer_select_topk(lr.mask_fill(mask_r.bool_not(), f64::NEG_INFINITY), 4, 8).unwrap().indices;
     assert_eq!(sets(a), sets(b), "Seer top-k");
+}
+
+/// DMA's keep threshold runs as a kernel on Cube devices: the same `(value, index)` per row
+/// as the host walk on Flex, with many tied bias values, causal and not, seq_q != seq_k.
+/// Quick on software Vulkan too, so CI runs it.
+#[test]
+fn dma_keep_threshold_on_device_matches_host() {
+    use burn_sparse_attn::dma::dma_keep_threshold_host;
+    let kdev = device();
+    let mut s = 99u64;
+    for (b, h, sq, sk, w, causal) in [(2, 2, 30, 30, 6, true), (1, 3, 11, 40, 9, true), (1, 2, 25, 25, 40, true), (1, 1, 7, 19, 5, false)] {
+        let data: Vec<f32> = (0..b * h * sk)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) % 5) as f32 - 2.0
+            })
+            .collect();
+        let td = TensorData::new(data, [b, h, sk]);
+        let on_device = dma_keep_threshold(&Tensor::<3>::from_data(td.clone(), &kdev), sq, w, causal).unwrap();
+        let on_host = dma_keep_threshold_host(&Tensor::<3>::from_data(td, &Device::flex()), sq, w, causal).unwrap();
+        let vals = |t: Tensor<3>| -> Vec<f32> { t.into_data().convert::<f32>().try_to_vec().unwrap() };
+        let idx = |t: Tensor<3, Int>| -> Vec<i64> { t.into_data().convert::<i64>().try_to_vec().unwrap() };
+        let what = format!("b {b}, h {h}, sq {sq}, sk {sk}, window {w}, causal {causal}");
+        assert_eq!(vals(on_device.value), vals(on_host.value), "{what}: values");
+        assert_eq!(idx(on_device.index), idx(on_host.index), "{what}: indices");
+    }
 }

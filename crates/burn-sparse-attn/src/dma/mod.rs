@@ -59,9 +59,22 @@ pub fn dma_bias(v: Tensor<4>, dt_proj: &Linear, a: Tensor<1>) -> Result<Tensor<3
 /// Per-row keep rule for DMA's top-`window` selection over each query's visible keys.
 ///
 /// `bias: [b, hb, sk]`; query `i` sees the keys `0..=i + sk - seq_q` when `causal`, all keys
-/// otherwise. Computed on the host with a heap (`O(seq_k log window)` per head): the selection
-/// is not differentiable and this avoids any `seq_q x seq_k` tensor.
+/// otherwise. One walk over the keys per head with a heap of the `window` largest
+/// (`O(seq_k log window)`, no `seq_q x seq_k` tensor): a kernel on Cube devices (no host copy,
+/// windows up to `sparse_attn_kernels::MAX_KEEP_WINDOW`), the host elsewhere
+/// ([`dma_keep_threshold_host`]). The selection is not differentiable.
 pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<KeepThreshold> {
+    check_positive("window", window)?;
+    if let Some((value, index)) = crate::kernel::try_keep_threshold(bias, seq_q, window, causal) {
+        let value = if value.dtype() != bias.dtype() { value.cast(bias.dtype()) } else { value };
+        return Ok(KeepThreshold { value, index });
+    }
+    dma_keep_threshold_host(bias, seq_q, window, causal)
+}
+
+/// [`dma_keep_threshold`] on the host (the bias is copied there): the path on Flex, and the
+/// oracle of the kernel's tests.
+pub fn dma_keep_threshold_host(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<KeepThreshold> {
     check_positive("window", window)?;
     let [b, h, sk] = bias.dims();
     let device = bias.device();

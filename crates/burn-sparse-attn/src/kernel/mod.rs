@@ -7,6 +7,8 @@
 #[cfg(feature = "cube")]
 mod ext;
 #[cfg(feature = "cube")]
+mod keep;
+#[cfg(feature = "cube")]
 mod topk;
 
 use burn::tensor::{Int, Tensor};
@@ -72,4 +74,16 @@ pub(crate) fn topk_indices(scores: Tensor<4>, k: usize) -> Tensor<4, Int> {
     }
     let (vals, idx) = scores.detach().topk_with_indices(k, 3);
     idx.mask_fill(vals.equal_elem(f64::NEG_INFINITY), -1)
+}
+
+/// DMA's keep threshold `(value, index)`, both `[b, h, seq_q]`, computed by a kernel on Cube
+/// devices (windows up to `sparse_attn_kernels::MAX_KEEP_WINDOW`); `None` elsewhere, where
+/// the caller's host walk runs.
+#[allow(unused_variables)]
+pub(crate) fn try_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Option<(Tensor<3>, Tensor<3, Int>)> {
+    #[cfg(feature = "cube")]
+    if attention_impl(&bias.device()) == AttentionImpl::Kernel && window <= sparse_attn_kernels::MAX_KEEP_WINDOW {
+        return Some(keep::keep_threshold(bias, seq_q, window, causal));
+    }
+    None
 }
