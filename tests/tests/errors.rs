@@ -184,7 +184,6 @@ fn nsa_param_errors() {
     assert_param_err("stride > block", run(NsaParams { compress_stride: 5, ..base }), &["compress_stride"]);
     assert_param_err("select_block 0", run(NsaParams { select_block: 0, ..base }), &["select_block"]);
     assert_param_err("top_n 0", run(NsaParams { top_n: 0, ..base }), &["top_n"]);
-    assert_param_err("window 0", run(NsaParams { window: 0, ..base }), &["window"]);
     assert_param_err("validate", NsaParams { compress_stride: 8, ..base }.validate(), &["compress_stride"]);
 }
 
@@ -404,7 +403,6 @@ fn config_method_parameter_errors() {
     assert_param_err("nsa stride > block", nsa().with_compress_block(8).with_compress_stride(16).init(&device), &["compress_stride"]);
     assert_param_err("nsa select_block 0", nsa().with_select_block(0).init(&device), &["select_block"]);
     assert_param_err("nsa top_n 0", nsa().with_top_n(0).init(&device), &["top_n"]);
-    assert_param_err("nsa window 0", nsa().with_window(0).init(&device), &["window"]);
     assert_param_err("nsa hidden 0", nsa().with_compress_hidden(Some(0)).init(&device), &["compress_hidden"]);
     let seer = || SeerAttentionConfig::new(16, 4);
     assert_param_err("seer block 0", seer().with_block_size(0).init(&device), &["block_size"]);

@@ -288,3 +288,15 @@ fn nsa_without_compressed_tokens() {
     assert_eq!(out.len(), 6 * D_MODEL);
     assert!(out.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn nsa_window_branch_off() {
+    // `window = 0`: no window projections, and the output does not depend on the window gate.
+    let cfg = NsaAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(Some(2)).with_compress_block(8).with_compress_stride(4).with_select_block(4).with_top_n(2).with_window(0);
+    let m = cfg.init(&dev()).unwrap();
+    assert!(m.key_win.is_none() && m.value_win.is_none(), "window off: no window projections");
+    let x = Rng::new(511).randn([1, 20, D_MODEL], 1.0, &dev()).cast(DType::F32);
+    let out = values(m.forward(x).unwrap());
+    assert_eq!(out.len(), 20 * D_MODEL);
+    assert!(out.iter().all(|v| v.is_finite()));
+}

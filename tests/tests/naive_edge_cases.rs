@@ -411,6 +411,8 @@ fn nsa_matches_naive_three_branches() {
         (Dims::new(2, 2, 1, 5, 14, 2), NsaParams { compress_block: 4, compress_stride: 3, select_block: 3, top_n: 3, window: 5, scale: Some(0.8), ..NsaParams::default() }),
         (Dims::new(1, 2, 2, 1, 17, 4), NsaParams { compress_block: 4, compress_stride: 4, select_block: 4, top_n: 3, window: 4, scale: None, ..NsaParams::default() }),
         (Dims::new(1, 3, 1, 12, 7, 2), NsaParams { compress_block: 3, compress_stride: 2, select_block: 2, top_n: 3, window: 2, scale: None, ..NsaParams::default() }),
+        // Window branch off: its output is 0 and it adds nothing to the mix.
+        (Dims::new(1, 4, 2, 15, 15, 3), NsaParams { compress_block: 4, compress_stride: 2, select_block: 2, top_n: 3, window: 0, scale: None, ..NsaParams::default() }),
     ] {
         let device = dev();
         let nc = num_compressed(d.sk, p.compress_block, p.compress_stride);

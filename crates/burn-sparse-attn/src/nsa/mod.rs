@@ -43,7 +43,9 @@ pub struct NsaParams {
     pub select_block: usize,
     /// Selected blocks per query `n`, forced ones included. Default 16.
     pub top_n: usize,
-    /// Sliding window `w`. Default 512.
+    /// Sliding window `w`: the `w` most recent keys. `0` turns the window branch off (it is
+    /// not computed, its output is 0 and its gate has no effect), as flash-linear-attention's
+    /// `window_size = 0`. Default 512.
     pub window: usize,
     /// Softmax scale of every branch; `None` means `1/sqrt(head_dim)`.
     pub scale: Option<f64>,
@@ -77,7 +79,6 @@ impl NsaParams {
         check_positive("compress_stride", self.compress_stride)?;
         check_positive("select_block", self.select_block)?;
         check_positive("top_n", self.top_n)?;
-        check_positive("window", self.window)?;
         if self.compress_stride > self.compress_block {
             return param_err(
                 "compress_stride",
@@ -238,7 +239,15 @@ pub fn nsa_attention_with(inputs: NsaInputs, params: &NsaParams, blocks: NsaBloc
     }
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
     let selected = block_sparse_attention(q.clone(), k_slc, v_slc, &selection, &opts)?;
-    let window = attention(q, k_win, v_win, &opts.with_window(params.window))?;
+    let window = if params.window == 0 {
+        let [b, hq, sq, d] = q.dims();
+        AttentionOutput {
+            output: Tensor::zeros([b, hq, sq, d], (&q.device(), q.dtype())),
+            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&q.device(), q.dtype())),
+        }
+    } else {
+        attention(q, k_win, v_win, &opts.with_window(params.window))?
+    };
     let output = nsa_combine(&compressed.output, &selected.output, &window.output, gates)?;
     Ok(NsaOutput { output, compressed, selected, window, selection })
 }

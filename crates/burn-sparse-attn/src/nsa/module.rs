@@ -32,7 +32,8 @@ pub struct NsaAttentionConfig {
     /// Selected blocks per query, forced ones included. Default: 16.
     #[config(default = 16)]
     pub top_n: usize,
-    /// Sliding window. Default: 512.
+    /// Sliding window; `0` turns the window branch off (no window projections, no window
+    /// attention). Default: 512.
     #[config(default = 512)]
     pub window: usize,
     /// Leading selection blocks always selected. Default: 1.
@@ -79,8 +80,8 @@ impl NsaAttentionConfig {
             proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
             key_cmp: branch(self.shared_kv),
             value_cmp: branch(self.shared_kv),
-            key_win: branch(self.shared_kv),
-            value_win: branch(self.shared_kv),
+            key_win: branch(self.shared_kv || self.window == 0),
+            value_win: branch(self.shared_kv || self.window == 0),
             compress_key: mlp.init(device)?,
             compress_value: mlp.init(device)?,
             gate: LinearConfig::new(self.d_model, 3 * layout.n_heads).init(device),
@@ -169,7 +170,8 @@ impl NsaAttention {
             v_cmp,
             k_slc: self.proj.rope(k)?,
             v_slc: v,
-            k_win: self.proj.rope(k_win)?,
+            // The window branch is off with `window = 0`: its keys are never read.
+            k_win: if self.window == 0 { k_win } else { self.proj.rope(k_win)? },
             v_win,
             gates,
         };
