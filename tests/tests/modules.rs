@@ -300,3 +300,27 @@ fn nsa_window_branch_off() {
     assert_eq!(out.len(), 20 * D_MODEL);
     assert!(out.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn nsa_layer_takes_given_blocks_and_counts() {
+    use burn::tensor::Int;
+    use burn_sparse_attn::nsa::NsaBlocks;
+    let cfg = NsaAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(Some(2)).with_compress_block(8).with_compress_stride(4).with_select_block(4).with_top_n(3).with_window(5);
+    let m = cfg.init(&dev()).unwrap();
+    let x = Rng::new(512).randn([1, 24, D_MODEL], 1.0, &dev()).cast(DType::F32);
+    // Computed blocks through forward_with are forward itself.
+    let a = values(m.forward(x.clone()).unwrap());
+    let b = values(m.forward_with(x.clone(), NsaBlocks::Computed, None).unwrap());
+    assert_eq!(a, b);
+    // An empty given selection equals computed blocks cut to zero per token.
+    let empty = Tensor::<4, Int>::full([1, 2, 24, 3], -1, &dev());
+    let zero = Tensor::<3, Int>::zeros([1, 2, 24], &dev());
+    let given = values(m.forward_with(x.clone(), NsaBlocks::Given(empty), None).unwrap());
+    let counted = values(m.forward_with(x.clone(), NsaBlocks::Computed, Some(zero)).unwrap());
+    assert_close("empty selection", &given, &counted, 1e-6, 1e-6);
+    assert_differs("empty selection vs computed", &given, &a, 1e-4);
+    // A given selection of the wrong shape is an error naming it.
+    let bad = Tensor::<4, Int>::zeros([1, 4, 24, 3], &dev());
+    let e = m.forward_with(x, NsaBlocks::Given(bad), None).unwrap_err();
+    assert!(e.to_string().contains("blocks"), "{e}");
+}

@@ -2,9 +2,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
-use super::{CompressionMlp, CompressionMlpConfig, NsaInputs, NsaParams, nsa_attention};
+use super::{CompressionMlp, CompressionMlpConfig, NsaBlocks, NsaInputs, NsaParams, nsa_attention_with};
 use crate::projection::{HeadLayout, QkvProjection};
 
 /// Configuration of [`NsaAttention`]; defaults are the NSA paper's.
@@ -140,6 +140,14 @@ impl NsaAttention {
 
     /// `x: [batch, seq, d_model] -> [batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<3>) -> crate::error::Result<Tensor<3>> {
+        self.forward_with(x, NsaBlocks::Computed, None)
+    }
+
+    /// [`Self::forward`] with the selection branch's blocks chosen by `blocks` (computed, or
+    /// given per token and kv head as `[batch, n_kv_heads, seq, n]`) and optionally at most
+    /// `counts: [batch, n_kv_heads, seq]` blocks per query, as [`super::nsa_attention_with`]
+    /// (flash-linear-attention's `block_indices` / `block_counts`).
+    pub fn forward_with(&self, x: Tensor<3>, blocks: NsaBlocks, counts: Option<Tensor<3, Int>>) -> crate::error::Result<Tensor<3>> {
         let [b, s, _] = x.dims();
         let (q, k, v) = self.proj.project(x.clone())?;
         let hkv = self.proj.n_kv_heads();
@@ -175,6 +183,6 @@ impl NsaAttention {
             v_win,
             gates,
         };
-        Ok(self.proj.merge(nsa_attention(inputs, &params)?.output))
+        Ok(self.proj.merge(nsa_attention_with(inputs, &params, blocks, counts)?.output))
     }
 }
