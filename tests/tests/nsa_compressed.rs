@@ -84,3 +84,62 @@ fn no_visible_compressed_token_for_most_rows() {
     // One compressed token, visible to the last 2 queries only.
     case(1, 2, 1, 9, 9, 4, 8, 8, 8);
 }
+
+/// `TrailingWindow::Partial` (flash-linear-attention's `mean_pooling` count) by hand: the
+/// extra token is the mean of the keys after the last complete window's successor start.
+#[test]
+fn trailing_partial_window_means_by_hand() {
+    use burn_sparse_attn::nsa::{TrailingWindow, compress_mean_with, num_compressed_with};
+    let device = dev();
+    let x = |s: usize| tensor((0..s).map(|t| t as f64).collect(), [1, 1, s, 1], &device);
+    for (s, block, stride, want) in [
+        (10, 4, 4, vec![1.5, 5.5, 8.5]),
+        (3, 4, 4, vec![1.0]),
+        (8, 4, 4, vec![1.5, 5.5]),
+        (10, 4, 2, vec![1.5, 3.5, 5.5, 7.5]),
+        (11, 4, 2, vec![1.5, 3.5, 5.5, 7.5, 9.0]),
+    ] {
+        assert_eq!(num_compressed_with(s, block, stride, TrailingWindow::Partial), want.len(), "count s {s} l {block} d {stride}");
+        let got = values(compress_mean_with(x(s), block, stride, TrailingWindow::Partial).unwrap());
+        assert_close(&format!("s {s} l {block} d {stride}"), &got, &want, 1e-12, 1e-12);
+        let dropped = values(compress_mean_with(x(s), block, stride, TrailingWindow::Drop).unwrap_or_else(|_| tensor(vec![], [1, 1, 0, 1], &device)));
+        assert_eq!(dropped.len(), num_compressed_with(s, block, stride, TrailingWindow::Drop));
+    }
+}
+
+/// NSA with the trailing partial token appended to k_cmp / v_cmp gives the same output and
+/// selection as without it: no query can see it.
+#[test]
+fn trailing_partial_token_changes_nothing() {
+    use burn_sparse_attn::nsa::{NsaInputs, nsa_attention};
+    let (b, hq, hkv, s, d) = (1, 4, 2, 27, 4);
+    let p = NsaParams { compress_block: 4, compress_stride: 4, select_block: 4, top_n: 3, window: 5, ..NsaParams::default() };
+    let nc = num_compressed(s, 4, 4);
+    let mut rng = Rng::new(77);
+    let device = dev();
+    let q = rng.normals(b * hq * s * d, 1.0);
+    let kv: Vec<Vec<f64>> = (0..4).map(|_| rng.normals(b * hkv * s * d, 1.0)).collect();
+    let kc = rng.normals(b * hkv * (nc + 1) * d, 1.0);
+    let vc = rng.normals(b * hkv * (nc + 1) * d, 1.0);
+    let gates: Vec<f64> = (0..b * hq * s * 3).map(|_| rng.uniform()).collect();
+    let run = |n: usize| {
+        // The first n compressed tokens of each head.
+        let cut = |src: &[f64]| -> Vec<f64> { (0..b * hkv).flat_map(|h| src[h * (nc + 1) * d..(h * (nc + 1) + n) * d].to_vec()).collect() };
+        let inputs = NsaInputs {
+            q: tensor(q.clone(), [b, hq, s, d], &device),
+            k_cmp: tensor(cut(&kc), [b, hkv, n, d], &device),
+            v_cmp: tensor(cut(&vc), [b, hkv, n, d], &device),
+            k_slc: tensor(kv[0].clone(), [b, hkv, s, d], &device),
+            v_slc: tensor(kv[1].clone(), [b, hkv, s, d], &device),
+            k_win: tensor(kv[2].clone(), [b, hkv, s, d], &device),
+            v_win: tensor(kv[3].clone(), [b, hkv, s, d], &device),
+            gates: tensor(gates.clone(), [b, hq, s, 3], &device),
+        };
+        let out = nsa_attention(inputs, &p).unwrap();
+        (values(out.output), ints(out.selection.indices))
+    };
+    let (o_complete, sel_complete) = run(nc);
+    let (o_partial, sel_partial) = run(nc + 1);
+    assert_close("output", &o_partial, &o_complete, 1e-12, 1e-12);
+    assert_eq!(sel_partial, sel_complete, "selection");
+}

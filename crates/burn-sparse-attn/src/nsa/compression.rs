@@ -14,6 +14,51 @@ pub fn num_compressed(seq: usize, block: usize, stride: usize) -> usize {
     if seq < block || stride == 0 { 0 } else { (seq - block) / stride + 1 }
 }
 
+/// What becomes of the keys after the last complete window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrailingWindow {
+    /// Complete windows only: `floor((seq - block) / stride) + 1` of them (the NSA paper's
+    /// compression). Default.
+    #[default]
+    Drop,
+    /// One more, partial window from the next stride over the remaining keys, pooled over
+    /// the keys it has (flash-linear-attention's `mean_pooling`: `ceil(seq / block)` tokens
+    /// when `stride = block`). No query can see it under NSA's visibility rule, so it changes
+    /// shapes only; the attention and selection ops accept either count.
+    Partial,
+}
+
+/// Number of windows of `block` keys, `stride` apart, in `seq` keys, with the trailing
+/// partial one when `trailing` is [`TrailingWindow::Partial`] and some keys are left over.
+pub fn num_compressed_with(seq: usize, block: usize, stride: usize, trailing: TrailingWindow) -> usize {
+    let complete = num_compressed(seq, block, stride);
+    let covered = if complete == 0 { 0 } else { (complete - 1) * stride + block };
+    match trailing {
+        TrailingWindow::Partial if stride > 0 && seq > 0 && (complete == 0 || covered < seq) => complete + 1,
+        _ => complete,
+    }
+}
+
+/// [`compress_mean`] with a choice for the trailing keys: with
+/// [`TrailingWindow::Partial`] the last token is the mean of the keys from the next window
+/// start to the end (`[b, h, s, d] -> [b, h, n, d]`, `n` from [`num_compressed_with`]).
+pub fn compress_mean_with(x: Tensor<4>, block: usize, stride: usize, trailing: TrailingWindow) -> crate::error::Result<Tensor<4>> {
+    check_positive("compress_block", block)?;
+    check_positive("compress_stride", stride)?;
+    let [b, h, s, d] = x.dims();
+    let complete = num_compressed(s, block, stride);
+    let n = num_compressed_with(s, block, stride, trailing);
+    if n == complete {
+        return compress_mean(x, block, stride);
+    }
+    let start = complete * stride;
+    let partial = x.clone().slice([0..b, 0..h, start..s, 0..d]).mean_dim(2);
+    if complete == 0 {
+        return Ok(partial);
+    }
+    Ok(Tensor::cat(vec![compress_mean(x, block, stride)?, partial], 2))
+}
+
 /// Gathers the windows: `[b, h, s, d] -> [b, h, n, block, d]`.
 pub fn compression_windows(x: Tensor<4>, block: usize, stride: usize) -> crate::error::Result<Tensor<5>> {
     check_positive("compress_block", block)?;

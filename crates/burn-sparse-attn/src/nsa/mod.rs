@@ -22,7 +22,7 @@ mod compressed;
 mod module;
 pub mod selection;
 
-pub use compression::{CompressionMlp, CompressionMlpConfig, compress_mean, num_compressed};
+pub use compression::{CompressionMlp, CompressionMlpConfig, TrailingWindow, compress_mean, compress_mean_with, num_compressed, num_compressed_with};
 pub use module::{NsaAttention, NsaAttentionConfig};
 pub use selection::{nsa_block_scores_from_probs, nsa_overlap_weights, nsa_select, nsa_selection_scores};
 
@@ -144,15 +144,7 @@ pub fn nsa_compressed_attention(
             lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&device, q.dtype())),
         });
     }
-    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
-        return shape_err(
-            "k_cmp",
-            format!(
-                "{n_cmp} compressed tokens, expected {} for seq_k = {seq_k}",
-                num_compressed(seq_k, params.compress_block, params.compress_stride)
-            ),
-        );
-    }
+    check_compressed_count("k_cmp", n_cmp, seq_k, params)?;
     validate_qkv(&q, &k_cmp, &v_cmp)?;
     compressed::compressed_attention_on_engine(q, k_cmp, v_cmp, seq_k, params)
 }
@@ -269,4 +261,18 @@ fn rename_kv(e: crate::SparseAttnError, k_name: &'static str, v_name: &'static s
         crate::SparseAttnError::Shape { arg: "v", detail } => crate::SparseAttnError::Shape { arg: v_name, detail },
         other => other,
     }
+}
+
+/// The compressed-token count must be that of complete windows or that with the trailing
+/// partial window ([`TrailingWindow`]); the partial token is never visible, so both give the
+/// same attention and selection.
+pub(crate) fn check_compressed_count(arg: &'static str, n_cmp: usize, seq_k: usize, params: &NsaParams) -> Result<()> {
+    let (l, d) = (params.compress_block, params.compress_stride);
+    let complete = num_compressed(seq_k, l, d);
+    let partial = num_compressed_with(seq_k, l, d, TrailingWindow::Partial);
+    if n_cmp != complete && n_cmp != partial {
+        let expected = if partial == complete { format!("{complete}") } else { format!("{complete} (complete windows) or {partial} (with the trailing partial one)") };
+        return shape_err(arg, format!("{n_cmp} compressed tokens, expected {expected} for seq_k = {seq_k}"));
+    }
+    Ok(())
 }

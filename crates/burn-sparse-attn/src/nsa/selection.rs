@@ -2,7 +2,7 @@
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use super::{NsaParams, num_compressed};
+use super::NsaParams;
 use crate::attention::reference::scores;
 use crate::attention::validate_qkv;
 use crate::block_sparse::BlockSelection;
@@ -86,9 +86,7 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
     if n_cmp == 0 {
         return Ok(Tensor::zeros([b, hkv, sq, n_sel], (&device, q.dtype())));
     }
-    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
-        return shape_err("k_cmp", format!("{n_cmp} compressed tokens do not match seq_k = {seq_k}"));
-    }
+    super::check_compressed_count("k_cmp", n_cmp, seq_k, params)?;
     if lse_cmp.dims() != [b, hq, sq] {
         return shape_err("lse_cmp", format!("expected {:?}, got {:?}", [b, hq, sq], lse_cmp.dims()));
     }
@@ -128,12 +126,7 @@ pub fn nsa_block_scores_from_probs(p_cmp: Tensor<4>, heads_kv: usize, seq_k: usi
     if heads_kv == 0 || hp % heads_kv != 0 {
         return shape_err("p_cmp", format!("heads ({hp}) must be a multiple of heads_kv ({heads_kv})"));
     }
-    if n_cmp != num_compressed(seq_k, params.compress_block, params.compress_stride) {
-        return shape_err(
-            "p_cmp",
-            format!("{n_cmp} compressed tokens, expected {} for seq_k = {seq_k}", num_compressed(seq_k, params.compress_block, params.compress_stride)),
-        );
-    }
+    super::check_compressed_count("p_cmp", n_cmp, seq_k, params)?;
     let n_sel = seq_k.div_ceil(params.select_block);
     let (device, dtype) = (p_cmp.device(), p_cmp.dtype());
     if n_cmp == 0 {
