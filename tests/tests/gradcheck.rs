@@ -304,11 +304,11 @@ fn nsa_module_grads_compression_mlp_gate_and_projections() {
     let m = module_to_f64(randomize_params(cfg.init(&ad_dev()).unwrap(), 120, 0.3));
     let (x, w) = module_input(&mut rng, [1, 10, 8]);
     let paths = [
-        "compress_key.pos_emb",
-        "compress_key.fc1.weight",
-        "compress_key.fc2.bias",
-        "compress_value.fc1.bias",
-        "compress_value.fc2.weight",
+        "compress_key.Mlp.pos_emb",
+        "compress_key.Mlp.fc1.weight",
+        "compress_key.Mlp.fc2.bias",
+        "compress_value.Mlp.fc1.bias",
+        "compress_value.Mlp.fc2.weight",
         "gate.weight",
         "gate.bias",
         "key_cmp.weight",

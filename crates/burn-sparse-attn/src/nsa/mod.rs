@@ -19,9 +19,11 @@
 
 pub mod compression;
 mod compressed;
+pub mod compressors;
 mod module;
 pub mod selection;
 
+pub use compressors::{AttentionPoolCompressor, Compressor, CompressorConfig, CompressorKind, HeadLinearCompressor, MeanPosCompressor};
 pub use compression::{CompressionMlp, CompressionMlpConfig, TrailingWindow, compress_mean, compress_mean_with, num_compressed, num_compressed_with};
 pub use module::{NsaAttention, NsaAttentionConfig};
 pub use selection::{nsa_block_scores_from_probs, nsa_overlap_weights, nsa_select, nsa_selection_scores};

@@ -4,7 +4,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor};
 
-use super::{CompressionMlp, CompressionMlpConfig, NsaBlocks, NsaInputs, NsaParams, nsa_attention_with};
+use super::{Compressor, CompressorConfig, CompressorKind, NsaBlocks, NsaInputs, NsaParams, nsa_attention_with};
 use crate::projection::{HeadLayout, QkvProjection};
 
 /// Configuration of [`NsaAttention`]; defaults are the NSA paper's.
@@ -26,6 +26,9 @@ pub struct NsaAttentionConfig {
     pub compress_stride: usize,
     /// Hidden width of the compression MLPs. Default: `4 * head_dim`.
     pub compress_hidden: Option<usize>,
+    /// The compressor of keys and values. Default: the MLP (the NSA paper's).
+    #[config(default = "CompressorKind::Mlp")]
+    pub compressor: CompressorKind,
     /// Selection block `l'`. Default: 64.
     #[config(default = 64)]
     pub select_block: usize,
@@ -75,15 +78,21 @@ impl NsaAttentionConfig {
         let kv_width = layout.n_kv_heads * layout.head_dim;
         let lin = |o| LinearConfig::new(self.d_model, o).with_bias(false).init(device);
         let branch = |shared: bool| if shared { None } else { Some(lin(kv_width)) };
-        let mlp = CompressionMlpConfig { block: self.compress_block, head_dim: layout.head_dim, hidden: self.compress_hidden };
+        let compressor = CompressorConfig {
+            kind: self.compressor,
+            block: self.compress_block,
+            head_dim: layout.head_dim,
+            heads: layout.n_kv_heads,
+            hidden: self.compress_hidden,
+        };
         Ok(NsaAttention {
             proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
             key_cmp: branch(self.shared_kv),
             value_cmp: branch(self.shared_kv),
             key_win: branch(self.shared_kv || self.window == 0),
             value_win: branch(self.shared_kv || self.window == 0),
-            compress_key: mlp.init(device)?,
-            compress_value: mlp.init(device)?,
+            compress_key: compressor.init(device)?,
+            compress_value: compressor.init(device)?,
             gate: LinearConfig::new(self.d_model, 3 * layout.n_heads).init(device),
             compress_block: self.compress_block,
             compress_stride: self.compress_stride,
@@ -109,10 +118,10 @@ pub struct NsaAttention {
     pub key_win: Option<Linear>,
     /// Window-branch values.
     pub value_win: Option<Linear>,
-    /// Compression MLP for keys.
-    pub compress_key: CompressionMlp,
-    /// Compression MLP for values.
-    pub compress_value: CompressionMlp,
+    /// Compressor of the keys.
+    pub compress_key: Compressor,
+    /// Compressor of the values.
+    pub compress_value: Compressor,
     /// `d_model -> 3 * n_heads` gate logits.
     pub gate: Linear,
     compress_block: usize,
