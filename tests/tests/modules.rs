@@ -324,3 +324,37 @@ fn nsa_layer_takes_given_blocks_and_counts() {
     let e = m.forward_with(x, NsaBlocks::Given(bad), None).unwrap_err();
     assert!(e.to_string().contains("blocks"), "{e}");
 }
+
+#[test]
+fn method_enum_picks_each_layer_from_configuration() {
+    use burn::config::Config;
+    use burn_sparse_attn::{AttentionMethodConfig, DenseAttentionConfig, DmaAttentionConfig, MobaAttentionConfig, SeerAttentionConfig};
+    let configs = [
+        AttentionMethodConfig::Dense(DenseAttentionConfig::new(D_MODEL, 4)),
+        AttentionMethodConfig::Nsa(NsaAttentionConfig::new(D_MODEL, 4).with_compress_block(8).with_compress_stride(4).with_select_block(4).with_top_n(2).with_window(3)),
+        AttentionMethodConfig::Moba(MobaAttentionConfig::new(D_MODEL, 4).with_block_size(4).with_top_k(2)),
+        AttentionMethodConfig::Seer(SeerAttentionConfig::new(D_MODEL, 4).with_block_size(4).with_gate_hidden(8)),
+        AttentionMethodConfig::Dma(DmaAttentionConfig::new(D_MODEL, 4).with_window(5)),
+    ];
+    let x = Rng::new(600).randn([1, 16, D_MODEL], 1.0, &dev()).cast(DType::F32);
+    let dir = std::env::temp_dir().join(format!("sparse-attn-method-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, cfg) in configs.iter().enumerate() {
+        // The config round-trips through its JSON file.
+        let path = dir.join(format!("{i}.json"));
+        cfg.save(&path).unwrap();
+        let loaded = AttentionMethodConfig::load(&path).unwrap();
+        assert_eq!(loaded.name(), cfg.name());
+        assert_eq!(format!("{loaded:?}"), format!("{cfg:?}"));
+        let layer = loaded.init(&dev()).unwrap();
+        let out = layer.forward_with_aux(x.clone()).unwrap();
+        assert_eq!(out.output.dims(), [1, 16, D_MODEL], "{}", cfg.name());
+        assert_eq!(out.aux_loss.is_some(), cfg.name() == "seer", "{}: aux loss", cfg.name());
+        assert_eq!(layer.has_aux_loss(), cfg.name() == "seer");
+        assert_close(cfg.name(), &values(layer.forward(x.clone()).unwrap()), &values(out.output), 1e-6, 1e-6);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    // A bad field still names itself through the enum.
+    let e = AttentionMethodConfig::Moba(MobaAttentionConfig::new(D_MODEL, 4).with_top_k(0)).init(&dev()).unwrap_err();
+    assert!(e.to_string().contains("top_k"), "{e}");
+}

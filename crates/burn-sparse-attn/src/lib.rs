@@ -6,6 +6,8 @@
 //! - a layer, `XConfig::new(..).init(&device)?` then `forward(x: [batch, seq, d_model])`;
 //! - functional ops on q, k, v for users who bring their own projections.
 //!
+//! [`AttentionMethodConfig`] / [`AttentionMethod`] pick a method from configuration.
+//!
 //! All ops use the layout `[batch, heads, seq, head_dim]`, support GQA/MQA, align causal
 //! masks bottom-right and return the log-sum-exp next to the output; see `docs/` for the
 //! math of each method.
@@ -16,6 +18,7 @@ pub mod dma;
 pub mod error;
 mod grid;
 pub mod kernel;
+pub mod method;
 pub mod moba;
 pub mod nsa;
 pub mod projection;
@@ -26,6 +29,7 @@ pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAtte
 pub use block_sparse::{BlockSelection, block_sparse_attention};
 pub use dma::{DmaAttention, DmaAttentionConfig};
 pub use error::{Result, SparseAttnError};
+pub use method::{AttentionMethod, AttentionMethodConfig, MethodOutput};
 pub use moba::{MobaAttention, MobaAttentionConfig};
 pub use nsa::{NsaAttention, NsaAttentionConfig};
 pub use seer::{SeerAttention, SeerAttentionConfig, SeerMode};

@@ -8,53 +8,33 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, SwiGlu, SwiGluConfig};
 use burn::tensor::{Device, Int, Tensor};
 use burn_sparse_attn::{
-    DenseAttention, DenseAttentionConfig, DmaAttention, DmaAttentionConfig, MobaAttention, MobaAttentionConfig, NsaAttention,
-    NsaAttentionConfig, SeerAttention, SeerAttentionConfig, SeerMode,
+    AttentionMethod, AttentionMethodConfig, DenseAttentionConfig, DmaAttentionConfig, MobaAttentionConfig, NsaAttentionConfig,
+    SeerAttentionConfig, SeerMode,
 };
 
 use crate::AppResult;
 use crate::config::{Method, RunConfig, SeerModeOption};
 use crate::data::VOCAB_SIZE;
 
-/// One block's attention layer.
-#[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Attention {
-    /// Causal softmax attention.
-    Dense(DenseAttention),
-    /// Native Sparse Attention.
-    Nsa(NsaAttention),
-    /// Mixture of Block Attention.
-    Moba(MobaAttention),
-    /// SeerAttention.
-    Seer(SeerAttention),
-    /// Dynamic-mask attention.
-    Dma(DmaAttention),
-}
-
-impl Attention {
-    /// Builds the layer of `method` from the run's method options.
-    pub fn new(method: Method, cfg: &RunConfig, device: &Device) -> AppResult<Self> {
-        let m = &cfg.model;
-        let (d, h, kv, theta) = (m.d_model, m.heads, Some(m.kv_heads()), m.rope_theta);
-        let layer = match method {
-            Method::Dense => {
-                let window = (cfg.dense.window > 0).then_some(cfg.dense.window);
-                let c = DenseAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(window).with_rope_theta(theta);
-                Attention::Dense(c.init(device)?)
-            }
-            Method::Moba => {
-                let o = &cfg.moba;
-                let c = MobaAttentionConfig::new(d, h)
-                    .with_n_kv_heads(kv)
-                    .with_block_size(o.block_size)
-                    .with_top_k(o.top_k)
-                    .with_rope_theta(theta);
-                Attention::Moba(c.init(device)?)
-            }
-            Method::Nsa => {
-                let o = &cfg.nsa;
-                let c = NsaAttentionConfig::new(d, h)
+/// The library config of `method`'s attention layer from the run's method options.
+pub fn attention_config(method: Method, cfg: &RunConfig) -> AttentionMethodConfig {
+    let m = &cfg.model;
+    let (d, h, kv, theta) = (m.d_model, m.heads, Some(m.kv_heads()), m.rope_theta);
+    match method {
+        Method::Dense => {
+            let window = (cfg.dense.window > 0).then_some(cfg.dense.window);
+            AttentionMethodConfig::Dense(DenseAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(window).with_rope_theta(theta))
+        }
+        Method::Moba => {
+            let o = &cfg.moba;
+            AttentionMethodConfig::Moba(
+                MobaAttentionConfig::new(d, h).with_n_kv_heads(kv).with_block_size(o.block_size).with_top_k(o.top_k).with_rope_theta(theta),
+            )
+        }
+        Method::Nsa => {
+            let o = &cfg.nsa;
+            AttentionMethodConfig::Nsa(
+                NsaAttentionConfig::new(d, h)
                     .with_n_kv_heads(kv)
                     .with_compress_block(o.compress_block)
                     .with_compress_stride(o.compress_stride)
@@ -63,16 +43,17 @@ impl Attention {
                     .with_top_n(o.top_n)
                     .with_window(o.window)
                     .with_shared_kv(o.shared_kv)
-                    .with_rope_theta(theta);
-                Attention::Nsa(c.init(device)?)
-            }
-            Method::Seer => {
-                let o = &cfg.seer;
-                let mode = match o.mode {
-                    SeerModeOption::Distill => SeerMode::Distill,
-                    SeerModeOption::Sparse => SeerMode::Sparse,
-                };
-                let c = SeerAttentionConfig::new(d, h)
+                    .with_rope_theta(theta),
+            )
+        }
+        Method::Seer => {
+            let o = &cfg.seer;
+            let mode = match o.mode {
+                SeerModeOption::Distill => SeerMode::Distill,
+                SeerModeOption::Sparse => SeerMode::Sparse,
+            };
+            AttentionMethodConfig::Seer(
+                SeerAttentionConfig::new(d, h)
                     .with_n_kv_heads(kv)
                     .with_block_size(o.block_size)
                     .with_gate_hidden(o.gate_hidden)
@@ -80,39 +61,10 @@ impl Attention {
                     .with_top_k((o.top_k > 0).then_some(o.top_k))
                     .with_loss_skip_fraction(o.loss_skip_fraction)
                     .with_mode(mode)
-                    .with_rope_theta(theta);
-                Attention::Seer(c.init(device)?)
-            }
-            Method::Dma => {
-                let c = DmaAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(cfg.dma.window).with_rope_theta(theta);
-                Attention::Dma(c.init(device)?)
-            }
-        };
-        Ok(layer)
-    }
-
-    /// `x: [batch, seq, d_model]` to the same shape, plus SeerAttention's gate loss when
-    /// `with_gate_loss` is set and this layer has a gate.
-    pub fn forward(&self, x: Tensor<3>, with_gate_loss: bool) -> AppResult<(Tensor<3>, Option<Tensor<1>>)> {
-        Ok(match self {
-            Attention::Dense(a) => (a.forward(x)?, None),
-            Attention::Nsa(a) => (a.forward(x)?, None),
-            Attention::Moba(a) => (a.forward(x)?, None),
-            Attention::Dma(a) => (a.forward(x)?, None),
-            Attention::Seer(a) if with_gate_loss => {
-                let (y, loss) = a.forward_with_gate_loss(x)?;
-                (y, Some(loss))
-            }
-            Attention::Seer(a) => (a.forward(x)?, None),
-        })
-    }
-
-    /// Freezes everything but a SeerAttention gate (distillation); other layers freeze whole.
-    fn freeze_all_but_gates(self) -> Self {
-        match self {
-            Attention::Seer(a) => Attention::Seer(a.freeze_base()),
-            other => other.no_grad(),
+                    .with_rope_theta(theta),
+            )
         }
+        Method::Dma => AttentionMethodConfig::Dma(DmaAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(cfg.dma.window).with_rope_theta(theta)),
     }
 }
 
@@ -122,7 +74,7 @@ pub struct Block {
     /// Pre-attention norm.
     pub attn_norm: RmsNorm,
     /// The attention layer.
-    pub attn: Attention,
+    pub attn: AttentionMethod,
     /// Pre-MLP norm.
     pub mlp_norm: RmsNorm,
     /// Gated up-projection.
@@ -133,7 +85,13 @@ pub struct Block {
 
 impl Block {
     fn forward(&self, x: Tensor<3>, with_gate_loss: bool) -> AppResult<(Tensor<3>, Option<Tensor<1>>)> {
-        let (a, gate_loss) = self.attn.forward(self.attn_norm.forward(x.clone()), with_gate_loss)?;
+        let h = self.attn_norm.forward(x.clone());
+        let (a, gate_loss) = if with_gate_loss {
+            let out = self.attn.forward_with_aux(h)?;
+            (out.output, out.aux_loss)
+        } else {
+            (self.attn.forward(h)?, None)
+        };
         let x = x + a;
         let x = x.clone() + self.down.forward(self.mlp.forward(self.mlp_norm.forward(x)));
         Ok((x, gate_loss))
@@ -175,7 +133,7 @@ impl ToyLm {
             .map(|method| {
                 Ok(Block {
                     attn_norm: RmsNormConfig::new(d).init(device),
-                    attn: Attention::new(method, cfg, device)?,
+                    attn: attention_config(method, cfg).init(device)?,
                     mlp_norm: RmsNormConfig::new(d).init(device),
                     mlp: SwiGluConfig::new(d, m.mlp_hidden()).init(device),
                     down: lin(m.mlp_hidden(), d),
@@ -237,7 +195,7 @@ impl ToyLm {
 
     /// Whether any block has a SeerAttention gate.
     pub fn has_gates(&self) -> bool {
-        self.blocks.iter().any(|b| matches!(b.attn, Attention::Seer(_)))
+        self.blocks.iter().any(|b| b.attn.has_aux_loss())
     }
 
     /// Parameters that currently require gradients.
