@@ -136,19 +136,28 @@ pub fn nsa_compressed_attention(
     seq_k: usize,
     params: &NsaParams,
 ) -> Result<AttentionOutput> {
+    if let Some(empty) = check_compressed_inputs(&q, &k_cmp, &v_cmp, seq_k, params)? {
+        return Ok(empty);
+    }
+    compressed::compressed_attention_on_engine(q, k_cmp, v_cmp, seq_k, params)
+}
+
+/// The checks both versions of the compressed branch make; `Some(zeros, -inf LSE)` when
+/// there is no compressed token at all.
+fn check_compressed_inputs(q: &Tensor<4>, k_cmp: &Tensor<4>, v_cmp: &Tensor<4>, seq_k: usize, params: &NsaParams) -> Result<Option<AttentionOutput>> {
     params.validate()?;
     let [b, hq, sq, d] = q.dims();
     let n_cmp = k_cmp.dims()[2];
-    let device = q.device();
     if n_cmp == 0 {
-        return Ok(AttentionOutput {
+        let device = q.device();
+        return Ok(Some(AttentionOutput {
             output: Tensor::zeros([b, hq, sq, d], (&device, q.dtype())),
             lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&device, q.dtype())),
-        });
+        }));
     }
     check_compressed_count("k_cmp", n_cmp, seq_k, params)?;
-    validate_qkv(&q, &k_cmp, &v_cmp)?;
-    compressed::compressed_attention_on_engine(q, k_cmp, v_cmp, seq_k, params)
+    validate_qkv(q, k_cmp, v_cmp)?;
+    Ok(None)
 }
 
 /// [`nsa_compressed_attention`] as one masked softmax over a `[seq_q, n_cmp]` score matrix:
@@ -160,16 +169,12 @@ pub fn nsa_compressed_attention_reference(
     seq_k: usize,
     params: &NsaParams,
 ) -> Result<AttentionOutput> {
-    params.validate()?;
+    if let Some(empty) = check_compressed_inputs(&q, &k_cmp, &v_cmp, seq_k, params)? {
+        return Ok(empty);
+    }
     let [b, hq, sq, d] = q.dims();
     let n_cmp = k_cmp.dims()[2];
     let device = q.device();
-    if n_cmp == 0 {
-        return Ok(AttentionOutput {
-            output: Tensor::zeros([b, hq, sq, d], (&device, q.dtype())),
-            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&device, q.dtype())),
-        });
-    }
     let dims = validate_qkv(&q, &k_cmp, &v_cmp)?;
     let mask = selection::compressed_visibility(sq, seq_k, n_cmp, params, &device);
     let mask = mask.unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
