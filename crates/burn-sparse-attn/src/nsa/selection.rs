@@ -59,13 +59,15 @@ fn select_in_chunks_of(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k
     let [b, hq, sq, d] = q.dims();
     let rows = rows.clamp(1, sq.max(1));
     let pos0 = seq_k as i64 - sq as i64;
+    let n_cmp = k_cmp.dims()[2];
+    let overlap = (n_cmp > 0).then(|| overlap_tensor(n_cmp, seq_k.div_ceil(params.select_block), params, &q.device(), q.dtype()));
     let mut lists = Vec::with_capacity(sq.div_ceil(rows));
     let mut t0 = 0;
     while t0 < sq {
         let t1 = (t0 + rows).min(sq);
         let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]);
         let lc = lse_cmp.clone().slice([0..b, 0..hq, t0..t1]);
-        let scores = scores_from(qc, k_cmp.clone(), lc, pos0 + t0 as i64, seq_k, params)?;
+        let scores = scores_from(qc, k_cmp.clone(), lc, pos0 + t0 as i64, seq_k, params, overlap.as_ref())?;
         lists.push(select_from(scores, pos0 + t0 as i64, params));
         t0 = t1;
     }
@@ -91,12 +93,12 @@ pub fn nsa_selection_scores(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, 
         return shape_err("lse_cmp", format!("expected {:?}, got {:?}", [b, hq, sq], lse_cmp.dims()));
     }
     validate_qkv(&q, &k_cmp, &k_cmp)?;
-    scores_from(q, k_cmp, lse_cmp, seq_k as i64 - sq as i64, seq_k, params)
+    scores_from(q, k_cmp, lse_cmp, seq_k as i64 - sq as i64, seq_k, params, None)
 }
 
 /// The scores of [`nsa_selection_scores`] for queries whose first sits at position `pos0`
 /// (arguments already checked).
-fn scores_from(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, pos0: i64, seq_k: usize, params: &NsaParams) -> Result<Tensor<4>> {
+fn scores_from(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, pos0: i64, seq_k: usize, params: &NsaParams, overlap: Option<&Tensor<2>>) -> Result<Tensor<4>> {
     let n_cmp = k_cmp.dims()[2];
     if n_cmp == 0 {
         let [b, _, sq, _] = q.dims();
@@ -112,7 +114,26 @@ fn scores_from(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, pos0: i64, se
     let lse = lse.mask_fill(empty, 0.0).expand([b, hq, sq, n_cmp]);
     let visible = visibility_from(sq, pos0, n_cmp, params, &s.device()).unsqueeze::<4>().expand([b, hq, sq, n_cmp]);
     let p = (s - lse).exp().mask_fill(visible.bool_not(), 0.0);
-    nsa_block_scores_from_probs(p, hkv, seq_k, params)
+    match overlap {
+        Some(w) => Ok(group_scores(p, hkv, w)),
+        None => nsa_block_scores_from_probs(p, hkv, seq_k, params),
+    }
+}
+
+/// `[n_cmp, n_sel]` overlap weights on the device (built once per call, not per chunk).
+fn overlap_tensor(n_cmp: usize, n_sel: usize, params: &NsaParams, device: &Device, dtype: burn::tensor::DType) -> Tensor<2> {
+    Tensor::<2>::from_data(TensorData::new(nsa_overlap_weights(n_cmp, n_sel, params), [n_cmp, n_sel]), (device, dtype))
+}
+
+/// Probabilities `[b, hp, sq, n_cmp]` summed over each GQA group, then spread onto the
+/// selection blocks with the overlap weights `w: [n_cmp, n_sel]`.
+fn group_scores(p_cmp: Tensor<4>, heads_kv: usize, w: &Tensor<2>) -> Tensor<4> {
+    let [b, hp, sq, n_cmp] = p_cmp.dims();
+    let n_sel = w.dims()[1];
+    let g = hp / heads_kv;
+    let p_group = p_cmp.detach().reshape([b, heads_kv, g, sq, n_cmp]).sum_dim(2).reshape([b, heads_kv, sq, n_cmp]);
+    let w = if w.dtype() != p_group.dtype() { w.clone().cast(p_group.dtype()) } else { w.clone() };
+    p_group.matmul(w.unsqueeze::<4>().expand([b, heads_kv, n_cmp, n_sel]))
 }
 
 /// Selection-block scores `[b, heads_kv, sq, n_sel]` from a given compression-attention
@@ -132,10 +153,7 @@ pub fn nsa_block_scores_from_probs(p_cmp: Tensor<4>, heads_kv: usize, seq_k: usi
     if n_cmp == 0 {
         return Ok(Tensor::zeros([b, heads_kv, sq, n_sel], (&device, dtype)));
     }
-    let g = hp / heads_kv;
-    let p_group = p_cmp.detach().reshape([b, heads_kv, g, sq, n_cmp]).sum_dim(2).reshape([b, heads_kv, sq, n_cmp]);
-    let w = Tensor::<2>::from_data(TensorData::new(nsa_overlap_weights(n_cmp, n_sel, params), [n_cmp, n_sel]), (&device, dtype));
-    Ok(p_group.matmul(w.unsqueeze::<4>().expand([b, heads_kv, n_cmp, n_sel])))
+    Ok(group_scores(p_cmp, heads_kv, &overlap_tensor(n_cmp, n_sel, params, &device, dtype)))
 }
 
 /// Top-`n` selection per query and kv head from block scores `[b, hkv, sq, n_sel]`: blocks
