@@ -305,6 +305,13 @@ fn routers_top_k_on_device_match_flex() {
     let a = moba_select(qk, kk, 8, 3).unwrap().indices;
     let b = moba_select(qr, kr, 8, 3).unwrap().indices;
     assert_eq!(sets(a), sets(b), "MoBA routing");
+    // Under autodiff (training) the routing goes through the same kernel, detached.
+    let adev = kdev.clone().autodiff();
+    let (qa, _) = pair([1, 4, 90, 16], 11, &adev, &rdev);
+    let (ka, _) = pair([1, 2, 90, 16], 12, &adev, &rdev);
+    let c = moba_select(qa.require_grad(), ka.require_grad(), 8, 3).unwrap().indices;
+    let b = moba_select(pair([1, 4, 90, 16], 11, &kdev, &rdev).1, pair([1, 2, 90, 16], 12, &kdev, &rdev).1, 8, 3).unwrap().indices;
+    assert_eq!(sets(c), sets(b), "MoBA routing under autodiff");
     // NSA: block scores with forced blocks (+inf ties) and future blocks (-inf).
     let p = NsaParams { select_block: 4, top_n: 5, ..NsaParams::default() };
     let (sk, sr) = pair([1, 2, 70, 18], 13, &kdev, &rdev);
@@ -336,7 +343,7 @@ fn dma_keep_threshold_on_device_matches_host() {
             })
             .collect();
         let td = TensorData::new(data, [b, h, sk]);
-        let on_device = dma_keep_threshold(&Tensor::<3>::from_data(td.clone(), &kdev), sq, w, causal).unwrap();
+        let on_device = dma_keep_threshold(&Tensor::<3>::from_data(td.clone(), &kdev.clone().autodiff()).require_grad(), sq, w, causal).unwrap();
         let on_host = dma_keep_threshold_host(&Tensor::<3>::from_data(td, &Device::flex()), sq, w, causal).unwrap();
         let vals = |t: Tensor<3>| -> Vec<f32> { t.into_data().convert::<f32>().try_to_vec().unwrap() };
         let idx = |t: Tensor<3, Int>| -> Vec<i64> { t.into_data().convert::<i64>().try_to_vec().unwrap() };
