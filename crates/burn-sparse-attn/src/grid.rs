@@ -3,11 +3,25 @@
 //! keeps host work and uploads out of every forward, and gives every mask the same bool
 //! representation (see `attention::reference::position_mask`).
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 /// `(rows, cols)`, both `[n_rows, n_cols]`: `rows[r][c] = r + row_offset`, `cols[r][c] = c`.
 pub(crate) fn row_col(n_rows: usize, n_cols: usize, row_offset: i64, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let rows = (Tensor::<1, Int>::arange(0..n_rows as i64, device) + row_offset).reshape([n_rows, 1]).expand([n_rows, n_cols]);
     let cols = Tensor::<1, Int>::arange(0..n_cols as i64, device).reshape([1, n_cols]).expand([n_rows, n_cols]);
     (rows, cols)
+}
+
+/// Keys in each of the `n_blocks` blocks of `block` keys over `len` keys (the last may be
+/// partial), as floats of `dtype`: `min(block, len - i * block)`.
+pub(crate) fn block_counts(n_blocks: usize, block: usize, len: usize, device: &Device, dtype: DType) -> Tensor<1> {
+    (Tensor::<1, Int>::arange(0..n_blocks as i64, device) * -(block as i64) + len as i64).clamp_max(block as i64).float().cast(dtype)
+}
+
+/// Row indices of `n` windows of `block` keys, `stride` apart, flattened window-major:
+/// `i * stride + t` for window `i` and offset `t`.
+pub(crate) fn window_indices(n: usize, block: usize, stride: usize, device: &Device) -> Tensor<1, Int> {
+    let starts = (Tensor::<1, Int>::arange(0..n as i64, device) * stride as i64).reshape([n, 1]).expand([n, block]);
+    let offsets = Tensor::<1, Int>::arange(0..block as i64, device).reshape([1, block]).expand([n, block]);
+    (starts + offsets).reshape([n * block])
 }

@@ -14,7 +14,7 @@ mod module;
 
 pub use module::{MobaAttention, MobaAttentionConfig};
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, validate_qkv};
 use crate::block_sparse::{BlockSelection, block_sparse_attention};
@@ -65,8 +65,7 @@ pub fn block_mean_keys(k: Tensor<4>, block_size: usize) -> Result<Tensor<4>> {
     } else {
         k.clone()
     };
-    let counts: Vec<f32> = (0..nb).map(|i| (block_size.min(sk - i * block_size)) as f32).collect();
-    let counts = Tensor::<1>::from_data(TensorData::new(counts, [nb]), (&device, k.dtype())).reshape([1, 1, nb, 1]);
+    let counts = crate::grid::block_counts(nb, block_size, sk, &device, k.dtype()).reshape([1, 1, nb, 1]);
     Ok(kp.reshape([b, h, nb, block_size, d]).sum_dim(3).reshape([b, h, nb, d]) / counts.expand([b, h, nb, d]))
 }
 

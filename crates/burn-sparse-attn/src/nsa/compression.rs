@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use crate::error::{check_positive, param_err, shape_err};
 
@@ -68,8 +68,7 @@ pub fn compression_windows(x: Tensor<4>, block: usize, stride: usize) -> crate::
     if n == 0 {
         return param_err("compress_block", format!("sequence of {s} is shorter than one window of {block}"));
     }
-    let idx: Vec<i64> = (0..n).flat_map(|i| (0..block).map(move |t| (i * stride + t) as i64)).collect();
-    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n * block]), &x.device());
+    let idx = crate::grid::window_indices(n, block, stride, &x.device());
     Ok(x.select(2, idx).reshape([b, h, n, block, d]))
 }
 

@@ -24,7 +24,7 @@ pub use module::{GatePool, SeerAttention, SeerAttentionConfig, SeerMode};
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::attention::reference::{masked_softmax, position_mask, scores};
 use crate::attention::{AttentionOptions, AttnDims, validate_qkv};
@@ -67,8 +67,7 @@ fn pad_seq(x: Tensor<4>, block: usize, value: f64) -> Tensor<4> {
 pub fn avg_pool(x: Tensor<4>, block: usize) -> Tensor<4> {
     let [b, h, s, d] = x.dims();
     let n = s.div_ceil(block);
-    let counts: Vec<f32> = (0..n).map(|i| block.min(s - i * block) as f32).collect();
-    let counts = Tensor::<1>::from_data(TensorData::new(counts, [n]), (&x.device(), x.dtype()));
+    let counts = crate::grid::block_counts(n, block, s, &x.device(), x.dtype());
     let sum = pad_seq(x, block, 0.0).reshape([b, h, n, block, d]).sum_dim(3).reshape([b, h, n, d]);
     sum / counts.reshape([1, 1, n, 1]).expand([b, h, n, d])
 }
