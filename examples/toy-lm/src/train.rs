@@ -62,8 +62,13 @@ pub struct TrainOutcome {
     pub val_accuracy: f32,
     /// Gate loss of the last step (SeerAttention only).
     pub final_gate_loss: Option<f32>,
-    /// Training throughput (tokens of the steps of this process / their wall time).
+    /// Steady-state training throughput: tokens of this process's steps after the first
+    /// [`WARMUP_STEPS`] (kernel compilation, memory-pool growth) over their wall time; all
+    /// steps when the run has no more than that.
     pub tokens_per_sec: f64,
+    /// Wall time of the first [`WARMUP_STEPS`] steps (compilation and warm-up), seconds.
+    #[serde(default)]
+    pub warmup_s: f64,
     /// Peak memory in bytes.
     pub peak_memory_bytes: Option<u64>,
     /// What `peak_memory_bytes` measures.
@@ -298,10 +303,15 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Steps left out of the throughput (kernel compilation and memory-pool growth happen there).
+pub const WARMUP_STEPS: usize = 2;
+
 /// Trains one model as configured. Prints progress lines; returns the metrics.
 pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     let wall = Instant::now();
     reset_peak_rss();
+    // Each run's pool peak starts from what it allocates itself (compare runs methods in turn).
+    opts.device.memory_cleanup();
     let t = &cfg.train;
     let label = cfg.label();
     let prefix = &opts.log_prefix;
@@ -355,7 +365,9 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
 
     let ckpt_dir = opts.out.join("checkpoint");
     let tokens_per_step = (t.batch * t.seq_len) as f64;
-    let (mut train_secs, mut steps_timed) = (0.0f64, 0usize);
+    // Throughput counts the steps after the warm-up ones (when there are any).
+    let warmup_steps = if t.steps.saturating_sub(start) > WARMUP_STEPS { WARMUP_STEPS } else { 0 };
+    let (mut train_secs, mut steps_timed, mut warmup_s) = (0.0f64, 0usize, 0.0f64);
     let (mut val_loss, mut val_acc) = (f32::NAN, f32::NAN);
     let mut last_gate = None;
     let mut peak_pool: Option<u64> = None;
@@ -380,8 +392,12 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
             return Err(format!("{prefix}loss is {lm} at step {step}; lower --lr or --grad-clip").into());
         }
         losses.push(lm);
-        train_secs += t0.elapsed().as_secs_f64();
-        steps_timed += 1;
+        if step - start < warmup_steps {
+            warmup_s += t0.elapsed().as_secs_f64();
+        } else {
+            train_secs += t0.elapsed().as_secs_f64();
+            steps_timed += 1;
+        }
         if let Some(usage) = device.memory_pool_usage() {
             peak_pool = Some(peak_pool.unwrap_or(0).max(usage.bytes_reserved));
         }
@@ -435,6 +451,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         val_accuracy: val_acc,
         final_gate_loss: last_gate,
         tokens_per_sec: if train_secs > 0.0 { steps_timed as f64 * tokens_per_step / train_secs } else { 0.0 },
+        warmup_s,
         peak_memory_bytes,
         peak_memory_kind,
         wall_time_s: wall.elapsed().as_secs_f64(),
