@@ -57,6 +57,12 @@ pub fn download_f32(client: &Client, handle: &Handle) -> Vec<f64> {
     download(client, AttnDtype::F32, handle)
 }
 
+/// The first `len` i32 values of a buffer (index lists and their like).
+pub fn download_i32(client: &Client, handle: &Handle, len: usize) -> Vec<i32> {
+    let bytes = client.read_one(handle.clone()).expect("read device buffer");
+    bytes.chunks_exact(4).take(len).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 /// A buffer of `n` elements of `dtype`, every one NaN (to catch unwritten outputs).
 pub fn nan_buffer(client: &Client, dtype: AttnDtype, n: usize) -> Handle {
     upload(client, dtype, &vec![f64::NAN; n.max(1)])

@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 use crate::caps::{fragment_supported, mma_spec, vector_aligned};
 use crate::plan::*;
 use crate::gather;
-use crate::schedule::{CleanSchedule, invert, sanitize};
+use crate::schedule::{CleanSchedule, sanitize};
 
 /// Buffer argument over `len` elements of `h`.
 pub(crate) fn buf(h: &Handle, len: usize) -> BufferArg {
@@ -196,8 +196,8 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 cfg.planes = 4;
                 cfg.blocks = false;
                 cfg.gathered = true;
-                let inv = invert(client, p, s, cs);
-                let g = gather::prepare(client, p, s, cs, &inv, 16 * cfg.planes, bwd.is_none());
+                let inv = cs.inverted(client, p, s);
+                let g = gather::prepare(client, p, s, cs, inv, 16 * cfg.planes, bwd.is_none());
                 Some((s, cs, inv, g))
             }
             _ => None,
@@ -367,14 +367,13 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         (None, None) => plan.keys_units,
     };
 
-    let inv;
     let off_dummy;
     let rows_dummy;
     // (offsets, offsets len, rows, rows len, sel heads, query block, row blocks, cap,
     //  key block, n_sub, n_key_tiles)
     let (off_h, off_len, rows_h, rows_len, hs, qb, n_rb, cap, kb, n_sub, n_kt) = match (inputs.schedule, clean) {
         (Some(s), Some(cs)) => {
-            inv = invert(client, p, s, cs);
+            let inv = cs.inverted(client, p, s);
             let n_bs = p.batch * s.sel_heads;
             let n_sub = s.key_block.div_ceil(units);
             (

@@ -16,6 +16,16 @@ pub(crate) struct CleanSchedule {
     pub(crate) clean: Handle,
     pub(crate) n_rows: usize,
     pub(crate) nkb: usize,
+    /// Its inversion, built on first use: the gathered dQ pass and the key-major pass of one
+    /// backward share it.
+    inverted: std::cell::OnceCell<Inverted>,
+}
+
+impl CleanSchedule {
+    /// The inverted schedule ([`invert`]), built once per sanitized schedule.
+    pub(crate) fn inverted(&self, client: &Client, p: &AttnProblem, s: &BlockSchedule) -> &Inverted {
+        self.inverted.get_or_init(|| invert(client, p, s, self))
+    }
 }
 
 pub(crate) fn sanitize(client: &Client, p: &AttnProblem, s: &BlockSchedule) -> CleanSchedule {
@@ -35,7 +45,7 @@ pub(crate) fn sanitize(client: &Client, p: &AttnProblem, s: &BlockSchedule) -> C
         s.capacity as u32,
         nkb as u32,
     );
-    CleanSchedule { clean, n_rows, nkb }
+    CleanSchedule { clean, n_rows, nkb, inverted: std::cell::OnceCell::new() }
 }
 
 /// The inverted schedule in CSR form: for each (batch, sel head, key block) the rows that
@@ -58,7 +68,7 @@ const BLOCKS_PER_SEGMENT: usize = 4096;
 /// one per entry, never touch the same counter in one step; rows follow each other in order,
 /// which keeps every block's row list ascending without atomics. More than
 /// `BLOCKS_PER_SEGMENT` key blocks are counted in segments, one launch each.
-pub(crate) fn invert(client: &Client, p: &AttnProblem, s: &BlockSchedule, cs: &CleanSchedule) -> Inverted {
+fn invert(client: &Client, p: &AttnProblem, s: &BlockSchedule, cs: &CleanSchedule) -> Inverted {
     let n_bs = p.batch * s.sel_heads;
     let nkb = cs.nkb;
     let chunk_rows = CHUNK_ROWS.max(cs.n_rows.div_ceil(MAX_CHUNKS));

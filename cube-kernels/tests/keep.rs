@@ -4,7 +4,7 @@
 //! `attention.rs`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, download_f32, upload_f32};
+use sparse_attn_kernels::host::{device_from_env, download_f32, download_i32, upload_f32};
 use sparse_attn_kernels::*;
 
 fn reference(bias: &[f32], heads: usize, sq: usize, sk: usize, w: usize, causal: bool) -> (Vec<f32>, Vec<i32>) {
@@ -27,11 +27,6 @@ fn reference(bias: &[f32], heads: usize, sq: usize, sk: usize, w: usize, causal:
         }
     }
     (tv, ti)
-}
-
-fn download_i32(client: &Client, h: &Handle, len: usize) -> Vec<i32> {
-    let bytes = client.read_one(h.clone()).expect("read back");
-    bytes.chunks_exact(4).take(len).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! and NaN never chosen, `-1` padding). Same runtime selection as `attention.rs`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, upload_f32};
+use sparse_attn_kernels::host::{device_from_env, download_i32, upload_f32};
 use sparse_attn_kernels::*;
 
 fn reference(values: &[f32], rows: usize, n: usize, k: usize) -> Vec<i32> {
@@ -17,11 +17,6 @@ fn reference(values: &[f32], rows: usize, n: usize, k: usize) -> Vec<i32> {
         }
     }
     out
-}
-
-fn download_i32(client: &Client, h: &Handle, len: usize) -> Vec<i32> {
-    let bytes = client.read_one(h.clone()).expect("read back");
-    bytes.chunks_exact(4).take(len).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 #[test]

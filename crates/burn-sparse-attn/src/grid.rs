@@ -25,3 +25,15 @@ pub(crate) fn window_indices(n: usize, block: usize, stride: usize, device: &Dev
     let offsets = Tensor::<1, Int>::arange(0..block as i64, device).reshape([1, block]).expand([n, block]);
     (starts + offsets).reshape([n * block])
 }
+
+/// Consecutive row ranges `[t0, t1)` of at most `rows` rows covering `len` rows: the query
+/// chunks of the routers and of Seer's target.
+pub(crate) fn row_chunks(len: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let rows = rows.max(1);
+    (0..len).step_by(rows).map(move |t0| (t0, (t0 + rows).min(len)))
+}
+
+/// The per-chunk results of [`row_chunks`] joined along the row dimension (2).
+pub(crate) fn cat_rows<K: burn::tensor::kind::Basic>(mut parts: Vec<Tensor<4, K>>) -> Tensor<4, K> {
+    if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(parts, 2) }
+}

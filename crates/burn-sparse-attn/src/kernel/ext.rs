@@ -124,7 +124,8 @@ fn attn_dtype(dtype: DType) -> sak::AttnDtype {
     }
 }
 
-fn contiguous(t: CubeTensor) -> CubeTensor {
+/// `t`, copied to a contiguous layout when it is not (the kernels take row-major buffers).
+pub(super) fn contiguous(t: CubeTensor) -> CubeTensor {
     if t.is_contiguous() { t } else { into_contiguous(t) }
 }
 

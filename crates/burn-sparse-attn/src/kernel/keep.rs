@@ -7,7 +7,6 @@ use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Dispatch, backend_extension};
 use burn::tensor::{DType, Int, Shape, Tensor};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{CubeBackend, tensor::CubeTensor};
 use sparse_attn_kernels as sak;
 
@@ -37,7 +36,7 @@ pub trait KeepThresholdBackend: burn::backend::Backend {
 
 impl KeepThresholdBackend for CubeBackend {
     fn keep_threshold(bias: CubeTensor, p: KeepParams) -> (CubeTensor, CubeTensor) {
-        let bias = if bias.is_contiguous() { bias } else { into_contiguous(bias) };
+        let bias = super::ext::contiguous(bias);
         let (value, index) = sak::keep_threshold(&bias.client, &bias.handle, p.batch * p.heads, p.seq_q, p.seq_k, p.window, p.causal)
             .unwrap_or_else(|e| panic!("keep-threshold kernel: {e}"));
         let shape = Shape::from(vec![p.batch, p.heads, p.seq_q]);

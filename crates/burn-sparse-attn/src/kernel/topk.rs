@@ -7,7 +7,6 @@ use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Dispatch, backend_extension};
 use burn::tensor::{DType, Int, Shape, Tensor};
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::{CubeBackend, tensor::CubeTensor};
 use sparse_attn_kernels as sak;
 
@@ -35,7 +34,7 @@ pub trait RowTopkBackend: burn::backend::Backend {
 
 impl RowTopkBackend for CubeBackend {
     fn row_topk_indices(values: CubeTensor, p: TopkParams) -> CubeTensor {
-        let values = if values.is_contiguous() { values } else { into_contiguous(values) };
+        let values = super::ext::contiguous(values);
         let handle = sak::row_topk(&values.client, &values.handle, p.rows, p.n, p.k).unwrap_or_else(|e| panic!("row top-k kernel: {e}"));
         CubeTensor::new_contiguous(values.client.clone(), values.device.clone(), Shape::from(p.out_shape), handle, DType::I32)
     }

@@ -119,16 +119,13 @@ fn select_in_chunks(q: Tensor<4>, means: &Tensor<4>, block_size: usize, top_k: u
     let [b, hq, sq, d] = q.dims();
     let nb = means.dims()[2];
     let pos0 = dims.seq_k as i64 - sq as i64;
-    let mut lists = Vec::with_capacity(sq.div_ceil(rows));
-    let mut t0 = 0;
-    while t0 < sq {
-        let t1 = (t0 + rows).min(sq);
-        let gate = gate_scores_from(q.clone().slice([0..b, 0..hq, t0..t1, 0..d]), means, pos0 + t0 as i64, block_size, dims);
-        lists.push(crate::kernel::topk_indices(gate, top_k.min(nb)));
-        t0 = t1;
-    }
-    let indices = if lists.len() == 1 { lists.pop().unwrap() } else { Tensor::cat(lists, 2) };
-    BlockSelection::per_token(indices, block_size)
+    let lists = crate::grid::row_chunks(sq, rows)
+        .map(|(t0, t1)| {
+            let gate = gate_scores_from(q.clone().slice([0..b, 0..hq, t0..t1, 0..d]), means, pos0 + t0 as i64, block_size, dims);
+            crate::kernel::topk_indices(gate, top_k.min(nb))
+        })
+        .collect();
+    BlockSelection::per_token(crate::grid::cat_rows(lists), block_size)
 }
 
 /// MoBA attention (causal). Returns the output, its LSE and the routing.

@@ -62,17 +62,13 @@ fn select_in_chunks_of(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k
     let n_cmp = k_cmp.dims()[2];
     let overlap = (n_cmp > 0).then(|| overlap_tensor(n_cmp, seq_k.div_ceil(params.select_block), params, &q.device(), q.dtype()));
     let mut lists = Vec::with_capacity(sq.div_ceil(rows));
-    let mut t0 = 0;
-    while t0 < sq {
-        let t1 = (t0 + rows).min(sq);
+    for (t0, t1) in crate::grid::row_chunks(sq, rows) {
         let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]);
         let lc = lse_cmp.clone().slice([0..b, 0..hq, t0..t1]);
         let scores = scores_from(qc, k_cmp.clone(), lc, pos0 + t0 as i64, seq_k, params, overlap.as_ref())?;
         lists.push(select_from(scores, pos0 + t0 as i64, params));
-        t0 = t1;
     }
-    let indices = if lists.len() == 1 { lists.pop().unwrap() } else { Tensor::cat(lists, 2) };
-    Ok(BlockSelection::per_token(indices, params.select_block))
+    Ok(BlockSelection::per_token(crate::grid::cat_rows(lists), params.select_block))
 }
 
 /// Selection-block scores `[b, hkv, sq, n_sel]`: compression probabilities

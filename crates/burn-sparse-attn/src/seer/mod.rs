@@ -292,9 +292,7 @@ fn pooled_target_in_chunks(q: Tensor<4>, k: Tensor<4>, lse: Tensor<3>, block_siz
     let nk = seq_k.div_ceil(block_size);
     let pos0 = seq_k as i64 - seq_q as i64;
     let mut chunks = Vec::with_capacity(seq_q.div_ceil(rows));
-    let mut t0 = 0;
-    while t0 < seq_q {
-        let t1 = (t0 + rows).min(seq_q);
+    for (t0, t1) in crate::grid::row_chunks(seq_q, rows) {
         let n = t1 - t0;
         let cdims = AttnDims { seq_q: n, ..*dims };
         let s = scores(q.clone().slice([0..b, 0..hq, t0..t1, 0..d]), k.clone(), scale, &cdims);
@@ -305,10 +303,8 @@ fn pooled_target_in_chunks(q: Tensor<4>, k: Tensor<4>, lse: Tensor<3>, block_siz
         let hidden = j.greater(pos).unsqueeze::<4>().expand([b, hq, n, seq_k]);
         let p = (s - l).exp().mask_fill(hidden, 0.0);
         chunks.push(max_pool_blocks(p, block_size, b, hq, nk));
-        t0 = t1;
     }
-    let pooled = if chunks.len() == 1 { chunks.pop().unwrap() } else { Tensor::cat(chunks, 2) };
-    normalise_rows(pooled)
+    normalise_rows(crate::grid::cat_rows(chunks))
 }
 
 /// `[b, hq, rows, seq_k]` probabilities to their block maxima `[b, hq, ceil(rows / bs), nk]`
