@@ -60,6 +60,27 @@ if has engine attn_bench; then {
     done
   done; done; done
 } 2>&1 | tee "$OUT/engine.log"; fi
+if has methods method_bench; then {
+  # METHOD_SEQS / METHOD_DIMS / METHOD_ONLY pick the sweep of every method's functional op
+  # (fwd and fwd+bwd under autodiff, against our dense and Burn's attention); rows go to
+  # $OUT/methods.jsonl.
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  for d in ${METHOD_DIMS:-128}; do for s in ${METHOD_SEQS:-16384}; do
+    step "method_bench s=$s d=$d"
+    timeout ${METHOD_TIMEOUT:-300} $bin/method_bench --s $s --hq 64 --hkv 4 --d $d --dtype bf16 --iters ${METHOD_ITERS:-3} \
+      --only ${METHOD_ONLY:-dense,burn,moba,moba-given,nsa,nsa-given,dma,seer} --json "$OUT/methods.jsonl" --gpu "$gpu" 2>&1 | grep -v "^runtime="
+  done; done
+} 2>&1 | tee "$OUT/methods.log"; fi
+if has profile method_bench; then
+  # One fwd+bwd per method of PROFILE_ONLY with CubeCL's kernel profiler: every kernel and
+  # its device time in $OUT/profile-METHOD.log (the timed ops serialise, so read shares, not
+  # totals).
+  for m in ${PROFILE_ONLY:-moba nsa}; do
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' "$OUT/profile-$m.log" > cubecl.toml
+    timeout 200 $bin/method_bench --s ${PROFILE_SEQ:-16384} --hq 64 --hkv 4 --d 128 --dtype bf16 --iters 1 --only $m 2>&1 | grep -v "^runtime=" | tail -1
+    rm -f cubecl.toml
+  done
+fi
 if has toylm toy-lm; then
   # TOYLM_RUNS: runs separated by ';', each `NAME ARGS...` (or TOYLM_ARGS for a single run).
   IFS=';' read -ra runs <<< "${TOYLM_RUNS:-cmp ${TOYLM_ARGS:-}}"

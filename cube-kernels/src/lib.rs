@@ -52,8 +52,11 @@ pub use gather::GATHER_ENV;
 pub mod topk;
 #[allow(missing_docs)]
 pub mod keep;
+#[allow(missing_docs)]
+pub mod nsa_scores;
 pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
 pub use topk::{MAX_TOPK, row_topk};
+pub use nsa_scores::{BlockScorePath, BlockScoreProblem, block_score_path, nsa_block_scores};
 mod launch;
 mod plan;
 mod schedule;

@@ -352,3 +352,61 @@ fn dma_keep_threshold_on_device_matches_host() {
         assert_eq!(idx(on_device.index), idx(on_host.index), "{what}: indices");
     }
 }
+
+/// NSA's computed selection on a Cube device (block scores from one kernel, then the row
+/// top-k) chooses the blocks the tensor ops choose on Flex: where the sets differ, only by
+/// blocks whose reference scores tie at the top-n boundary (within `tol`). GQA groups 4 and
+/// 16, seq_q < seq_k; f32 everywhere (the scalar score kernel) and bf16 on CUDA (the
+/// fragment kernel). Quick on software Vulkan too, so CI runs it.
+#[test]
+fn nsa_selection_on_device_matches_flex() {
+    use burn_sparse_attn::nsa::{NsaInputs, NsaParams, nsa_attention, nsa_compressed_attention, nsa_selection_scores, num_compressed};
+    let kdev = device();
+    let rdev = Device::flex();
+    let mut cases = vec![(DType::F32, 8, 2, 120, 150, 32, 2e-4), (DType::F32, 16, 1, 200, 200, 16, 2e-4)];
+    if cfg!(feature = "cuda") && std::env::var("SPARSE_ATTN_RUNTIME").as_deref().unwrap_or("cuda") == "cuda" {
+        cases.push((DType::BF16, 16, 1, 300, 300, 64, 3e-2));
+        cases.push((DType::BF16, 8, 2, 200, 260, 128, 3e-2));
+    }
+    for (n, &(dtype, hq, hkv, sq, sk, d, tol)) in cases.iter().enumerate() {
+        let p = NsaParams { compress_block: 16, compress_stride: 8, select_block: 16, top_n: 4, window: 32, ..NsaParams::default() };
+        let n_cmp = num_compressed(sk, 16, 8);
+        let seed = 40 + 10 * n as u64;
+        let (qk, qr) = pair([1, hq, sq, d], seed, &kdev, &rdev);
+        let (kk, kr) = pair([1, hkv, sk, d], seed + 1, &kdev, &rdev);
+        let (ck, cr) = pair([1, hkv, n_cmp, d], seed + 2, &kdev, &rdev);
+        let (gk, gr) = pair([1, hq, sq, 3], seed + 3, &kdev, &rdev);
+        // The reference sees the same (rounded) values as the kernel.
+        let round = |t: Tensor<4>| t.cast(dtype).cast(DType::F32);
+        let (qr, kr, cr) = (round(qr), round(kr), round(cr));
+        let inputs = |q: Tensor<4>, k: Tensor<4>, c: Tensor<4>, g: Tensor<4>| NsaInputs {
+            q,
+            k_cmp: c.clone(),
+            v_cmp: c,
+            k_slc: k.clone(),
+            v_slc: k.clone(),
+            k_win: k.clone(),
+            v_win: k,
+            gates: g,
+        };
+        let got = nsa_attention(inputs(qk.cast(dtype), kk.cast(dtype), ck.cast(dtype), gk.cast(dtype)), &p).unwrap().selection.indices;
+        let want = nsa_attention(inputs(qr.clone(), kr, cr.clone(), gr), &p).unwrap().selection.indices;
+        let lse = nsa_compressed_attention(qr.clone(), cr.clone(), cr.clone(), sk, &p).unwrap().lse;
+        let scores = nsa_selection_scores(qr, cr, lse, sk, &p).unwrap();
+        let cap = got.dims()[3];
+        assert_eq!(cap, want.dims()[3]);
+        let got: Vec<i64> = got.into_data().convert::<i64>().try_to_vec().unwrap();
+        let want: Vec<i64> = want.into_data().convert::<i64>().try_to_vec().unwrap();
+        let n_sel = sk.div_ceil(16);
+        let scores: Vec<f32> = scores.into_data().convert::<f32>().try_to_vec().unwrap();
+        for (r, (a, b)) in got.chunks(cap).zip(want.chunks(cap)).enumerate() {
+            let only_a: Vec<i64> = a.iter().copied().filter(|x| *x >= 0 && !b.contains(x)).collect();
+            let only_b: Vec<i64> = b.iter().copied().filter(|x| *x >= 0 && !a.contains(x)).collect();
+            assert_eq!(only_a.len(), only_b.len(), "case {n} row {r}: {a:?} vs {b:?}");
+            let s = |j: i64| scores[r * n_sel + j as usize];
+            let lo_a = only_a.iter().map(|&j| s(j)).fold(f32::INFINITY, f32::min);
+            let hi_b = only_b.iter().map(|&j| s(j)).fold(f32::NEG_INFINITY, f32::max);
+            assert!(only_a.is_empty() || lo_a >= hi_b - tol as f32 * hi_b.abs().max(1.0), "case {n} ({dtype:?}) row {r}: kernel {a:?} vs reference {b:?}");
+        }
+    }
+}

@@ -11,7 +11,9 @@
 //! Methods (`--only a,b,...`, default all): `dense`, `burn` (skipped when its `seq x seq`
 //! scores would not fit), `moba` (block 512, top 3), `nsa` (compression 32/16, selection
 //! 16 x 64, window 512, compressed keys given), `dma` (keep 2048), `seer` (sparse mode:
-//! top 10% of the 64-blocks from random gate logits). `--json FILE` appends one object per
+//! top 10% of the 64-blocks from random gate logits), and `moba-given` / `nsa-given` (the
+//! same ops on a routing computed once outside the timed region: the difference to `moba` /
+//! `nsa` is what routing and selection cost). `--json FILE` appends one object per
 //! method: `impl` (`ours` or `burn`), `method`, `seq`, `batch`, `heads_q`, `heads_kv`,
 //! `head_dim`, `dtype`, `fwd_ms`, `fwdbwd_ms`, `peak_mib` (the device memory pool's reserved
 //! bytes after the method's runs, starting from an emptied pool), `gpu`.
@@ -24,8 +26,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_sparse_attn::attention::{AttentionOptions, attention};
 use burn_sparse_attn::dma::{DmaParams, dma_attention};
-use burn_sparse_attn::moba::{MobaParams, moba_attention};
-use burn_sparse_attn::nsa::{NsaInputs, NsaParams, nsa_attention};
+use burn_sparse_attn::moba::{MobaParams, moba_attention, moba_select};
+use burn_sparse_attn::nsa::{NsaBlocks, NsaInputs, NsaParams, nsa_attention, nsa_attention_with};
 use burn_sparse_attn::seer::seer_select_topk;
 use burn_sparse_attn::block_sparse_attention;
 
@@ -88,6 +90,22 @@ fn main() {
         let [b, h, s, d] = t.dims();
         t.reshape([b, h, 1, s, d]).expand([b, h, group, s, d]).reshape([b, h * group, s, d])
     };
+    let nsa_inputs = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| NsaInputs {
+        q,
+        k_cmp: k_cmp.clone(),
+        v_cmp: v_cmp.clone(),
+        k_slc: k.clone(),
+        v_slc: v.clone(),
+        k_win: k,
+        v_win: v,
+        gates: gates.clone(),
+    };
+    // The `*-given` variants take the routing computed once outside the timed region, so
+    // their difference to the full op is the cost of routing.
+    let wants = |name: &str| only.split(',').any(|o| o == name);
+    let moba = MobaParams::default();
+    let moba_given = wants("moba-given").then(|| moba_select(q.clone(), k.clone(), moba.block_size, moba.top_k).unwrap());
+    let nsa_given = wants("nsa-given").then(|| nsa_attention(nsa_inputs(q.clone(), k.clone(), v.clone()), &nsa).unwrap().selection.indices);
     let mut methods: Vec<(&str, &str, Op)> = vec![
         ("ours", "dense", Box::new(|q, k, v| attention(q, k, v, &causal).unwrap().output)),
         (
@@ -98,22 +116,19 @@ fn main() {
                 burn_attention(q, repeat(k), repeat(v), None, None, opts)
             }),
         ),
-        ("ours", "moba", Box::new(|q, k, v| moba_attention(q, k, v, &MobaParams::default()).unwrap().attention.output)),
+        ("ours", "moba", Box::new(|q, k, v| moba_attention(q, k, v, &moba).unwrap().attention.output)),
         (
             "ours",
-            "nsa",
+            "moba-given",
+            Box::new(|q, k, v| block_sparse_attention(q, k, v, moba_given.as_ref().unwrap(), &causal).unwrap().output),
+        ),
+        ("ours", "nsa", Box::new(|q, k, v| nsa_attention(nsa_inputs(q, k, v), &nsa).unwrap().output)),
+        (
+            "ours",
+            "nsa-given",
             Box::new(|q, k, v| {
-                let inputs = NsaInputs {
-                    q,
-                    k_cmp: k_cmp.clone(),
-                    v_cmp: v_cmp.clone(),
-                    k_slc: k.clone(),
-                    v_slc: v.clone(),
-                    k_win: k,
-                    v_win: v,
-                    gates: gates.clone(),
-                };
-                nsa_attention(inputs, &nsa).unwrap().output
+                let given = NsaBlocks::Given(nsa_given.clone().unwrap());
+                nsa_attention_with(nsa_inputs(q, k, v), &nsa, given, None).unwrap().output
             }),
         ),
         (
@@ -130,10 +145,7 @@ fn main() {
             }),
         ),
     ];
-    methods.retain(|(imp, m, _)| {
-        let name = if *imp == "burn" { "burn" } else { m };
-        only.split(',').any(|o| o == name)
-    });
+    methods.retain(|(imp, m, _)| wants(if *imp == "burn" { "burn" } else { m }));
     // Burn's attention materialises `[b, hq, s, s]` scores (and their gradient): skip it where
     // that alone would take more than 32 GiB.
     let score_bytes = b * hq * s * s * 4;

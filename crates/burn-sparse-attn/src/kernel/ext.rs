@@ -115,7 +115,7 @@ pub trait SparseAttnBackend: burn::backend::Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-fn attn_dtype(dtype: DType) -> sak::AttnDtype {
+pub(super) fn attn_dtype(dtype: DType) -> sak::AttnDtype {
     match dtype {
         DType::F32 => sak::AttnDtype::F32,
         DType::F16 => sak::AttnDtype::F16,

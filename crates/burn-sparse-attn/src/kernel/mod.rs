@@ -9,6 +9,8 @@ mod ext;
 #[cfg(feature = "cube")]
 mod keep;
 #[cfg(feature = "cube")]
+mod nsa_scores;
+#[cfg(feature = "cube")]
 mod topk;
 
 use burn::tensor::{Int, Tensor};
@@ -86,4 +88,30 @@ pub(crate) fn try_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, 
         return Some(keep::keep_threshold(bias, seq_q, window, causal));
     }
     None
+}
+
+/// Whether [`nsa_block_scores`] runs for queries on this device (a Cube device, not f64).
+pub(crate) fn nsa_scores_on_device(q: &Tensor<4>) -> bool {
+    cfg!(feature = "cube") && attention_impl(&q.device()) == AttentionImpl::Kernel && !matches!(q.dtype(), burn::tensor::DType::F64)
+}
+
+/// NSA's selection-block scores with the selection rule folded in, `[b, hkv, rows, n_sel]`
+/// f32, for query rows `row0..row0 + rows`, computed by one kernel (no `seq x n_cmp`
+/// probabilities). Only where [`nsa_scores_on_device`] holds.
+#[allow(unused_variables)]
+pub(crate) fn nsa_block_scores(
+    q: &Tensor<4>,
+    k_cmp: &Tensor<4>,
+    lse: &Tensor<3>,
+    seq_k: usize,
+    row0: usize,
+    rows: usize,
+    params: &crate::nsa::NsaParams,
+) -> Tensor<4> {
+    #[cfg(feature = "cube")]
+    return nsa_scores::block_scores(q, k_cmp, lse, seq_k, row0, rows, params);
+    #[allow(unreachable_code)]
+    {
+        unreachable!("nsa_block_scores without a Cube backend")
+    }
 }

@@ -40,8 +40,8 @@ fn visibility_from(rows: usize, pos0: i64, n_cmp: usize, params: &NsaParams, dev
     (i * params.compress_stride as i64 + (params.compress_block as i64 - 1)).lower_equal(pos)
 }
 
-/// Score elements (`batch x heads_q x rows x n_cmp`) one chunk of the fused selection may
-/// hold: 2^27 f32 values (512 MiB), so the selection's memory is independent of length.
+/// Score elements one chunk of the selection may hold (the kernel's block scores or the
+/// tensor ops' probabilities): 2^27 f32 values (512 MiB), so memory is independent of length.
 const CHUNK_SCORES: usize = 1 << 27;
 
 /// [`nsa_selection_scores`] followed by [`nsa_select`], over chunks of queries: the scores
@@ -50,8 +50,11 @@ const CHUNK_SCORES: usize = 1 << 27;
 /// unchunked pair (the same per-row operations).
 pub(crate) fn select_in_chunks(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k: usize, params: &NsaParams) -> Result<BlockSelection> {
     let [b, hq, _, _] = q.dims();
-    let rows = CHUNK_SCORES / (b * hq * k_cmp.dims()[2].max(1)).max(1);
-    select_in_chunks_of(q, k_cmp, lse_cmp, seq_k, params, rows)
+    let [_, hkv, n_cmp, _] = k_cmp.dims();
+    // A chunk holds the kernel's block scores (`b x hkv x rows x n_sel`) or the tensor ops'
+    // probabilities (`b x hq x rows x n_cmp`).
+    let per_row = if n_cmp > 0 && crate::kernel::nsa_scores_on_device(&q) { b * hkv * seq_k.div_ceil(params.select_block) } else { b * hq * n_cmp };
+    select_in_chunks_of(q, k_cmp, lse_cmp, seq_k, params, CHUNK_SCORES / per_row.max(1))
 }
 
 /// [`select_in_chunks`] with `rows` queries per chunk.
@@ -60,7 +63,19 @@ fn select_in_chunks_of(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, seq_k
     let rows = rows.clamp(1, sq.max(1));
     let pos0 = seq_k as i64 - sq as i64;
     let n_cmp = k_cmp.dims()[2];
-    let overlap = (n_cmp > 0).then(|| overlap_tensor(n_cmp, seq_k.div_ceil(params.select_block), params, &q.device(), q.dtype()));
+    let n_sel = seq_k.div_ceil(params.select_block);
+    // On Cube devices one kernel scores each chunk's blocks (probabilities never stored);
+    // chunks then hold `batch x heads_kv x rows x n_sel` scores.
+    if n_cmp > 0 && crate::kernel::nsa_scores_on_device(&q) {
+        let lists = crate::grid::row_chunks(sq, rows)
+            .map(|(t0, t1)| {
+                let scores = crate::kernel::nsa_block_scores(&q, &k_cmp, &lse_cmp, seq_k, t0, t1 - t0, params);
+                crate::kernel::topk_indices(scores, params.top_n.min(n_sel))
+            })
+            .collect();
+        return Ok(BlockSelection::per_token(crate::grid::cat_rows(lists), params.select_block));
+    }
+    let overlap = (n_cmp > 0).then(|| overlap_tensor(n_cmp, n_sel, params, &q.device(), q.dtype()));
     let mut lists = Vec::with_capacity(sq.div_ceil(rows));
     for (t0, t1) in crate::grid::row_chunks(sq, rows) {
         let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]);
@@ -211,6 +226,43 @@ mod tests {
         for rows in [1, 3, 7, 100] {
             let chunked = select_in_chunks_of(q.clone(), k_cmp.clone(), lse.clone(), sk, &params, rows).unwrap();
             assert_eq!(chunked.indices.into_data(), whole, "chunks of {rows} rows");
+        }
+    }
+
+    /// On a Cube device the block-score kernel and the row top-k choose, chunk by chunk, the
+    /// lists the tensor ops choose on Flex (as sets; ties at the top-n boundary allowed), with
+    /// GQA 4 and seq_q < seq_k. Compiles two small shaders, so CI runs it on software Vulkan.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn kernel_selection_equals_tensor_ops() {
+        let flex = Device::flex();
+        let gpu = Device::wgpu(Default::default());
+        let params = NsaParams { compress_block: 8, compress_stride: 4, select_block: 8, top_n: 3, ..NsaParams::default() };
+        let (b, hq, hkv, sq, sk, d) = (1, 8, 2, 45, 60, 16);
+        let n_cmp = crate::nsa::num_compressed(sk, 8, 4);
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, hq, sq, d], dist, (&flex, DType::F32));
+        let k_cmp = Tensor::<4>::random([b, hkv, n_cmp, d], dist, (&flex, DType::F32));
+        let lse = crate::nsa::nsa_compressed_attention_reference(q.clone(), k_cmp.clone(), k_cmp.clone(), sk, &params).unwrap().lse;
+        let want = select_in_chunks_of(q.clone(), k_cmp.clone(), lse.clone(), sk, &params, 100).unwrap().indices;
+        let scores = nsa_selection_scores(q.clone(), k_cmp.clone(), lse.clone(), sk, &params).unwrap();
+        let scores: Vec<f32> = scores.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let to = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &gpu);
+        let lse_g = Tensor::<3>::from_data(lse.into_data(), &gpu);
+        let want: Vec<i64> = want.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+        let n_sel = sk.div_ceil(8);
+        for rows in [7, 100] {
+            let got = select_in_chunks_of(to(q.clone()), to(k_cmp.clone()), lse_g.clone(), sk, &params, rows).unwrap().indices;
+            let got: Vec<i64> = got.into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
+            for (r, (a, w)) in got.chunks(3).zip(want.chunks(3)).enumerate() {
+                let only_a: Vec<i64> = a.iter().copied().filter(|x| *x >= 0 && !w.contains(x)).collect();
+                let only_w: Vec<i64> = w.iter().copied().filter(|x| *x >= 0 && !a.contains(x)).collect();
+                assert_eq!(only_a.len(), only_w.len(), "row {r}: {a:?} vs {w:?}");
+                for (&x, &y) in only_a.iter().zip(&only_w) {
+                    let (sx, sy) = (scores[r * n_sel + x as usize], scores[r * n_sel + y as usize]);
+                    assert!((sx - sy).abs() <= 1e-4 * sy.abs().max(1.0), "row {r}: kernel {a:?} vs reference {w:?}");
+                }
+            }
         }
     }
 }
