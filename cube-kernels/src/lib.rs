@@ -54,8 +54,11 @@ pub mod topk;
 pub mod keep;
 #[allow(missing_docs)]
 pub mod nsa_scores;
+#[allow(missing_docs)]
+pub mod key_order;
 pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
 pub use topk::{MAX_TOPK, row_topk};
+pub use key_order::{KeyOrder, key_last_rows, key_order};
 pub use nsa_scores::{BlockScorePath, BlockScoreProblem, block_score_path, nsa_block_scores};
 mod launch;
 mod plan;
