@@ -84,11 +84,22 @@ pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
         d,
     );
     // Both passes walk the same sanitized schedule.
-    let clean = inputs.schedule.map(|s| sanitize(client, p, s));
+    let clean = inputs.schedule.map(|s| sanitize(client, &walk_problem(p, inputs).0, s));
     // 2. dQ (query-major).
     rows_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), Some((d_o, &delta)), lse, &grads.dq)?;
     // 3. dK, dV, dbias (key-major).
     keys_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), d_o, lse, &delta, grads)
+}
+
+/// With gathered keys ([`AttnInputs::key_positions`]) every walk is that of the non-causal
+/// problem (key rows are not in sequence order); returns that problem and whether the causal
+/// mask then applies to the positions.
+pub(crate) fn walk_problem(p: &AttnProblem, inputs: &AttnInputs) -> (AttnProblem, bool) {
+    if inputs.key_positions.is_some() && p.causal {
+        (AttnProblem { causal: false, ..p.clone() }, true)
+    } else {
+        (p.clone(), false)
+    }
 }
 
 /// The query-major kernel: forward (`bwd = None`, writes `out = O` and `lse`) or dQ
@@ -104,6 +115,8 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     lse: &Handle,
     out: &Handle,
 ) -> Result<(), KernelError> {
+    let (walk, pos_causal) = walk_problem(p, inputs);
+    let p = &walk;
     let plan = plan(client, p, inputs.schedule)?;
     let es = dtype.size();
     let d = p.head_dim;
@@ -114,6 +127,11 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
 
     let bias = BiasArgs::new(client, p, dtype, inputs);
+    let kpos_dummy = dummy(client, 4);
+    let (kpos_h, kpos_len) = match inputs.key_positions {
+        Some(h) => (h, p.batch * p.heads_kv * p.seq_k),
+        None => (&kpos_dummy, 1),
+    };
 
     let sched_dummy;
     // (sched handle, len, group heads, query block, row blocks, chunks, cap, key block)
@@ -190,6 +208,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
     if aligned && fragment_supported(client, dtype, d) {
         let mut cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
+        cfg.pos_causal = pos_causal;
         // Small row groups gather the rows that selected each key block (see `gather`).
         let gathered = match (inputs.schedule, clean) {
             (Some(s), Some(cs)) if gather::gathers(p, s) => {
@@ -255,6 +274,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(&bias.values, bias.len),
                 buf(&bias.thr_v, bias.thr_len),
                 buf(&bias.thr_i, bias.thr_len),
+                buf(kpos_h, kpos_len),
                 buf(sched_h, sched_len),
                 inv_off_a,
                 inv_rows_a,
@@ -292,6 +312,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(&bias.values, bias.len),
                 buf(&bias.thr_v, bias.thr_len),
                 buf(&bias.thr_i, bias.thr_len),
+                buf(kpos_h, kpos_len),
                 buf(sched_h, sched_len),
                 inv_off_a,
                 inv_rows_a,
@@ -351,6 +372,8 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     delta: &Handle,
     grads: &AttnGrads,
 ) -> Result<(), KernelError> {
+    let (walk, pos_causal) = walk_problem(p, inputs);
+    let p = &walk;
     let plan = plan(client, p, inputs.schedule)?;
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
@@ -359,8 +382,13 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     let mma = mma_spec(client, dtype, d)
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
     let bias = BiasArgs::new(client, p, dtype, inputs);
+    let kpos_dummy = dummy(client, 4);
+    let (kpos_h, kpos_len) = match inputs.key_positions {
+        Some(h) => (h, p.batch * p.heads_kv * p.seq_k),
+        None => (&kpos_dummy, 1),
+    };
     let frag = (vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
-        .then(|| fragment_keys_config(p, inputs, &bias));
+        .then(|| fragment::FragmentConfig { pos_causal, ..fragment_keys_config(p, inputs, &bias) });
     let units = match (frag, mma) {
         (Some(cfg), _) => 16 * cfg.planes,
         (None, Some((_, mp))) => 16 * mp.planes,
@@ -465,6 +493,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             buf(&bias.values, bias.len),
             buf(&bias.thr_v, bias.thr_len),
             buf(&bias.thr_i, bias.thr_len),
+                buf(kpos_h, kpos_len),
             buf(off_h, off_len),
             buf(rows_h, rows_len),
             buf(d_o, rows * d),

@@ -165,6 +165,13 @@ pub struct AttnInputs<'a> {
     pub bias: Option<&'a KeyBias>,
     /// `None` = dense (every key allowed by causal/window), else block-sparse.
     pub schedule: Option<&'a BlockSchedule>,
+    /// Gathered keys: i32 `[B, Hkv, Sk]`, the sequence position of each key row of k and v
+    /// (and of the bias), which the causal mask and the keep rule's index compare read
+    /// instead of the row index. Lets a caller lay the keys out in any order (DMA's gathered
+    /// order, [`key_order`]) so that each query tile's keys fill few key blocks. Needs a block
+    /// schedule, no window, and the fragment path (CUDA, f16/bf16); other paths return an
+    /// error naming this argument.
+    pub key_positions: Option<&'a Handle>,
 }
 
 /// Gradients returned by [`attention_backward`].
@@ -255,7 +262,7 @@ pub fn attention_forward_into(
     let rows = problem.batch * problem.heads_q * problem.seq_q;
     check_size("o", o, rows * problem.head_dim, dtype.size())?;
     check_size("lse", lse, rows, 4)?;
-    let clean = inputs.schedule.map(|sch| sanitize(client, problem, sch));
+    let clean = inputs.schedule.map(|sch| sanitize(client, &launch::walk_problem(problem, inputs).0, sch));
     match dtype {
         AttnDtype::F32 => rows_pass::<f32, tf32>(client, problem, dtype, inputs, clean.as_ref(), None, lse, o),
         AttnDtype::F16 => rows_pass::<f16, f16>(client, problem, dtype, inputs, clean.as_ref(), None, lse, o),

@@ -193,6 +193,8 @@ pub(crate) fn fragment_rows_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         has_thr: bias.has_thr,
         blocks: inputs.schedule.is_some(),
         gathered: false,
+        key_pos: inputs.key_positions.is_some(),
+        pos_causal: false,
     }
 }
 
@@ -211,6 +213,8 @@ pub(crate) fn fragment_keys_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         has_thr: bias.has_thr,
         blocks: inputs.schedule.is_some(),
         gathered: false,
+        key_pos: inputs.key_positions.is_some(),
+        pos_causal: false,
     }
 }
 

@@ -87,5 +87,18 @@ pub(crate) fn validate(client: &Client, p: &AttnProblem, dtype: AttnDtype, inp: 
         let r = sq.div_ceil(s.query_block);
         check_size("schedule.indices", &s.indices, b * hs * r * s.capacity, 4)?;
     }
+    if let Some(pos) = inp.key_positions {
+        if inp.schedule.is_none() {
+            return Err(invalid("key_positions", "needs a block schedule (gathered keys are walked by block)"));
+        }
+        if p.window.is_some() {
+            return Err(invalid("key_positions", "cannot be combined with a sliding window"));
+        }
+        let aligned = crate::caps::vector_aligned(&[inp.q, inp.k, inp.v]);
+        if !(aligned && crate::caps::fragment_supported(client, dtype, p.head_dim)) {
+            return Err(invalid("key_positions", "only the fragment path (CUDA, f16/bf16, head dim a multiple of 16 up to 128) takes gathered keys"));
+        }
+        check_size("key_positions", pos, p.batch * p.heads_kv * p.seq_k, 4)?;
+    }
     Ok(())
 }

@@ -262,7 +262,7 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
         query_block: s.query_block,
         key_block: s.key_block,
     });
-    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: bias.as_ref(), schedule: sched.as_ref() };
+    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: bias.as_ref(), schedule: sched.as_ref(), key_positions: None };
     let rows = p.batch * p.heads_q * p.seq_q;
     let o = nan_buffer(client, dtype, rows * p.head_dim);
     let lse = nan_buffer(client, AttnDtype::F32, rows);
@@ -573,7 +573,7 @@ fn invalid_arguments_are_errors() {
     let q = z(4 * 8 * 64);
     let k = z(2 * 8 * 64);
     let v = z(2 * 8 * 64);
-    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule: None };
+    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule: None, key_positions: None };
     assert!(attention_forward(&client, &p, AttnDtype::F32, &inputs).is_ok());
 
     let mut bad = p.clone();
@@ -614,7 +614,7 @@ fn unsupported_dtype_is_an_error() {
                 assert!(e.to_string().contains("dtype"), "{e}");
                 let p = prob(1, 1, 1, 4, 4, 8, false, None);
                 let h = upload(&client, AttnDtype::F32, &[0.25; 64]);
-                let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None };
+                let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: None };
                 let err = attention_forward(&client, &p, dtype, &inputs).unwrap_err();
                 assert_eq!(err, e);
             }

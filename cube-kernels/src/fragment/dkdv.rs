@@ -22,6 +22,7 @@ pub fn fragment_dkdv_kernel<F: Float>(
     bias: &[F],
     thr_v: &[f32],
     thr_i: &[i32],
+    kpos: &[i32],
     inv_off: &[i32],
     inv_rows: &[i32],
     d_o: &[Vector<F, V8>],
@@ -143,6 +144,17 @@ pub fn fragment_dkdv_kernel<F: Float>(
         let j1 = j0 + 8;
         let kok0 = j0 < t1;
         let kok1 = j1 < t1;
+        // Sequence positions of the two keys (gathered keys: from `kpos`).
+        let mut jp0 = j0;
+        let mut jp1 = j1;
+        if cfg.key_pos {
+            if kok0 {
+                jp0 = kpos[kv_base + j0] as usize;
+            }
+            if kok1 {
+                jp1 = kpos[kv_base + j1] as usize;
+            }
+        }
 
         let zero2 = Vector::<f32, V2>::cast_from(0.0f32);
         let mut dk_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
@@ -291,11 +303,11 @@ pub fn fragment_dkdv_kernel<F: Float>(
                             thr_idx = ti_s[col];
                         }
                         let qq = max(qi, 0i32) as usize;
-                        let mut keep0 = row_ok && kok0 && pair_visible(qq, j0, off, w, cfg.causal, cfg.windowed);
-                        let mut keep1 = row_ok && kok1 && pair_visible(qq, j1, off, w, cfg.causal, cfg.windowed);
+                        let mut keep0 = row_ok && kok0 && pair_visible(qq, jp0, off, w, cfg.causal || cfg.pos_causal, cfg.windowed);
+                        let mut keep1 = row_ok && kok1 && pair_visible(qq, jp1, off, w, cfg.causal || cfg.pos_causal, cfg.windowed);
                         if cfg.has_thr {
-                            keep0 = keep0 && key_kept(bias0, j0, thr, thr_idx);
-                            keep1 = keep1 && key_kept(bias1, j1, thr, thr_idx);
+                            keep0 = keep0 && key_kept(bias0, jp0, thr, thr_idx);
+                            keep1 = keep1 && key_kept(bias1, jp1, thr, thr_idx);
                         }
                         row_ok = keep0 || keep1;
                         let mut pp0 = 0.0f32;

@@ -20,6 +20,7 @@ pub fn fragment_forward_kernel<F: Float>(
     bias: &[F],
     thr_v: &[f32],
     thr_i: &[i32],
+    kpos: &[i32],
     sched: &[i32],
     inv_off: &[i32],
     inv_rows: &[i32],
@@ -317,8 +318,8 @@ pub fn fragment_forward_kernel<F: Float>(
                             s1 += f32::cast_from(bias[bias_base1 + j]);
                         }
                     } else {
-                        s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, thr0, thr_i0, off, w, scale, cfg);
-                        s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, thr1, thr_i1, off, w, scale, cfg);
+                        s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, kpos, kv_base / vr, thr0, thr_i0, off, w, scale, cfg);
+                        s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, kpos, kv_base / vr, thr1, thr_i1, off, w, scale, cfg);
                     }
                     r0.insert(x, s0);
                     r1.insert(x, s1);

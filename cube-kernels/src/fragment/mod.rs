@@ -60,6 +60,12 @@ pub struct FragmentConfig {
     /// writes a partial result per (row, list slot) for [`crate::gather`] to merge. Set with
     /// `blocks = false`: the walk is then the block's own key range.
     pub gathered: bool,
+    /// Gathered keys: key row `j` sits at sequence position `kpos[j]` (see
+    /// [`crate::AttnInputs::key_positions`]); masks and the keep rule read the position. The
+    /// walks are then those of a non-causal problem (`causal` is false).
+    pub key_pos: bool,
+    /// With `key_pos`: the causal mask applies to the positions.
+    pub pos_causal: bool,
 }
 
 /// The m16n8k16 definition with f32 accumulators.
@@ -347,7 +353,7 @@ pub(crate) fn tile_interior(
     w: i32,
     #[comptime] cfg: FragmentConfig,
 ) -> bool {
-    let mut ok = t1 - t0 == cfg.tile && f0 + cfg.planes * 16 <= n_group_rows && !cfg.has_thr;
+    let mut ok = t1 - t0 == cfg.tile && f0 + cfg.planes * 16 <= n_group_rows && !cfg.has_thr && !cfg.key_pos;
     if cfg.causal {
         ok = ok && (t1 as i32 - 1) <= cq_lo as i32 + off;
     }
@@ -369,6 +375,8 @@ pub(crate) fn masked_score<F: Float>(
     t1: usize,
     bias: &[F],
     bias_base: usize,
+    kpos: &[i32],
+    kp_base: usize,
     thr: f32,
     thr_i: i32,
     off: i32,
@@ -377,14 +385,20 @@ pub(crate) fn masked_score<F: Float>(
     #[comptime] cfg: FragmentConfig,
 ) -> f32 {
     let mut s = comptime!(NEG_BIG).runtime();
-    if row_ok && j < t1 && pair_visible(i, j, off, w, cfg.causal, cfg.windowed) {
+    // The key's sequence position: its row, or its gathered position (`kp_base`: the kv
+    // head's first key row; read only for rows inside the tile).
+    let mut jp = j;
+    if cfg.key_pos && j < t1 {
+        jp = kpos[kp_base + j] as usize;
+    }
+    if row_ok && j < t1 && pair_visible(i, jp, off, w, cfg.causal || cfg.pos_causal, cfg.windowed) {
         let mut sv = acc * scale;
         let mut keep = true;
         if cfg.has_bias {
             let bj = f32::cast_from(bias[bias_base + j]);
             sv += bj;
             if cfg.has_thr {
-                keep = key_kept(bj, j, thr, thr_i);
+                keep = key_kept(bj, jp, thr, thr_i);
             }
         }
         if keep {
