@@ -99,8 +99,12 @@ pub fn key_order(
     if heads * seq_k == 0 || n_tiles == 0 {
         return Ok(order);
     }
-    // Buckets: one per query tile (latest first), one for keys no row keeps.
-    let counts = alloc(client, heads * (n_tiles + 1), 4);
+    // Buckets: one per query tile (latest first), one for keys no row keeps. Their counters
+    // live in shared memory when they fit (the walk is serial: global counters would cost a
+    // round trip to L2 per key), else in a global scratch buffer.
+    let n_buckets = n_tiles + 1;
+    let shared_slots = if n_buckets <= MAX_SHARED_BUCKETS { n_buckets.next_power_of_two() } else { 0 };
+    let counts = alloc(client, if shared_slots > 0 { 1 } else { heads * n_buckets }, 4);
     let blk_tile = alloc(client, heads * nkb, 4);
     let blk_min = alloc(client, heads * nkb, 4);
     key_order_kernel::launch(
@@ -108,13 +112,27 @@ pub fn key_order(
         grid(client, heads),
         CubeDim::new_1d(1),
         buf(last, heads * seq_k),
-        buf(&counts, heads * (n_tiles + 1)),
+        buf(&counts, if shared_slots > 0 { 1 } else { heads * n_buckets }),
+        buf(&order.perm, heads * seq_k),
+        heads as u32,
+        seq_k as u32,
+        n_tiles as u32,
+        query_tile as u32,
+        shared_slots.max(1),
+        shared_slots > 0,
+    );
+    let (count, dim) = per_unit_launch(client, heads * nkb);
+    block_summary_kernel::launch(
+        client,
+        count,
+        dim,
+        buf(last, heads * seq_k),
         buf(&order.perm, heads * seq_k),
         buf(&blk_tile, heads * nkb),
         buf(&blk_min, heads * nkb),
         heads as u32,
         seq_k as u32,
-        n_tiles as u32,
+        nkb as u32,
         query_tile as u32,
         key_block as u32,
     );
@@ -193,67 +211,112 @@ fn bucket(last: i32, n_tiles: u32, query_tile: u32) -> usize {
     b
 }
 
+/// Largest bucket count whose counters [`key_order_kernel`] keeps in shared memory (32 KiB).
+const MAX_SHARED_BUCKETS: usize = 8192;
+
 /// One unit per head: a counting sort of the keys by bucket (stable: index order within a
-/// bucket), then, per permuted key block, the latest query tile any of its keys reaches
-/// (`-1` if none) and its smallest key index.
+/// bucket), counters in shared memory (`shared`, `slots` of them) or in `counts`.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn key_order_kernel(
     last: &[i32],
     counts: &mut [i32],
     perm: &mut [i32],
-    blk_tile: &mut [i32],
-    blk_min: &mut [i32],
     heads: u32,
     seq_k: u32,
     n_tiles: u32,
     query_tile: u32,
-    key_block: u32,
+    #[comptime] slots: usize,
+    #[comptime] shared: bool,
 ) {
     let h = cube_linear();
+    let mut local = Shared::<[i32]>::new_slice(slots);
     if h < heads as usize && UNIT_POS == 0 {
         let sk = seq_k as usize;
         let nb = n_tiles as usize + 1;
-        let cb = h * nb;
+        let mut cb = h * nb;
+        if shared {
+            cb = 0usize;
+        }
         let kb = h * sk;
         for x in 0..nb {
-            counts[cb + x] = 0;
+            if shared {
+                local[x] = 0;
+            } else {
+                counts[cb + x] = 0;
+            }
         }
         for j in 0..sk {
             let bk = bucket(last[kb + j], n_tiles, query_tile);
-            counts[cb + bk] += 1;
+            if shared {
+                local[bk] += 1;
+            } else {
+                counts[cb + bk] += 1;
+            }
         }
         // Exclusive prefix sum: the first slot of each bucket.
         let mut run = 0i32;
         for x in 0..nb {
-            let c = counts[cb + x];
-            counts[cb + x] = run;
-            run += c;
+            if shared {
+                let c = local[x];
+                local[x] = run;
+                run += c;
+            } else {
+                let c = counts[cb + x];
+                counts[cb + x] = run;
+                run += c;
+            }
         }
         for j in 0..sk {
             let bk = bucket(last[kb + j], n_tiles, query_tile);
-            let slot = counts[cb + bk];
-            counts[cb + bk] = slot + 1;
+            let mut slot = 0i32;
+            if shared {
+                slot = local[bk];
+                local[bk] = slot + 1;
+            } else {
+                slot = counts[cb + bk];
+                counts[cb + bk] = slot + 1;
+            }
             perm[kb + slot as usize] = j as i32;
         }
-        // Block summaries in the permuted order.
+    }
+}
+
+/// One unit per (head, permuted key block): the latest query tile any of its keys reaches
+/// (`-1` if none) and its smallest key index.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn block_summary_kernel(
+    last: &[i32],
+    perm: &[i32],
+    blk_tile: &mut [i32],
+    blk_min: &mut [i32],
+    heads: u32,
+    seq_k: u32,
+    nkb: u32,
+    query_tile: u32,
+    key_block: u32,
+) {
+    let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if idx < (heads * nkb) as usize {
+        let h = idx / nkb as usize;
+        let pb = idx % nkb as usize;
+        let sk = seq_k as usize;
         let kbs = key_block as usize;
-        let nkb = (sk + kbs - 1) / kbs;
-        for pb in 0..nkb {
-            let mut tile = comptime!(-1i32).runtime();
-            let mut jmin = sk as i32;
-            let s1 = min((pb + 1) * kbs, sk);
-            for s in pb * kbs..s1 {
-                let j = perm[kb + s];
-                let l = last[kb + j as usize];
-                if l >= 0 {
-                    tile = max(tile, l / query_tile as i32);
-                }
-                jmin = min(jmin, j);
+        let kb = h * sk;
+        let mut tile = comptime!(-1i32).runtime();
+        let mut jmin = sk as i32;
+        let s1 = min((pb + 1) * kbs, sk);
+        for s in pb * kbs..s1 {
+            let j = perm[kb + s];
+            let l = last[kb + j as usize];
+            if l >= 0 {
+                tile = max(tile, l / query_tile as i32);
             }
-            blk_tile[h * nkb + pb] = tile;
-            blk_min[h * nkb + pb] = jmin;
+            jmin = min(jmin, j);
         }
+        blk_tile[idx] = tile;
+        blk_min[idx] = jmin;
     }
 }
 

@@ -165,12 +165,14 @@ pub struct AttnInputs<'a> {
     pub bias: Option<&'a KeyBias>,
     /// `None` = dense (every key allowed by causal/window), else block-sparse.
     pub schedule: Option<&'a BlockSchedule>,
-    /// Gathered keys: i32 `[B, Hkv, Sk]`, the sequence position of each key row of k and v
-    /// (and of the bias), which the causal mask and the keep rule's index compare read
-    /// instead of the row index. Lets a caller lay the keys out in any order (DMA's gathered
-    /// order, [`key_order`]) so that each query tile's keys fill few key blocks. Needs a block
-    /// schedule, no window, and the fragment path (CUDA, f16/bf16); other paths return an
-    /// error naming this argument.
+    /// Gathered keys: i32 `[B, Hkv, Sk]`, a permutation of `0..Sk` per (batch, kv head).
+    /// The walks (and the schedule's key blocks) run over slots; slot `s` reads key row
+    /// `key_positions[s]` of k, v and the bias, writes its dK, dV and dbias there, and that
+    /// row is the key's position for the causal mask and the keep rule. So a caller lays the
+    /// keys out in any order without copying them (DMA's gathered order, [`key_order`]), and
+    /// each query tile's keys fill few key blocks. Not a permutation: rows outside it get no
+    /// gradient. Needs a block schedule, no window, and the fragment path (CUDA, f16/bf16);
+    /// elsewhere an error names this argument.
     pub key_positions: Option<&'a Handle>,
 }
 

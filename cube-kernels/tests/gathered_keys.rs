@@ -1,11 +1,11 @@
-//! Gathered keys ([`AttnInputs::key_positions`]): dynamic-mask attention over keys laid out
-//! in DMA's gathered order ([`key_order`]) with per-query-tile block lists gives the output,
-//! LSE and every gradient (dK, dV, dbias mapped back to sequence order) of the same problem
-//! in sequence order without a schedule. On CUDA (f16, bf16: the fragment path) both runs
+//! Gathered keys ([`AttnInputs::key_positions`]): dynamic-mask attention walked in DMA's
+//! gathered key order ([`key_order`]) with per-query-tile block lists gives the output, LSE
+//! and every gradient (dQ, dK, dV, dbias) of the same problem walked densely in sequence
+//! order. On CUDA (f16, bf16: the fragment path) both runs
 //! are compared; elsewhere the argument must be refused by name.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, download, download_f32, download_i32, round_to, upload, upload_f32, upload_i32};
+use sparse_attn_kernels::host::{device_from_env, download, download_f32, round_to, upload, upload_f32, upload_i32};
 use sparse_attn_kernels::*;
 
 fn random(n: usize, seed: u64, dtype: AttnDtype) -> Vec<f64> {
@@ -16,30 +16,6 @@ fn random(n: usize, seed: u64, dtype: AttnDtype) -> Vec<f64> {
             round_to(dtype, ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
         })
         .collect()
-}
-
-/// Rows `perm[s]` of `x` (`[heads, seq, width]`) in slot order.
-fn gather_rows(x: &[f64], perm: &[i32], heads: usize, seq: usize, width: usize) -> Vec<f64> {
-    let mut out = vec![0.0; x.len()];
-    for h in 0..heads {
-        for (s, &j) in perm[h * seq..(h + 1) * seq].iter().enumerate() {
-            let (src, dst) = ((h * seq + j as usize) * width, (h * seq + s) * width);
-            out[dst..dst + width].copy_from_slice(&x[src..src + width]);
-        }
-    }
-    out
-}
-
-/// The inverse of [`gather_rows`].
-fn scatter_rows(x: &[f64], perm: &[i32], heads: usize, seq: usize, width: usize) -> Vec<f64> {
-    let mut out = vec![0.0; x.len()];
-    for h in 0..heads {
-        for (s, &j) in perm[h * seq..(h + 1) * seq].iter().enumerate() {
-            let (dst, src) = ((h * seq + j as usize) * width, (h * seq + s) * width);
-            out[dst..dst + width].copy_from_slice(&x[src..src + width]);
-        }
-    }
-    out
 }
 
 fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
@@ -87,16 +63,11 @@ fn gathered_keys_match_sequence_order() {
             }
             let (o_ref, lse_ref) = attention_forward(&client, &p, dtype, &plain).unwrap();
             let g_ref = attention_backward(&client, &p, dtype, &plain, &o_ref, &lse_ref, &doh).unwrap();
-            // Gathered order.
+            // Gathered order: the same buffers, walked through the permutation.
             let last = key_last_rows(&client, &upload_f32(&client, &bias32), &tv, &ti, heads, sq, sk, true).unwrap();
             let order = key_order(&client, &last, heads, sq, sk, 64, 64, true).unwrap();
-            let perm = download_i32(&client, &order.perm, heads * sk);
-            let kg = upload(&client, dtype, &gather_rows(&k, &perm, heads, sk, d));
-            let vg = upload(&client, dtype, &gather_rows(&v, &perm, heads, sk, d));
-            let kb_g = KeyBias { values: upload(&client, dtype, &gather_rows(&bias, &perm, heads, sk, 1)), heads: hkv, threshold: Some((tv.clone(), ti.clone())) };
             let sched = BlockSchedule { indices: order.lists, sel_heads: hkv, capacity: order.n_key_blocks, query_block: 64, key_block: 64 };
-            let pos = upload_i32(&client, &perm);
-            let gathered = AttnInputs { q: &qh, k: &kg, v: &vg, bias: Some(&kb_g), schedule: Some(&sched), key_positions: Some(&pos) };
+            let gathered = AttnInputs { schedule: Some(&sched), key_positions: Some(&order.perm), ..plain };
             let (o, lse) = attention_forward(&client, &p, dtype, &gathered).unwrap();
             let g = attention_backward(&client, &p, dtype, &gathered, &o, &lse, &doh).unwrap();
             let tol = 2e-2;
@@ -105,10 +76,10 @@ fn gathered_keys_match_sequence_order() {
             let (l, lr) = (download_f32(&client, &lse), download_f32(&client, &lse_ref));
             assert!(l.iter().zip(&lr).all(|(a, b)| (a - b).abs() <= 1e-2 * b.abs().max(1.0)), "LSE {what}");
             assert_close(&format!("dQ {what}"), &download(&client, dtype, &g.dq), &download(&client, dtype, &g_ref.dq), tol);
-            let back = |h: &Handle, w: usize| scatter_rows(&download(&client, dtype, h), &perm, heads, sk, w);
-            assert_close(&format!("dK {what}"), &back(&g.dk, d), &download(&client, dtype, &g_ref.dk), tol);
-            assert_close(&format!("dV {what}"), &back(&g.dv, d), &download(&client, dtype, &g_ref.dv), tol);
-            assert_close(&format!("dbias {what}"), &back(g.dbias.as_ref().unwrap(), 1), &download(&client, dtype, g_ref.dbias.as_ref().unwrap()), tol);
+            let dl = |h: &Handle| download(&client, dtype, h);
+            assert_close(&format!("dK {what}"), &dl(&g.dk), &dl(&g_ref.dk), tol);
+            assert_close(&format!("dV {what}"), &dl(&g.dv), &dl(&g_ref.dv), tol);
+            assert_close(&format!("dbias {what}"), &dl(g.dbias.as_ref().unwrap()), &dl(g_ref.dbias.as_ref().unwrap()), tol);
         }
     }
 }

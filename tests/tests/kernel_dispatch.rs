@@ -410,3 +410,55 @@ fn nsa_selection_on_device_matches_flex() {
         }
     }
 }
+
+/// DMA on the fragment path walks its kept keys gathered (a bias-dependent key order and
+/// per-query-tile block lists). Through Burn and autodiff, in bf16 on the same device and
+/// inputs, it gives the output, LSE and the gradients of q, k, v and the bias of the dense
+/// walk with the same keep rule (itself checked against the reference above), causal and
+/// not, with random and tied biases. (Against the f32 reference, dbias is a sum with heavy
+/// cancellation, so bf16 rounding of the inputs alone moves it by tens of percent.)
+#[test]
+#[cfg(feature = "cuda")]
+fn dma_gathered_bf16_matches_dense_walk() {
+    use burn_sparse_attn::dma::{DmaParams, dma_attention};
+    let dev = device().autodiff();
+    let rdev = Device::flex();
+    for (causal, tied) in [(true, false), (false, false), (true, true)] {
+        let params = DmaParams { window: 40, causal, ..DmaParams::default() };
+        let opts = AttentionOptions { causal, ..AttentionOptions::causal() };
+        let bf = |t: Tensor<4>| t.cast(DType::BF16);
+        let (q, k, v, d_o) = (
+            bf(pair([1, 4, 300, 64], 1, &dev, &rdev).0),
+            bf(pair([1, 2, 300, 64], 2, &dev, &rdev).0),
+            bf(pair([1, 2, 300, 64], 3, &dev, &rdev).0),
+            bf(pair([1, 4, 300, 64], 5, &dev, &rdev).0),
+        );
+        let b0 = pair([1, 2, 300], 4, &dev, &rdev).0;
+        let b0 = if tied { (b0 * 3.0).round() } else { b0 * 4.0 }.cast(DType::BF16);
+        let mut outs = Vec::new();
+        for gathered in [true, false] {
+            let (q, k, v, b) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad(), b0.clone().require_grad());
+            let o = if gathered {
+                dma_attention(q.clone(), k.clone(), v.clone(), b.clone(), &params).unwrap()
+            } else {
+                let keep = dma_keep_threshold(&b, 300, 40, causal).unwrap();
+                attention_with_bias(q.clone(), k.clone(), v.clone(), &KeyBias { values: b.clone(), keep: Some(keep) }, &opts).unwrap()
+            };
+            let grads = (o.output.clone() * d_o.clone()).sum().backward();
+            outs.push([
+                o.output,
+                o.lse.unsqueeze::<4>(),
+                q.grad(&grads).unwrap(),
+                k.grad(&grads).unwrap(),
+                v.grad(&grads).unwrap(),
+                b.grad(&grads).unwrap().unsqueeze::<4>(),
+            ]);
+        }
+        let dense = outs.pop().unwrap();
+        let gathered = outs.pop().unwrap();
+        for (name, (a, b)) in ["o", "lse", "dq", "dk", "dv", "dbias"].iter().zip(gathered.into_iter().zip(dense)) {
+            let e = rel_err(a.cast(DType::F32), b.cast(DType::F32));
+            assert!(e < 1e-2, "causal {causal}, tied {tied}: {name}: relative error {e:e}");
+        }
+    }
+}

@@ -129,8 +129,13 @@ pub fn fragment_dkdv_kernel<F: Float>(
                 let mut kv = zero8;
                 let mut vv = zero8;
                 if t0 + kr < t1 {
-                    kv = k[(kv_base + t0 + kr) * vr + c];
-                    vv = v[(kv_base + t0 + kr) * vr + c];
+                    // Gathered keys: slot `t0 + kr` holds key row `kpos[..]`.
+                    let mut row = t0 + kr;
+                    if cfg.key_pos {
+                        row = kpos[kv_base + t0 + kr] as usize;
+                    }
+                    kv = k[(kv_base + row) * vr + c];
+                    vv = v[(kv_base + row) * vr + c];
                 }
                 k_s[kr * sr + c] = kv;
                 v_s[kr * sr + c] = vv;
@@ -180,10 +185,10 @@ pub fn fragment_dkdv_kernel<F: Float>(
             let mut bias1 = 0.0f32;
             if cfg.has_bias {
                 if kok0 {
-                    bias0 = f32::cast_from(bias[bias_base + j0]);
+                    bias0 = f32::cast_from(bias[bias_base + jp0]);
                 }
                 if kok1 {
-                    bias1 = f32::cast_from(bias[bias_base + j1]);
+                    bias1 = f32::cast_from(bias[bias_base + jp1]);
                 }
             }
             let mut qa = 0usize;
@@ -349,10 +354,10 @@ pub fn fragment_dkdv_kernel<F: Float>(
                 let s1 = quad_sum(db1);
                 if tq == 0 {
                     if kok0 {
-                        dbias[bias_out + bias_base + j0] = s0;
+                        dbias[bias_out + bias_base + jp0] = s0;
                     }
                     if kok1 {
-                        dbias[bias_out + bias_base + j1] = s1;
+                        dbias[bias_out + bias_base + jp1] = s1;
                     }
                 }
                 db0 = 0.0f32;
@@ -365,12 +370,12 @@ pub fn fragment_dkdv_kernel<F: Float>(
         for n in 0..dn {
             let c = n * 8 + tq * 2;
             if kok0 {
-                let at = (kv_out + (kv_base + j0) * head_dim + c) / 2;
+                let at = (kv_out + (kv_base + jp0) * head_dim + c) / 2;
                 dk[at] = dk_acc[2 * n];
                 dv[at] = dv_acc[2 * n];
             }
             if kok1 {
-                let at = (kv_out + (kv_base + j1) * head_dim + c) / 2;
+                let at = (kv_out + (kv_base + jp1) * head_dim + c) / 2;
                 dk[at] = dk_acc[2 * n + 1];
                 dv[at] = dv_acc[2 * n + 1];
             }

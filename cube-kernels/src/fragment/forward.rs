@@ -246,6 +246,7 @@ pub fn fragment_forward_kernel<F: Float>(
                 &mut k_s,
                 &mut v_s,
                 kv_base,
+                kpos,
                 t0n,
                 min(t0n + tile_k, hi as usize),
                 0usize,
@@ -274,6 +275,7 @@ pub fn fragment_forward_kernel<F: Float>(
                     &mut k_s,
                     &mut v_s,
                     kv_base,
+                    kpos,
                     t0n,
                     min(t0n + tile_k, hi as usize),
                     (1 - st) * tile_k,
@@ -465,6 +467,7 @@ pub(crate) fn stage_kv<F: Float>(
     k_s: &mut [Vector<F, V8>],
     v_s: &mut [Vector<F, V8>],
     kv_base: usize,
+    kpos: &[i32],
     t0: usize,
     t1: usize,
     row0: usize,
@@ -483,7 +486,12 @@ pub(crate) fn stage_kv<F: Float>(
             let valid = t0 + kr < t1;
             let mut gi = 0usize;
             if valid {
-                gi = kv_base + (t0 + kr) * vr + c;
+                // Gathered keys: slot `t0 + kr` holds key row `kpos[..]`.
+                let mut row = t0 + kr;
+                if cfg.key_pos {
+                    row = kpos[kv_base / vr + t0 + kr] as usize;
+                }
+                gi = kv_base + row * vr + c;
             }
             copy_vec_async::<F>(k, gi, k_s, (row0 + kr) * sr + c, valid);
             copy_vec_async::<F>(v, gi, v_s, (row0 + kr) * sr + c, valid);

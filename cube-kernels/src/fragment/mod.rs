@@ -60,9 +60,10 @@ pub struct FragmentConfig {
     /// writes a partial result per (row, list slot) for [`crate::gather`] to merge. Set with
     /// `blocks = false`: the walk is then the block's own key range.
     pub gathered: bool,
-    /// Gathered keys: key row `j` sits at sequence position `kpos[j]` (see
-    /// [`crate::AttnInputs::key_positions`]); masks and the keep rule read the position. The
-    /// walks are then those of a non-causal problem (`causal` is false).
+    /// Gathered keys: walk slot `j` is key row `kpos[j]` of k, v and the bias, and its
+    /// gradients go to that row (see [`crate::AttnInputs::key_positions`]); masks and the keep
+    /// rule read the row as the key's position. The walks are those of a non-causal problem
+    /// (`causal` is false).
     pub key_pos: bool,
     /// With `key_pos`: the causal mask applies to the positions.
     pub pos_causal: bool,
@@ -395,7 +396,7 @@ pub(crate) fn masked_score<F: Float>(
         let mut sv = acc * scale;
         let mut keep = true;
         if cfg.has_bias {
-            let bj = f32::cast_from(bias[bias_base + j]);
+            let bj = f32::cast_from(bias[bias_base + jp]);
             sv += bj;
             if cfg.has_thr {
                 keep = key_kept(bj, jp, thr, thr_i);

@@ -38,6 +38,8 @@ pub struct KernelParams {
     capacity: usize,
     query_block: usize,
     key_block: usize,
+    /// The `key_pos` input holds the keys' sequence positions (gathered keys).
+    gathered_keys: bool,
 }
 
 impl KernelParams {
@@ -58,7 +60,7 @@ impl KernelParams {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn fwd_meta(q: &TensorSpec, _k: &TensorSpec, _v: &TensorSpec, _b: &TensorSpec, _tv: &TensorSpec, _ti: &TensorSpec, _ix: &TensorSpec, p: &KernelParams) -> (TensorSpec, TensorSpec) {
+fn fwd_meta(q: &TensorSpec, _k: &TensorSpec, _v: &TensorSpec, _b: &TensorSpec, _tv: &TensorSpec, _ti: &TensorSpec, _ix: &TensorSpec, _kp: &TensorSpec, p: &KernelParams) -> (TensorSpec, TensorSpec) {
     let [b, hq, _, sq, _, _] = p.dims;
     (q.clone(), TensorSpec::new(Shape::from(vec![b, hq, sq]), DType::F32))
 }
@@ -75,6 +77,7 @@ fn bwd_meta(
     _tv: &TensorSpec,
     _ti: &TensorSpec,
     _ix: &TensorSpec,
+    _kp: &TensorSpec,
     _p: &KernelParams,
 ) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
     (q.clone(), k.clone(), v.clone(), bias.clone())
@@ -94,6 +97,7 @@ pub trait SparseAttnBackend: burn::backend::Backend {
         thr_value: FloatTensor<Self>,
         thr_index: IntTensor<Self>,
         indices: IntTensor<Self>,
+        key_pos: IntTensor<Self>,
         params: KernelParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
@@ -111,6 +115,7 @@ pub trait SparseAttnBackend: burn::backend::Backend {
         thr_value: FloatTensor<Self>,
         thr_index: IntTensor<Self>,
         indices: IntTensor<Self>,
+        key_pos: IntTensor<Self>,
         params: KernelParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
@@ -140,10 +145,21 @@ struct Prepared {
     bias: Option<sak::KeyBias>,
     schedule: Option<sak::BlockSchedule>,
     bias_tensor: CubeTensor,
+    key_pos: Option<sak::Handle>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn prepare(q: CubeTensor, k: CubeTensor, v: CubeTensor, bias: CubeTensor, thr_value: CubeTensor, thr_index: CubeTensor, indices: CubeTensor, p: &KernelParams) -> Prepared {
+fn prepare(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    bias: CubeTensor,
+    thr_value: CubeTensor,
+    thr_index: CubeTensor,
+    indices: CubeTensor,
+    key_pos: CubeTensor,
+    p: &KernelParams,
+) -> Prepared {
     let q = contiguous(q);
     let k = contiguous(k);
     let v = contiguous(v);
@@ -160,7 +176,8 @@ fn prepare(q: CubeTensor, k: CubeTensor, v: CubeTensor, bias: CubeTensor, thr_va
         query_block: p.query_block,
         key_block: p.key_block,
     });
-    Prepared { q, k, v, bias: bias_spec, schedule, bias_tensor: bias }
+    let key_pos = p.gathered_keys.then(|| contiguous(key_pos).handle.clone());
+    Prepared { q, k, v, bias: bias_spec, schedule, bias_tensor: bias, key_pos }
 }
 
 impl SparseAttnBackend for CubeBackend {
@@ -172,16 +189,18 @@ impl SparseAttnBackend for CubeBackend {
         thr_value: CubeTensor,
         thr_index: CubeTensor,
         indices: CubeTensor,
+        key_pos: CubeTensor,
         params: KernelParams,
     ) -> (CubeTensor, CubeTensor) {
         let dtype = q.dtype;
-        let prep = prepare(q, k, v, bias, thr_value, thr_index, indices, &params);
+        let prep = prepare(q, k, v, bias, thr_value, thr_index, indices, key_pos, &params);
         let inputs = sak::AttnInputs {
             q: &prep.q.handle,
             k: &prep.k.handle,
             v: &prep.v.handle,
             bias: prep.bias.as_ref(),
             schedule: prep.schedule.as_ref(),
+            key_positions: prep.key_pos.as_ref(),
         };
         let (o, lse) = sak::attention_forward(&prep.q.client, &params.problem(), attn_dtype(dtype), &inputs)
             .unwrap_or_else(|e| panic!("sparse attention forward kernel: {e}"));
@@ -200,10 +219,11 @@ impl SparseAttnBackend for CubeBackend {
         thr_value: CubeTensor,
         thr_index: CubeTensor,
         indices: CubeTensor,
+        key_pos: CubeTensor,
         params: KernelParams,
     ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
         let dtype = q.dtype;
-        let prep = prepare(q, k, v, bias, thr_value, thr_index, indices, &params);
+        let prep = prepare(q, k, v, bias, thr_value, thr_index, indices, key_pos, &params);
         let o = contiguous(o);
         let lse = contiguous(lse);
         let d_o = contiguous(d_o);
@@ -213,6 +233,7 @@ impl SparseAttnBackend for CubeBackend {
             v: &prep.v.handle,
             bias: prep.bias.as_ref(),
             schedule: prep.schedule.as_ref(),
+            key_positions: prep.key_pos.as_ref(),
         };
         let grads = sak::attention_backward(&prep.q.client, &params.problem(), attn_dtype(dtype), &inputs, &o.handle, &lse.handle, &d_o.handle)
             .unwrap_or_else(|e| panic!("sparse attention backward kernel: {e}"));
@@ -244,6 +265,7 @@ struct BackwardState<B: burn::backend::Backend> {
     thr_value: FloatTensor<B>,
     thr_index: IntTensor<B>,
     indices: IntTensor<B>,
+    key_pos: IntTensor<B>,
     params: KernelParams,
 }
 
@@ -253,7 +275,7 @@ impl<B: SparseAttnBackend> Backward<B, 4> for SparseAttnBackwardOp {
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let d_o = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv, dbias) = B::sparse_attn_backward(s.q, s.k, s.v, s.o, s.lse, d_o, s.bias, s.thr_value, s.thr_index, s.indices, s.params.clone());
+        let (dq, dk, dv, dbias) = B::sparse_attn_backward(s.q, s.k, s.v, s.o, s.lse, d_o, s.bias, s.thr_value, s.thr_index, s.indices, s.key_pos, s.params.clone());
         let [pq, pk, pv, pb] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -275,12 +297,13 @@ impl<B: SparseAttnBackend, C: CheckpointStrategy> SparseAttnBackend for Autodiff
         thr_value: FloatTensor<Self>,
         thr_index: IntTensor<Self>,
         indices: IntTensor<Self>,
+        key_pos: IntTensor<Self>,
         params: KernelParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let nodes = [q.node(), k.node(), v.node(), bias.node()];
         let (qp, kp, vp, bp) = (q.into_primitive(), k.into_primitive(), v.into_primitive(), bias.into_primitive());
         let tv = thr_value.into_primitive();
-        let (o, lse) = B::sparse_attn_forward(qp.clone(), kp.clone(), vp.clone(), bp.clone(), tv.clone(), thr_index.clone(), indices.clone(), params.clone());
+        let (o, lse) = B::sparse_attn_forward(qp.clone(), kp.clone(), vp.clone(), bp.clone(), tv.clone(), thr_index.clone(), indices.clone(), key_pos.clone(), params.clone());
         let lse_out = <Self as burn::backend::AutodiffBackend>::from_inner(lse.clone());
         let out = match SparseAttnBackwardOp.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
@@ -294,6 +317,7 @@ impl<B: SparseAttnBackend, C: CheckpointStrategy> SparseAttnBackend for Autodiff
                     thr_value: tv,
                     thr_index,
                     indices,
+                    key_pos,
                     params,
                 };
                 prep.finish(state, o)
@@ -314,6 +338,7 @@ impl<B: SparseAttnBackend, C: CheckpointStrategy> SparseAttnBackend for Autodiff
         thr_value: FloatTensor<Self>,
         thr_index: IntTensor<Self>,
         indices: IntTensor<Self>,
+        key_pos: IntTensor<Self>,
         params: KernelParams,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         // Second-order gradients are not supported: the backward runs on plain tensors.
@@ -328,10 +353,24 @@ impl<B: SparseAttnBackend, C: CheckpointStrategy> SparseAttnBackend for Autodiff
             thr_value.into_primitive(),
             thr_index,
             indices,
+            key_pos,
             params,
         );
         let wrap = <Self as burn::backend::AutodiffBackend>::from_inner;
         (wrap(dq), wrap(dk), wrap(dv), wrap(db))
+    }
+}
+
+/// Whether the attention kernels take the register-fragment path (CUDA tensor cores, f16 or
+/// bf16) for `q`'s device, dtype and head dimension.
+pub(crate) fn fragment_path(q: &Tensor<4>) -> bool {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return false;
+    }
+    match q.device().without_autodiff().as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube) => sak::kernel_path(&cube.client(), attn_dtype(dtype), q.dims()[3]) == sak::KernelPath::Fragment,
+        _ => false,
     }
 }
 
@@ -351,6 +390,7 @@ pub(crate) fn attention(
     v: &Tensor<4>,
     bias: Option<&KeyBias>,
     selection: Option<&BlockSelection>,
+    key_pos: Option<&Tensor<3, Int>>,
     opts: &AttentionOptions,
     dims: &AttnDims,
 ) -> Result<AttentionOutput> {
@@ -399,6 +439,11 @@ pub(crate) fn attention(
         capacity,
         query_block,
         key_block,
+        gathered_keys: key_pos.is_some(),
+    };
+    let key_pos = match key_pos {
+        Some(kp) => kp.clone().cast(DType::I32).into_dispatch(),
+        None => int_placeholder().into_dispatch(),
     };
     let (o, lse) = <Dispatch as SparseAttnBackend>::sparse_attn_forward(
         q.clone().into_dispatch(),
@@ -408,6 +453,7 @@ pub(crate) fn attention(
         thr_v,
         thr_i,
         indices,
+        key_pos,
         params,
     );
     let lse: Tensor<3> = Tensor::from_dispatch(lse);

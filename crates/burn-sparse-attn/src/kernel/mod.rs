@@ -9,6 +9,8 @@ mod ext;
 #[cfg(feature = "cube")]
 mod keep;
 #[cfg(feature = "cube")]
+mod key_order;
+#[cfg(feature = "cube")]
 mod nsa_scores;
 #[cfg(feature = "cube")]
 mod topk;
@@ -59,7 +61,7 @@ pub(crate) fn try_attention(
     }
     #[cfg(feature = "cube")]
     {
-        return ext::attention(q, k, v, bias, selection, opts, dims).map(Some);
+        return ext::attention(q, k, v, bias, selection, None, opts, dims).map(Some);
     }
     #[allow(unreachable_code)]
     Ok(None)
@@ -114,4 +116,34 @@ pub(crate) fn nsa_block_scores(
     {
         unreachable!("nsa_block_scores without a Cube backend")
     }
+}
+
+/// Query rows per tile and keys per block of DMA's gathered walk.
+const GATHER_TILE: usize = 64;
+
+/// DMA with the kept keys gathered (`SPARSE_ATTN_DMA_GATHER=0` turns it off): the keys are
+/// walked in the order `sparse_attn_kernels::key_order` builds from the bias and its keep
+/// threshold, and each query tile visits only the key blocks of that order holding a key it
+/// keeps, so the cost follows `seq x window` whatever the bias looks like. `None` (the
+/// caller's dense walk runs) off the fragment path (CUDA f16/bf16), with a sliding window,
+/// without a threshold, or with one bias per query head.
+#[allow(unused_variables)]
+pub(crate) fn try_gathered_dma(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias: &KeyBias, opts: &AttentionOptions, dims: &AttnDims) -> Option<Result<AttentionOutput>> {
+    #[cfg(feature = "cube")]
+    {
+        let keep = bias.keep.as_ref()?;
+        let usable = attention_impl(&q.device()) == AttentionImpl::Kernel
+            && std::env::var("SPARSE_ATTN_DMA_GATHER").map_or(true, |v| v != "0")
+            && opts.window.is_none()
+            && bias.values.dims()[1] == dims.heads_kv
+            && ext::fragment_path(q);
+        if !usable {
+            return None;
+        }
+        let (perm, lists) = key_order::key_order(&bias.values, &keep.value, &keep.index, dims.seq_q, GATHER_TILE, GATHER_TILE, opts.causal);
+        let selection = BlockSelection::per_query_block(lists, GATHER_TILE, GATHER_TILE);
+        return Some(ext::attention(q, k, v, Some(bias), Some(&selection), Some(&perm), opts, dims));
+    }
+    #[allow(unreachable_code)]
+    None
 }
