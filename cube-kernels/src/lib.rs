@@ -56,9 +56,12 @@ pub mod keep;
 pub mod nsa_scores;
 #[allow(missing_docs)]
 pub mod key_order;
+#[allow(missing_docs)]
+pub mod seer_target;
 pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
 pub use topk::{MAX_TOPK, row_topk};
 pub use key_order::{KeyOrder, key_last_rows, key_order};
+pub use seer_target::{BlockMaxProblem, block_max_uses_fragment, seer_block_max};
 pub use nsa_scores::{BlockScorePath, BlockScoreProblem, block_score_path, nsa_block_scores};
 mod launch;
 mod plan;

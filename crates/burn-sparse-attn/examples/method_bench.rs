@@ -13,7 +13,8 @@
 //! 16 x 64, window 512, compressed keys given), `dma` (keep 2048), `seer` (sparse mode:
 //! top 10% of the 64-blocks from random gate logits), and `moba-given` / `nsa-given` (the
 //! same ops on a routing computed once outside the timed region: the difference to `moba` /
-//! `nsa` is what routing and selection cost). `--json FILE` appends one object per
+//! `nsa` is what routing and selection cost), and `seer-target` (Seer's distillation step:
+//! the dense attention with its gradients plus the block-max target, 64-blocks). `--json FILE` appends one object per
 //! method: `impl` (`ours` or `burn`), `method`, `seq`, `batch`, `heads_q`, `heads_kv`,
 //! `head_dim`, `dtype`, `fwd_ms`, `fwdbwd_ms`, `peak_mib` (the device memory pool's reserved
 //! bytes after the method's runs, starting from an emptied pool), `gpu`.
@@ -143,6 +144,11 @@ fn main() {
                 let sel = seer_select_topk(seer_logits.clone(), seer_topk, seer_block).unwrap();
                 block_sparse_attention(q, k, v, &sel, &causal).unwrap().output
             }),
+        ),
+        (
+            "ours",
+            "seer-target",
+            Box::new(|q, k, v| burn_sparse_attn::seer::seer_attention_target(q, k, v, seer_block, None).unwrap().1.output),
         ),
     ];
     methods.retain(|(imp, m, _)| wants(if *imp == "burn" { "burn" } else { m }));

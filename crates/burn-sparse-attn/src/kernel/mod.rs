@@ -13,6 +13,8 @@ mod key_order;
 #[cfg(feature = "cube")]
 mod nsa_scores;
 #[cfg(feature = "cube")]
+mod seer_target;
+#[cfg(feature = "cube")]
 mod topk;
 
 use burn::tensor::{Int, Tensor};
@@ -145,5 +147,18 @@ pub(crate) fn try_gathered_dma(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias
         return Some(ext::attention(q, k, v, Some(bias), Some(&selection), Some(&perm), opts, dims));
     }
     #[allow(unreachable_code)]
+    None
+}
+
+/// SeerAttention's block maxima of the causal probabilities `exp(scale q.k - lse)`,
+/// `[b, hq, ceil(sq / block), ceil(sk / block)]` f32, by one kernel on Cube devices (the
+/// `seq x seq` probabilities never stored); `None` elsewhere (the caller's chunked tensor ops
+/// run).
+#[allow(unused_variables)]
+pub(crate) fn try_seer_block_max(q: &Tensor<4>, k: &Tensor<4>, lse: &Tensor<3>, block: usize, scale: f64) -> Option<Tensor<4>> {
+    #[cfg(feature = "cube")]
+    if attention_impl(&q.device()) == AttentionImpl::Kernel && !matches!(q.dtype(), burn::tensor::DType::F64) {
+        return Some(seer_target::block_max(q, k, lse, block, scale));
+    }
     None
 }

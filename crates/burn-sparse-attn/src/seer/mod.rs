@@ -269,16 +269,21 @@ impl AttnGate {
 /// Detached. Also returns the dense attention output so one pass serves both.
 ///
 /// The dense output and its LSE come from [`crate::attention::attention`] (the engine, with
-/// its gradients); the target is then built chunk by chunk of query blocks from
-/// `exp(scale q.k - lse)`, so memory is `O(seq x chunk)` plus the `nq x nk` target instead of
-/// `O(seq^2)`. [`seer_attention_target_reference`] is the one-pass definition.
+/// its gradients); the block maxima of `exp(scale q.k - lse)` then come from one kernel on
+/// Cube devices (tensor cores on CUDA f16/bf16 with blocks of 64), or chunk by chunk of query
+/// blocks in tensor ops elsewhere; either way memory is the `nq x nk` target (plus one chunk)
+/// instead of `O(seq^2)`. [`seer_attention_target_reference`] is the one-pass definition.
 pub fn seer_attention_target(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block_size: usize, scale: Option<f64>) -> Result<(Tensor<4>, crate::AttentionOutput)> {
     check_positive("block_size", block_size)?;
     let dims = validate_qkv(&q, &k, &v)?;
     let opts = AttentionOptions { causal: true, window: None, scale };
     let dense = crate::attention::attention(q.clone(), k.clone(), v, &opts)?;
+    let scale = opts.scale_for(dims.head_dim);
+    if let Some(pooled) = crate::kernel::try_seer_block_max(&q, &k, &dense.lse, block_size, scale) {
+        return Ok((normalise_rows(pooled), dense));
+    }
     let rows = (TARGET_CHUNK / (dims.batch * dims.heads_q * dims.seq_k).max(1)) / block_size * block_size;
-    let target = pooled_target_in_chunks(q.detach(), k.detach(), dense.lse.clone().detach(), block_size, opts.scale_for(dims.head_dim), &dims, rows.max(block_size));
+    let target = pooled_target_in_chunks(q.detach(), k.detach(), dense.lse.clone().detach(), block_size, scale, &dims, rows.max(block_size));
     Ok((target, dense))
 }
 
@@ -410,6 +415,30 @@ mod tests {
             for (a, w) in got.iter().zip(&want) {
                 assert!((a - w).abs() <= 1e-12, "chunks of {rows} rows: {a} vs {w}");
             }
+        }
+    }
+
+    /// On a Cube device the block-max kernel gives the reference target (f32, GQA,
+    /// seq_q < seq_k, ragged last blocks). Compiles one small shader, so CI runs it on
+    /// software Vulkan.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn kernel_target_equals_reference() {
+        let flex = Device::flex();
+        let gpu = Device::wgpu(Default::default());
+        let (b, hq, hkv, sq, sk, d, bs) = (1, 4, 2, 45, 70, 16, 16);
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, hq, sq, d], dist, (&flex, DType::F32));
+        let k = Tensor::<4>::random([b, hkv, sk, d], dist, (&flex, DType::F32));
+        let (want, dense) = seer_attention_target_reference(q.clone(), k.clone(), k.clone(), bs, None).unwrap();
+        let to = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &gpu);
+        let lse = Tensor::<3>::from_data(dense.lse.into_data(), &gpu);
+        let pooled = crate::kernel::try_seer_block_max(&to(q), &to(k), &lse, bs, 1.0 / (d as f64).sqrt()).expect("a Cube device");
+        let got: Vec<f32> = normalise_rows(pooled).into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let want: Vec<f32> = want.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (a, w) in got.iter().zip(&want) {
+            assert!((a - w).abs() <= 1e-4 * w.abs().max(1e-2), "{a} vs {w}");
         }
     }
 }
