@@ -20,6 +20,8 @@ pub struct CompareResults {
     pub backend: String,
     /// Device description.
     pub device: String,
+    /// Float precision of the models (`--dtype`).
+    pub dtype: String,
     /// Task name.
     pub task: String,
     /// Shared budget.
@@ -47,6 +49,8 @@ pub struct CompareOptions {
     pub backend: String,
     /// The device.
     pub device: burn::tensor::Device,
+    /// Float precision (`--dtype`), recorded in the results.
+    pub dtype: String,
     /// The command line, for `command.txt`.
     pub command: String,
 }
@@ -121,6 +125,7 @@ pub fn compare(base: &RunConfig, opts: &CompareOptions) -> AppResult<CompareResu
         command: opts.command.clone(),
         backend: opts.backend.clone(),
         device: format!("{:?}", opts.device),
+        dtype: opts.dtype.clone(),
         task: base.data.task.name().to_string(),
         steps: base.train.steps,
         batch: base.train.batch,

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use toy_lm::AppResult;
 use toy_lm::compare::{CompareOptions, compare, markdown_table};
 use toy_lm::config::{Method, RunConfig};
-use toy_lm::device::{compiled_backends, select_device};
+use toy_lm::device::{compiled_backends, parse_dtype, select_device, select_device_with};
 use toy_lm::generate::{SampleOptions, generate, load_model};
 use toy_lm::train::{CONFIG_FILE, RunOptions, train};
 
@@ -30,6 +30,8 @@ USAGE:
 
 COMMON:
   --device NAME        flex | wgpu | vulkan | metal | cuda (those compiled in; default: first compiled)
+  --dtype T            f32 | bf16 | f16: precision of the whole model (default f32; bf16/f16 take
+                       the CUDA kernels' fastest paths; results.json records it)
   --config FILE.toml   start from this configuration (sections model/train/data/dense/moba/nsa/seer/dma)
 
 OPTIONS (any field of the configuration; sections model/train/data need no prefix):
@@ -56,8 +58,8 @@ SEER MODES:
 ";
 
 /// Flags that are not configuration fields.
-const COMMAND_FLAGS: [&str; 11] =
-    ["config", "out", "resume", "init-from", "device", "methods", "checkpoint", "prompt", "tokens", "temperature", "help"];
+const COMMAND_FLAGS: [&str; 12] =
+    ["config", "out", "resume", "init-from", "device", "dtype", "methods", "checkpoint", "prompt", "tokens", "temperature", "help"];
 
 struct Args {
     command: String,
@@ -152,7 +154,9 @@ fn run(argv: &[String]) -> AppResult<()> {
             print!("{}", cfg.to_toml());
         }
         "train" => {
-            let (backend, device) = select_device(args.take_one("device")?.as_deref())?;
+            let device_name = args.take_one("device")?;
+            let dtype = parse_dtype(args.take_one("dtype")?.as_deref())?;
+            let (backend, device) = select_device_with(device_name.as_deref(), dtype)?;
             let out = PathBuf::from(args.take_one("out")?.unwrap_or_else(|| "runs/train".into()));
             let resume = args.take_one("resume")?.map(PathBuf::from);
             let init_from = args.take_one("init-from")?.map(PathBuf::from);
@@ -174,7 +178,9 @@ fn run(argv: &[String]) -> AppResult<()> {
             );
         }
         "compare" => {
-            let (backend, device) = select_device(args.take_one("device")?.as_deref())?;
+            let device_name = args.take_one("device")?;
+            let dtype = parse_dtype(args.take_one("dtype")?.as_deref())?;
+            let (backend, device) = select_device_with(device_name.as_deref(), dtype)?;
             let out = PathBuf::from(args.take_one("out")?.unwrap_or_else(|| "runs/compare".into()));
             let methods = match args.take("methods") {
                 Some(v) => Method::parse_list(&v.join(","))?,
@@ -182,14 +188,14 @@ fn run(argv: &[String]) -> AppResult<()> {
             };
             let cfg = args.run_config(None)?;
             println!(
-                "toy-lm compare on {backend} ({device:?}): {} | {} steps, batch {}, seq {}, seed {}",
+                "toy-lm compare on {backend} ({device:?}, {dtype:?}): {} | {} steps, batch {}, seq {}, seed {}",
                 methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
                 cfg.train.steps,
                 cfg.train.batch,
                 cfg.train.seq_len,
                 cfg.train.seed
             );
-            let opts = CompareOptions { methods, out: out.clone(), backend, device, command: command_line };
+            let opts = CompareOptions { methods, out: out.clone(), backend, device, dtype: format!("{dtype:?}").to_ascii_lowercase(), command: command_line };
             let results = compare(&cfg, &opts)?;
             println!("\n{}", markdown_table(cfg.data.task, &results.runs));
             println!(

@@ -121,6 +121,7 @@ pub(crate) fn nsa_block_scores(
 }
 
 /// Query rows per tile and keys per block of DMA's gathered walk.
+#[cfg(feature = "cube")]
 const GATHER_TILE: usize = 64;
 
 /// DMA with the kept keys gathered (`SPARSE_ATTN_DMA_GATHER=0` turns it off): the keys are
