@@ -465,3 +465,23 @@ fn dma_gathered_bf16_matches_dense_walk() {
         }
     }
 }
+
+/// Seer's target from the block-max kernel comes back in q's dtype (as the tensor-op path's
+/// does), so the gate loss of a bf16 model does not mix dtypes (the toy LM in bf16 hit a
+/// `DTypeMismatch` in Burn's fusion before), and matches the reference target to bf16
+/// accuracy.
+#[test]
+#[cfg(feature = "cuda")]
+fn seer_target_bf16_keeps_dtype_and_matches_reference() {
+    use burn_sparse_attn::seer::{seer_attention_target, seer_attention_target_reference};
+    let dev = device();
+    let rdev = Device::flex();
+    let (q, qr) = pair([1, 4, 200, 64], 21, &dev, &rdev);
+    let (k, kr) = pair([1, 2, 200, 64], 22, &dev, &rdev);
+    let round = |t: Tensor<4>| t.cast(DType::BF16).cast(DType::F32);
+    let (target, _) = seer_attention_target(q.cast(DType::BF16), k.clone().cast(DType::BF16), k.cast(DType::BF16), 64, None).unwrap();
+    assert_eq!(target.dtype(), DType::BF16);
+    let (want, _) = seer_attention_target_reference(round(qr), round(kr.clone()), round(kr), 64, None).unwrap();
+    let e = rel_err(target.cast(DType::F32), want);
+    assert!(e < 3e-2, "target: relative error {e:e}");
+}

@@ -280,7 +280,8 @@ pub fn seer_attention_target(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, block_siz
     let dense = crate::attention::attention(q.clone(), k.clone(), v, &opts)?;
     let scale = opts.scale_for(dims.head_dim);
     if let Some(pooled) = crate::kernel::try_seer_block_max(&q, &k, &dense.lse, block_size, scale) {
-        return Ok((normalise_rows(pooled), dense));
+        // Normalised in f32, handed out in q's dtype like the tensor-op path's target.
+        return Ok((normalise_rows(pooled).cast(q.dtype()), dense));
     }
     let rows = (TARGET_CHUNK / (dims.batch * dims.heads_q * dims.seq_k).max(1)) / block_size * block_size;
     let target = pooled_target_in_chunks(q.detach(), k.detach(), dense.lse.clone().detach(), block_size, scale, &dims, rows.max(block_size));
