@@ -68,6 +68,33 @@ pub fn nan_buffer(client: &Client, dtype: AttnDtype, n: usize) -> Handle {
     upload(client, dtype, &vec![f64::NAN; n.max(1)])
 }
 
+/// The dtypes named by `SPARSE_ATTN_DTYPES` (comma-separated `f32`, `f16`, `bf16`; default
+/// `f32`): the precisions a test binary checks on this run.
+pub fn dtypes_from_env() -> Vec<AttnDtype> {
+    let s = std::env::var("SPARSE_ATTN_DTYPES").unwrap_or_else(|_| "f32".into());
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| match x.trim() {
+            "f32" => AttnDtype::F32,
+            "f16" => AttnDtype::F16,
+            "bf16" => AttnDtype::BF16,
+            other => panic!("SPARSE_ATTN_DTYPES: unknown dtype {other}"),
+        })
+        .collect()
+}
+
+/// `n` deterministic pseudo-random values in `[-amplitude, amplitude)` from `seed`, rounded
+/// to `dtype` (so a reference computed from them sees exactly what the device holds).
+pub fn random_values(n: usize, seed: u64, dtype: AttnDtype, amplitude: f64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            round_to(dtype, ((s >> 11) as f64 / (1u64 << 53) as f64) * (2.0 * amplitude) - amplitude)
+        })
+        .collect()
+}
+
 /// Block until every queued launch on `client` is done.
 pub fn sync(client: &Client) {
     cubecl::future::block_on(client.sync()).expect("device sync");

@@ -22,6 +22,12 @@ pub(crate) fn cube_linear() -> usize {
     (CUBE_POS_Y as usize) * (CUBE_COUNT_X as usize) + (CUBE_POS_X as usize)
 }
 
+/// Linear unit index over a 2-D grid of 1-D cubes: the item of one-unit-per-item kernels.
+#[cube]
+pub(crate) fn unit_linear() -> usize {
+    cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize
+}
+
 /// Whether query `i` may see key `j`: causal (bottom-right aligned, `off = Sk - Sq`)
 /// `j <= i + off`, window `j > i + off - w`.
 #[cube]
@@ -116,7 +122,7 @@ pub fn sanitize_schedule_kernel(
     cap: u32,
     nkb: u32,
 ) {
-    let l = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let l = unit_linear();
     if l < n_lists as usize {
         let c = cap as usize;
         let base = l * c;
@@ -158,7 +164,7 @@ pub fn sanitize_schedule_kernel(
 /// (batch, selection head), one unit each; `offsets` has `nkb + 1` entries per list.
 #[cube(launch)]
 pub fn prefix_sum_kernel(counts: &[i32], offsets: &mut [i32], n_lists: u32, nkb: u32) {
-    let l = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let l = unit_linear();
     if l < n_lists as usize {
         let nk = nkb as usize;
         let mut acc = 0i32;
@@ -180,7 +186,7 @@ pub fn delta_kernel<F: Float>(
     n_rows: u32,
     #[comptime] head_dim: usize,
 ) {
-    let row = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let row = unit_linear();
     if row < n_rows as usize {
         let base = row * head_dim;
         let mut acc = 0.0f32;
@@ -195,7 +201,7 @@ pub fn delta_kernel<F: Float>(
 /// partial dK / dV / dbias of the key-major pass. One unit per element.
 #[cube(launch)]
 pub fn sum_partials_kernel<F: Float>(parts: &[f32], out: &mut [F], n: u32, n_split: u32) {
-    let i = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let i = unit_linear();
     if i < n as usize {
         let mut acc = 0.0f32;
         for z in 0..n_split as usize {

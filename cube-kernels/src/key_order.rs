@@ -15,7 +15,7 @@
 //! bias gives each tile about `window / key_block` blocks, a random one about twice that,
 //! instead of every block before the diagonal.
 
-use crate::kernels::{cube_linear, key_kept};
+use crate::kernels::{cube_linear, key_kept, unit_linear};
 use crate::launch::buf;
 use crate::plan::{grid, per_unit_launch};
 use crate::*;
@@ -87,7 +87,7 @@ pub fn key_order(
 ) -> Result<KeyOrder, KernelError> {
     for (arg, v) in [("query_tile", query_tile), ("key_block", key_block)] {
         if v == 0 {
-            return Err(KernelError::InvalidArgument { arg, msg: "must be positive".into() });
+            return Err(crate::invalid(arg, "must be positive"));
         }
     }
     check_size("last", last, heads * seq_k, 4)?;
@@ -169,7 +169,7 @@ pub fn key_last_rows_kernel(
     seq_k: u32,
     #[comptime] causal: bool,
 ) {
-    let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let idx = unit_linear();
     if idx < (heads * seq_k) as usize {
         let sk = seq_k as usize;
         let sq = seq_q as i32;
@@ -297,7 +297,7 @@ pub fn block_summary_kernel(
     query_tile: u32,
     key_block: u32,
 ) {
-    let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let idx = unit_linear();
     if idx < (heads * nkb) as usize {
         let h = idx / nkb as usize;
         let pb = idx % nkb as usize;
@@ -338,7 +338,7 @@ pub fn tile_block_lists_kernel(
     query_tile: u32,
     #[comptime] causal: bool,
 ) {
-    let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let idx = unit_linear();
     if idx < (heads * n_tiles) as usize {
         let h = idx / n_tiles as usize;
         let t = (idx % n_tiles as usize) as i32;

@@ -20,7 +20,7 @@
 //!   in f32; the portable path and the oracle of the fragment kernel's GPU tests.
 
 use crate::fragment::{V2, V8, fast_exp, load_a, product_abt};
-use crate::kernels::cube_linear;
+use crate::kernels::{cube_linear, unit_linear};
 use crate::launch::buf;
 use crate::plan::{grid, per_unit_launch};
 use crate::*;
@@ -122,16 +122,15 @@ pub fn nsa_block_scores(
     k_cmp: &Handle,
     lse: &Handle,
 ) -> Result<Handle, KernelError> {
-    let invalid = |arg: &'static str, msg: String| Err(KernelError::InvalidArgument { arg, msg });
     if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
-        return invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv));
+        return Err(crate::invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv)));
     }
     if p.row0 + p.rows > p.seq_q {
-        return invalid("rows", format!("row0 + rows = {} exceeds seq_q = {}", p.row0 + p.rows, p.seq_q));
+        return Err(crate::invalid("rows", format!("row0 + rows = {} exceeds seq_q = {}", p.row0 + p.rows, p.seq_q)));
     }
     for (arg, v) in [("compress_block", p.compress_block), ("compress_stride", p.compress_stride), ("select_block", p.select_block), ("head_dim", p.head_dim)] {
         if v == 0 {
-            return invalid(arg, "must be positive".into());
+            return Err(crate::invalid(arg, "must be positive"));
         }
     }
     crate::caps::supports(client, dtype)?;
@@ -283,7 +282,7 @@ fn rule_offset(score: f32, j: u32, pos: i32, a: &ScoreArgs) -> f32 {
 /// One unit per output (batch, kv head, row, block).
 #[cube(launch)]
 pub fn nsa_scores_scalar_kernel<F: Float>(q: &[F], k: &[F], lse: &[f32], out: &mut [f32], a: ScoreArgs, head_dim: u32) {
-    let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let idx = unit_linear();
     let total = (a.batch * a.heads_kv * a.rows * a.n_sel) as usize;
     if idx < total {
         let d = head_dim as usize;

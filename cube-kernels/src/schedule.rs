@@ -5,7 +5,7 @@ use crate::*;
 use cubecl::prelude::*;
 use crate::launch::buf;
 use crate::plan::{grid, mask_params, per_unit_launch};
-use crate::kernels::{cube_linear, range_visible};
+use crate::kernels::{cube_linear, range_visible, unit_linear};
 
 // ---------------------------------------------------------------------------------------
 // Schedules
@@ -231,7 +231,7 @@ pub fn chunk_invert_kernel(
 /// `counts`. One unit per (list, block).
 #[cube(launch)]
 pub fn chunk_scan_kernel(hist: &mut [i32], counts: &mut [i32], n_items: u32, n_chunks: u32) {
-    let item = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let item = unit_linear();
     if item < n_items as usize {
         let nc = n_chunks as usize;
         let mut acc = 0i32;

@@ -59,12 +59,11 @@ pub fn block_max_uses_fragment(client: &Client, dtype: AttnDtype, p: &BlockMaxPr
 /// seq_k, head_dim]`) under the row LSE `lse` (f32 `[batch, heads_q, seq_q]`; `-inf` rows
 /// give 0); see the [module docs](self).
 pub fn seer_block_max(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem, q: &Handle, k: &Handle, lse: &Handle) -> Result<Handle, KernelError> {
-    let invalid = |arg: &'static str, msg: String| Err(KernelError::InvalidArgument { arg, msg });
     if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
-        return invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv));
+        return Err(crate::invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv)));
     }
     if p.block == 0 || p.head_dim == 0 {
-        return invalid(if p.block == 0 { "block" } else { "head_dim" }, "must be positive".into());
+        return Err(crate::invalid(if p.block == 0 { "block" } else { "head_dim" }, "must be positive"));
     }
     crate::caps::supports(client, dtype)?;
     check_size("q", q, p.batch * p.heads_q * p.seq_q * p.head_dim, dtype.size())?;

@@ -35,7 +35,7 @@ pub fn row_topk(client: &Client, values: &Handle, rows: usize, n: usize, k: usiz
 /// only when strictly greater than the list's last, so equal values keep index order.
 #[cube(launch)]
 pub fn row_topk_kernel(values: &[f32], out: &mut [i32], rows: u32, n: u32, neg_inf: f32, #[comptime] k: usize) {
-    let row = crate::kernels::cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
+    let row = crate::kernels::unit_linear();
     if row < rows as usize {
         let n = n as usize;
         let base = row * n;

@@ -4,7 +4,7 @@
 //! with a message (and `unsupported_dtype_is_an_error` checks the error).
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{download, download_f32, nan_buffer, round_to, upload, upload_f32, upload_i32};
+use sparse_attn_kernels::host::{dtypes_from_env, download, download_f32, nan_buffer, round_to, upload, upload_f32, upload_i32};
 use sparse_attn_kernels::reference::{self, RefBias, RefInputs, RefSchedule};
 use sparse_attn_kernels::*;
 
@@ -15,18 +15,6 @@ fn client() -> Client {
     c
 }
 
-fn dtypes() -> Vec<AttnDtype> {
-    let s = std::env::var("SPARSE_ATTN_DTYPES").unwrap_or_else(|_| "f32".into());
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| match x.trim() {
-            "f32" => AttnDtype::F32,
-            "f16" => AttnDtype::F16,
-            "bf16" => AttnDtype::BF16,
-            other => panic!("SPARSE_ATTN_DTYPES: unknown dtype {other}"),
-        })
-        .collect()
-}
 
 /// Deterministic pseudo-random numbers in [-1, 1).
 struct Rng(u64);
@@ -303,7 +291,7 @@ fn check_finite(name: &str, what: &str, v: &[f64]) {
 
 fn run_case(c: &Case) {
     let client = client();
-    for dtype in dtypes() {
+    for dtype in dtypes_from_env() {
         if let Err(e) = supports(&client, dtype) {
             eprintln!("{}: skipping {dtype:?}: {e}", c.name);
             continue;

@@ -5,18 +5,9 @@
 //! are compared; elsewhere the argument must be refused by name.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, download, download_f32, round_to, upload, upload_f32, upload_i32};
+use sparse_attn_kernels::host::{device_from_env, download, download_f32, random_values, round_to, sync, upload, upload_f32, upload_i32};
 use sparse_attn_kernels::*;
 
-fn random(n: usize, seed: u64, dtype: AttnDtype) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            round_to(dtype, ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
-        })
-        .collect()
-}
 
 fn assert_close(name: &str, got: &[f64], want: &[f64], tol: f64) {
     let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
@@ -33,14 +24,14 @@ fn gathered_keys_match_sequence_order() {
     for dtype in [AttnDtype::F16, AttnDtype::BF16] {
         for &(b, hq, hkv, sq, sk, d, keep, kind) in &cases {
             let p = AttnProblem { batch: b, heads_q: hq, heads_kv: hkv, seq_q: sq, seq_k: sk, head_dim: d, scale: 1.0 / (d as f32).sqrt(), causal: true, window: None };
-            let q = random(b * hq * sq * d, 1, dtype);
-            let k = random(b * hkv * sk * d, 2, dtype);
-            let v = random(b * hkv * sk * d, 3, dtype);
-            let d_o = random(b * hq * sq * d, 4, dtype);
+            let q = random_values(b * hq * sq * d, 1, dtype, 1.0);
+            let k = random_values(b * hkv * sk * d, 2, dtype, 1.0);
+            let v = random_values(b * hkv * sk * d, 3, dtype, 1.0);
+            let d_o = random_values(b * hq * sq * d, 4, dtype, 1.0);
             let bias: Vec<f64> = match kind {
-                0 => random(b * hkv * sk, 5, dtype).iter().map(|x| x * 4.0).collect(),
+                0 => random_values(b * hkv * sk, 5, dtype, 1.0).iter().map(|x| x * 4.0).collect(),
                 1 => (0..b * hkv * sk).map(|i| round_to(dtype, ((i % sk) as f64) / sk as f64)).collect(),
-                _ => random(b * hkv * sk, 6, dtype).iter().map(|x| (x * 3.0).round()).collect(),
+                _ => random_values(b * hkv * sk, 6, dtype, 1.0).iter().map(|x| (x * 3.0).round()).collect(),
             };
             let heads = b * hkv;
             let bias32: Vec<f32> = bias.iter().map(|&x| x as f32).collect();
@@ -59,6 +50,9 @@ fn gathered_keys_match_sequence_order() {
                     (Ok(()), Ok(_)) => panic!("gathered keys accepted off the fragment path"),
                     (Err(_), _) => {}
                 }
+                // The order's kernels may still run: finish them before the process can exit
+                // (software Vulkan has crashed at exit with work in flight).
+                sync(&client);
                 continue;
             }
             let (o_ref, lse_ref) = attention_forward(&client, &p, dtype, &plain).unwrap();
@@ -96,5 +90,5 @@ fn gathered_keys_need_a_schedule_and_no_window() {
     let sched = BlockSchedule { indices: upload_i32(&client, &[0; 8]), sel_heads: 1, capacity: 1, query_block: 8, key_block: 8 };
     let windowed = AttnProblem { window: Some(4), ..p.clone() };
     let e = attention_forward(&client, &windowed, AttnDtype::F32, &AttnInputs { schedule: Some(&sched), ..inputs }).unwrap_err();
-    assert!(e.to_string().contains("key_positions"), "{e}");
+    assert!(e.to_string().contains("key_positions"), "{e}");    sync(&client);
 }

@@ -5,31 +5,10 @@
 //! the scalar one. Dtypes: env `SPARSE_ATTN_DTYPES` as in `attention.rs`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, download_f32, round_to, upload, upload_f32};
+use sparse_attn_kernels::host::{device_from_env, download_f32, dtypes_from_env, random_values, upload, upload_f32};
 use sparse_attn_kernels::*;
 
-fn dtypes() -> Vec<AttnDtype> {
-    let s = std::env::var("SPARSE_ATTN_DTYPES").unwrap_or_else(|_| "f32".into());
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| match x.trim() {
-            "f32" => AttnDtype::F32,
-            "f16" => AttnDtype::F16,
-            "bf16" => AttnDtype::BF16,
-            other => panic!("SPARSE_ATTN_DTYPES: unknown dtype {other}"),
-        })
-        .collect()
-}
 
-fn random(n: usize, seed: u64, dtype: AttnDtype) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            round_to(dtype, ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
-        })
-        .collect()
-}
 
 struct Case {
     p: BlockScoreProblem,
@@ -137,15 +116,15 @@ fn block_scores_match_f64_reference() {
         case(1, 4, 1, 1, 500, 32, (32, 16, 64), (1, 2), (0, 1)),
         case(1, 4, 2, 60, 40, 16, (8, 4, 8), (1, 2), (0, 60)),
     ];
-    for dtype in dtypes() {
+    for dtype in dtypes_from_env() {
         if let Err(e) = supports(&client, dtype) {
             println!("skipping {dtype:?}: {e}");
             continue;
         }
         for (n, c) in cases.iter().enumerate() {
             let p = &c.p;
-            let q = random(p.batch * p.heads_q * p.seq_q * p.head_dim, 2 * n as u64 + 1, dtype);
-            let k = random(p.batch * p.heads_kv * p.n_cmp * p.head_dim, 2 * n as u64 + 2, dtype);
+            let q = random_values(p.batch * p.heads_q * p.seq_q * p.head_dim, 2 * n as u64 + 1, dtype, 1.0);
+            let k = random_values(p.batch * p.heads_kv * p.n_cmp * p.head_dim, 2 * n as u64 + 2, dtype, 1.0);
             let (lse, want) = reference(p, &q, &k);
             let lse32: Vec<f32> = lse.iter().map(|&x| x as f32).collect();
             let got = nsa_block_scores(&client, dtype, p, &upload(&client, dtype, &q), &upload(&client, dtype, &k), &upload_f32(&client, &lse32)).unwrap();

@@ -5,31 +5,10 @@
 //! Dtypes: env `SPARSE_ATTN_DTYPES` as in `attention.rs`.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use sparse_attn_kernels::host::{device_from_env, download_f32, round_to, upload, upload_f32};
+use sparse_attn_kernels::host::{device_from_env, download_f32, dtypes_from_env, random_values, upload, upload_f32};
 use sparse_attn_kernels::*;
 
-fn dtypes() -> Vec<AttnDtype> {
-    let s = std::env::var("SPARSE_ATTN_DTYPES").unwrap_or_else(|_| "f32".into());
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| match x.trim() {
-            "f32" => AttnDtype::F32,
-            "f16" => AttnDtype::F16,
-            "bf16" => AttnDtype::BF16,
-            other => panic!("SPARSE_ATTN_DTYPES: unknown dtype {other}"),
-        })
-        .collect()
-}
 
-fn random(n: usize, seed: u64, dtype: AttnDtype) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            round_to(dtype, ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0)
-        })
-        .collect()
-}
 
 /// `(lse, block maxima)` in f64.
 fn reference(p: &BlockMaxProblem, q: &[f64], k: &[f64]) -> (Vec<f64>, Vec<f64>) {
@@ -68,15 +47,15 @@ fn block_max_matches_f64_reference() {
     let client = device_from_env().client();
     // (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, block)
     let cases = [(1, 4, 2, 200, 200, 64, 64), (2, 2, 1, 130, 190, 32, 64), (1, 2, 2, 100, 70, 16, 64), (1, 3, 1, 90, 90, 16, 16), (1, 2, 1, 75, 120, 32, 40)];
-    for dtype in dtypes() {
+    for dtype in dtypes_from_env() {
         if let Err(e) = supports(&client, dtype) {
             println!("skipping {dtype:?}: {e}");
             continue;
         }
         for (n, &(b, hq, hkv, sq, sk, d, block)) in cases.iter().enumerate() {
             let p = BlockMaxProblem { batch: b, heads_q: hq, heads_kv: hkv, seq_q: sq, seq_k: sk, head_dim: d, block, scale: 1.0 / (d as f32).sqrt() };
-            let q = random(b * hq * sq * d, 3 * n as u64 + 1, dtype);
-            let k = random(b * hkv * sk * d, 3 * n as u64 + 2, dtype);
+            let q = random_values(b * hq * sq * d, 3 * n as u64 + 1, dtype, 2.0);
+            let k = random_values(b * hkv * sk * d, 3 * n as u64 + 2, dtype, 2.0);
             let (lse, want) = reference(&p, &q, &k);
             let lse32: Vec<f32> = lse.iter().map(|&x| x as f32).collect();
             let got = seer_block_max(&client, dtype, &p, &upload(&client, dtype, &q), &upload(&client, dtype, &k), &upload_f32(&client, &lse32)).unwrap();

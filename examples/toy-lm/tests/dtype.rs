@@ -2,8 +2,11 @@
 //! is set once, before its first tensor, for the whole process), and bad values are errors
 //! naming the flag.
 
+mod common;
+
 use burn::tensor::{DType, FloatDType};
-use toy_lm::config::{Method, RunConfig, Task};
+use common::tiny;
+use toy_lm::config::Method;
 use toy_lm::device::{parse_dtype, select_device_with};
 use toy_lm::train::{RunOptions, train};
 
@@ -13,28 +16,8 @@ fn every_method_trains_in_bf16_and_bad_dtypes_are_named() {
     assert_eq!(parse_dtype(None).unwrap(), FloatDType::F32);
     let (_, device) = select_device_with(Some("flex"), parse_dtype(Some("bf16")).unwrap()).unwrap();
     for method in Method::ALL {
-        let mut c = RunConfig::default();
+        let mut c = tiny(method, 2);
         c.model.layers = 1;
-        c.model.d_model = 32;
-        c.model.heads = 2;
-        c.model.attention = method;
-        c.train.steps = 2;
-        c.train.batch = 2;
-        c.train.seq_len = 64;
-        c.train.eval_every = 0;
-        c.train.eval_batches = 1;
-        c.train.log_every = 1000;
-        c.data.task = Task::Lm;
-        c.moba.block_size = 16;
-        c.nsa.compress_block = 8;
-        c.nsa.compress_stride = 4;
-        c.nsa.select_block = 16;
-        c.nsa.top_n = 2;
-        c.nsa.window = 16;
-        c.seer.block_size = 16;
-        c.seer.top_k = 2;
-        c.seer.gate_hidden = 16;
-        c.dma.window = 16;
         let out = std::env::temp_dir().join(format!("toy-lm-dtype-{}-{}", std::process::id(), method.name()));
         let opts = RunOptions { device: device.clone(), out: out.clone(), resume: None, init_from: None, log_prefix: String::new() };
         let r = train(&c, &opts).unwrap_or_else(|e| panic!("{method} in bf16: {e}"));

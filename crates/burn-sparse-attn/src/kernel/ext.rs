@@ -148,6 +148,20 @@ struct Prepared {
     key_pos: Option<sak::Handle>,
 }
 
+impl Prepared {
+    /// The kernels' view of the prepared buffers.
+    fn inputs(&self) -> sak::AttnInputs<'_> {
+        sak::AttnInputs {
+            q: &self.q.handle,
+            k: &self.k.handle,
+            v: &self.v.handle,
+            bias: self.bias.as_ref(),
+            schedule: self.schedule.as_ref(),
+            key_positions: self.key_pos.as_ref(),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     q: CubeTensor,
@@ -194,14 +208,7 @@ impl SparseAttnBackend for CubeBackend {
     ) -> (CubeTensor, CubeTensor) {
         let dtype = q.dtype;
         let prep = prepare(q, k, v, bias, thr_value, thr_index, indices, key_pos, &params);
-        let inputs = sak::AttnInputs {
-            q: &prep.q.handle,
-            k: &prep.k.handle,
-            v: &prep.v.handle,
-            bias: prep.bias.as_ref(),
-            schedule: prep.schedule.as_ref(),
-            key_positions: prep.key_pos.as_ref(),
-        };
+        let inputs = prep.inputs();
         let (o, lse) = sak::attention_forward(&prep.q.client, &params.problem(), attn_dtype(dtype), &inputs)
             .unwrap_or_else(|e| panic!("sparse attention forward kernel: {e}"));
         let [b, hq, _, sq, _, d] = params.dims;
@@ -227,14 +234,7 @@ impl SparseAttnBackend for CubeBackend {
         let o = contiguous(o);
         let lse = contiguous(lse);
         let d_o = contiguous(d_o);
-        let inputs = sak::AttnInputs {
-            q: &prep.q.handle,
-            k: &prep.k.handle,
-            v: &prep.v.handle,
-            bias: prep.bias.as_ref(),
-            schedule: prep.schedule.as_ref(),
-            key_positions: prep.key_pos.as_ref(),
-        };
+        let inputs = prep.inputs();
         let grads = sak::attention_backward(&prep.q.client, &params.problem(), attn_dtype(dtype), &inputs, &o.handle, &lse.handle, &d_o.handle)
             .unwrap_or_else(|e| panic!("sparse attention backward kernel: {e}"));
         let [b, hq, hkv, sq, sk, d] = params.dims;
