@@ -6,6 +6,7 @@ use cubecl::prelude::*;
 use crate::caps::{fragment_supported, mma_spec, vector_aligned};
 use crate::plan::*;
 use crate::gather;
+use crate::key_pieces::{self, KeyWalkShape};
 use crate::schedule::{CleanSchedule, sanitize};
 
 /// Buffer argument over `len` elements of `h`.
@@ -429,6 +430,67 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         (None, Some((_, mp))) => mp.tile,
         (None, None) => plan.tile_q,
     };
+    if let Some(cfg) = frag {
+        // Register fragments: the walks cut into pieces of similar length.
+        let shape = KeyWalkShape {
+            n_kt,
+            n_sub,
+            bk: 16 * cfg.planes,
+            tile_q: cfg.tile,
+            query_block: qb,
+            key_block: kb,
+            heads_s: hs,
+            n_rb,
+            cap,
+        };
+        let sched = match (inputs.schedule, clean) {
+            (Some(s), Some(cs)) => Some((cs, cs.inverted(client, p, s))),
+            _ => None,
+        };
+        let pieces = key_pieces::plan_pieces(client, p, &shape, sched, bias.heads, bias.has_bias, p.causal);
+        let part = pieces.max_pieces * shape.bk;
+        fragment::dkdv::fragment_dkdv_kernel::launch::<F>(
+            client,
+            grid(client, pieces.max_pieces),
+            CubeDim::new_2d(32, cfg.planes as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(&bias.values, bias.len),
+            buf(&bias.thr_v, bias.thr_len),
+            buf(&bias.thr_i, bias.thr_len),
+            buf(kpos_h, kpos_len),
+            buf(off_h, off_len),
+            buf(rows_h, rows_len),
+            buf(&pieces.first, pieces.n_items + 1),
+            buf(&pieces.tile_of, pieces.max_pieces),
+            buf(d_o, rows * d),
+            buf(lse, rows),
+            buf(delta, rows),
+            buf(&pieces.dk, part * d),
+            buf(&pieces.dv, part * d),
+            buf(&pieces.db, if bias.has_bias { part * (bias.heads / p.heads_kv) } else { 1 }),
+            p.batch as u32,
+            p.heads_q as u32,
+            p.heads_kv as u32,
+            p.seq_q as u32,
+            p.seq_k as u32,
+            bias.heads as u32,
+            hs as u32,
+            qb as u32,
+            n_rb as u32,
+            cap as u32,
+            kb as u32,
+            n_sub as u32,
+            n_kt as u32,
+            off,
+            w,
+            p.scale,
+            cfg,
+        );
+        key_pieces::sum_pieces::<F>(client, p, &shape, &pieces, inputs.key_positions, grads, bias.heads, inputs.schedule.is_some());
+        return Ok(());
+    }
     let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
     let dk_parts = alloc(client, n_split * kv_len, 4);
@@ -482,51 +544,13 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             )
         };
     }
-    match (frag, mma) {
-        (Some(cfg), _) => fragment::dkdv::fragment_dkdv_kernel::launch::<F>(
-            client,
-            grid(client, n_cubes),
-            CubeDim::new_2d(32, cfg.planes as u32),
-            buf(inputs.q, rows * d),
-            buf(inputs.k, kv_len),
-            buf(inputs.v, kv_len),
-            buf(&bias.values, bias.len),
-            buf(&bias.thr_v, bias.thr_len),
-            buf(&bias.thr_i, bias.thr_len),
-                buf(kpos_h, kpos_len),
-            buf(off_h, off_len),
-            buf(rows_h, rows_len),
-            buf(d_o, rows * d),
-            buf(lse, rows),
-            buf(delta, rows),
-            buf(&dk_parts, n_split * kv_len),
-            buf(&dv_parts, n_split * kv_len),
-            buf(&db_parts, n_split * bias.len),
-            p.batch as u32,
-            p.heads_q as u32,
-            p.heads_kv as u32,
-            p.seq_q as u32,
-            p.seq_k as u32,
-            bias.heads as u32,
-            hs as u32,
-            qb as u32,
-            n_rb as u32,
-            cap as u32,
-            kb as u32,
-            n_sub as u32,
-            n_kt as u32,
-            n_split as u32,
-            off,
-            w,
-            p.scale,
-            cfg,
-        ),
-        (None, Some((spec, mp))) => launch!(
+    match mma {
+        Some((spec, mp)) => launch!(
             mma::mma_keys_kernel::launch::<F, M>,
             CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
             [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
         ),
-        (None, None) => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
+        None => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
     if let Some(dbias) = &grads.dbias {

@@ -58,6 +58,8 @@ pub mod nsa_scores;
 pub mod key_order;
 #[allow(missing_docs)]
 pub mod seer_target;
+#[allow(missing_docs)]
+pub mod key_pieces;
 pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
 pub use topk::{MAX_TOPK, row_topk};
 pub use key_order::{KeyOrder, key_last_rows, key_order};

@@ -45,6 +45,9 @@ enum Sel {
     Full { sel_heads_kv: bool, query_block: usize, key_block: usize },
     /// Every entry -1.
     Empty { query_block: usize, key_block: usize },
+    /// Lists shared by a GQA group whose first entry is block 0 for every row (NSA's forced
+    /// first block: one key block seen by every query), the others random valid blocks.
+    ForcedFirst { query_block: usize, key_block: usize, cap: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -179,12 +182,13 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
             Sel::Random { sel_heads_kv, query_block, key_block, .. } => (sel_heads_kv, query_block, key_block),
             Sel::Full { sel_heads_kv, query_block, key_block } => (sel_heads_kv, query_block, key_block),
             Sel::Empty { query_block, key_block } => (false, query_block, key_block),
+            Sel::ForcedFirst { query_block, key_block, .. } => (true, query_block, key_block),
         };
         let hs = if hs_kv { p.heads_kv } else { p.heads_q };
         let n_rows = p.seq_q.div_ceil(qb);
         let nkb = p.seq_k.div_ceil(kb);
         let cap = match *sel {
-            Sel::Random { cap, .. } => cap,
+            Sel::Random { cap, .. } | Sel::ForcedFirst { cap, .. } => cap,
             Sel::Full { .. } => nkb,
             Sel::Empty { .. } => 3,
         };
@@ -213,6 +217,12 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
                     }
                 }
                 Sel::Empty { .. } => {}
+                Sel::ForcedFirst { .. } => {
+                    list[0] = 0;
+                    for x in list.iter_mut().skip(1) {
+                        *x = rng.below(nkb) as i32;
+                    }
+                }
             }
         }
         RefSchedule { indices, sel_heads: hs, capacity: cap, query_block: qb, key_block: kb }
@@ -531,6 +541,25 @@ fn blocks_full_selection_equals_dense() {
         let e = rel_err(a, b);
         assert!(e < tol, "full selection vs dense: {w} rel err {e:.3e}");
     }
+}
+
+/// Enough sequences (160 x 4 heads of one kv head) that the key-major pass of the fragment
+/// path gives pieces several row chunks each (`key_pieces` cuts a pass into about 2048
+/// pieces), spanning heads, the first key tile of each sequence into the most. Sequences and
+/// head dim stay small: software Vulkan leaves a loop after 65 535 iterations, and the
+/// portable key-major kernel loops over every row of the group per key.
+#[test]
+fn dense_causal_many_sequences_split_tiles() {
+    run_case(&case("dense_causal_many_sequences_split_tiles", prob(160, 4, 1, 128, 128, 32, true, None)));
+}
+
+/// Block 0 selected by every query of a GQA group of 8: its key tile carries every row of
+/// the group, about four times the others, and is cut into pieces of two chunks.
+#[test]
+fn blocks_forced_first_block_split() {
+    let mut c = case("blocks_forced_first_block_split", prob(24, 8, 1, 128, 128, 16, true, None));
+    c.sel = Some(Sel::ForcedFirst { query_block: 1, key_block: 16, cap: 4 });
+    run_case(&c);
 }
 
 #[test]

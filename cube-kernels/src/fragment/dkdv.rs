@@ -3,16 +3,20 @@
 //! rows that can see those keys (dense: a contiguous range; blocks: the inverted schedule),
 //! `tile` rows at a time, and per tile computes `S^T = K Q^T`, `P^T = exp(S^T - lse)`,
 //! `dV += P^T dO`, `dP^T = V dO^T`, `dS^T = P^T (dP^T - delta)`, `dK += scale dS^T Q`, with
-//! dK and dV in registers for the whole walk.
+//! dK and dV in registers for the whole walk. The walks are cut into pieces of similar
+//! length ([`crate::key_pieces`]): a cube takes one piece of one tile's walk and writes f32
+//! partial sums for that tile, which a second kernel adds up.
 
 use super::{FragmentConfig, V2, V8, copy_vec_async, fast_exp, product_abt_staged, product_pb, quad_sum};
+use crate::key_pieces::{head_walk, key_tile, walk_chunks};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
-/// Key-major backward. Same arguments, cube numbering, splits (`n_split` cubes share a key
-/// tile's query rows and write f32 partial sums, reduced afterwards) and walk as
-/// [`crate::mma::mma_keys_kernel`].
+/// Key-major backward. Cube `cid` is piece `cid` of the pass (`tile_of`, `first`: see
+/// [`crate::key_pieces`]); it walks its share of the query rows of its key tile as
+/// [`crate::mma::mma_keys_kernel`] walks a whole tile, and writes f32 partials
+/// `dk`, `dv` `[piece, 16 * planes, D]` and `dbias` `[piece, Hb / Hkv, 16 * planes]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn fragment_dkdv_kernel<F: Float>(
@@ -25,6 +29,8 @@ pub fn fragment_dkdv_kernel<F: Float>(
     kpos: &[i32],
     inv_off: &[i32],
     inv_rows: &[i32],
+    first: &[i32],
+    tile_of: &[i32],
     d_o: &[Vector<F, V8>],
     lse: &[f32],
     delta: &[f32],
@@ -44,7 +50,6 @@ pub fn fragment_dkdv_kernel<F: Float>(
     key_block: u32,
     n_sub: u32,
     n_key_tiles: u32,
-    n_split: u32,
     off: i32,
     w: i32,
     scale: f32,
@@ -63,7 +68,6 @@ pub fn fragment_dkdv_kernel<F: Float>(
     let key_block = key_block as usize;
     let n_sub = n_sub as usize;
     let n_kt = n_key_tiles as usize;
-    let n_split = n_split as usize;
 
     let planes = comptime!(cfg.planes);
     let head_dim = comptime!(cfg.head_dim);
@@ -95,28 +99,32 @@ pub fn fragment_dkdv_kernel<F: Float>(
     let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
-    let per_split = n_batch * heads_kv * n_kt;
-    if cid < per_split * n_split {
-        let z = cid / per_split;
-        let t = cid % n_kt;
-        let hk = (cid / n_kt) % heads_kv;
-        let b = (cid % per_split) / (n_kt * heads_kv);
-        let kv_out = z * n_batch * heads_kv * seq_k * head_dim;
-        let bias_out = z * n_batch * heads_b * seq_k;
+    let n_items = n_batch * heads_kv * n_kt;
+    if cid < first[n_items] as usize {
+        let item = tile_of[cid] as usize;
+        let z = cid - first[item] as usize;
+        let n_pieces = first[item + 1] as usize - first[item] as usize;
+        let t = item % n_kt;
+        let hk = (item / n_kt) % heads_kv;
+        let b = item / (n_kt * heads_kv);
         let group = heads_q / heads_kv;
         let g_sel = heads_q / heads_s;
         let g_b = heads_q / heads_b;
-
-        let mut kb = 0usize;
-        let mut t0 = t * bk;
-        let mut t1 = min(t0 + bk, seq_k);
-        if cfg.blocks {
-            kb = t / n_sub;
-            let sub = t % n_sub;
-            let b_end = min((kb + 1) * key_block, seq_k);
-            t0 = min(kb * key_block + sub * bk, b_end);
-            t1 = min(t0 + bk, b_end);
+        let nbh = heads_b / heads_kv;
+        let (kb, t0, t1) = key_tile(t, n_sub, bk, key_block, seq_k, cfg.blocks);
+        let mut spc = tile_q.runtime();
+        if cfg.blocks && qb <= tile_q {
+            spc = (tile_q / qb) * qb;
         }
+        // This piece's share of the tile's walk: chunks `c_lo..c_hi` of the walks of the
+        // group's heads, concatenated in head order.
+        let n_kb = n_kt / n_sub;
+        let n_chunks = walk_chunks(
+            inv_off, b, hk, kb, t0, t1, heads_q, heads_kv, heads_s, n_kb, seq_q, qb, spc, off, w, cfg.blocks, cfg.causal, cfg.windowed,
+        );
+        let c_lo = n_chunks * z / n_pieces;
+        let c_hi = n_chunks * (z + 1) / n_pieces;
+        let mut c_base = 0usize;
         let kv_base = (b * heads_kv + hk) * seq_k;
         let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
 
@@ -191,38 +199,16 @@ pub fn fragment_dkdv_kernel<F: Float>(
                     bias1 = f32::cast_from(bias[bias_base + jp1]);
                 }
             }
-            let mut qa = 0usize;
-            let mut n_slots = 0usize;
-            let mut rows_base = 0usize;
-            let mut spc = tile_q.runtime();
-            if cfg.blocks {
-                let s = h / g_sel;
-                let bs = b * heads_s + s;
-                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
-                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
-                rows_base = bs * n_rb * cap + o0;
-                n_slots = (o1 - o0) * qb;
-                if qb <= tile_q {
-                    spc = (tile_q / qb) * qb;
-                }
-            } else if t0 < t1 {
-                let mut lo = 0i32;
-                let mut hi = seq_q as i32;
-                if cfg.causal {
-                    lo = max(lo, t0 as i32 - off);
-                }
-                if cfg.windowed {
-                    hi = min(hi, (t1 - 1) as i32 - off + w);
-                }
-                if hi > lo {
-                    qa = lo as usize;
-                    n_slots = (hi - lo) as usize;
-                }
-            }
+            let bs = b * heads_s + h / g_sel;
+            let (rows_base, qa, n_slots) =
+                head_walk(inv_off, bs, kb, n_kb, n_rb, cap, qb, t0, t1, seq_q, off, w, cfg.blocks, cfg.causal, cfg.windowed);
             let n_ch = n_slots.div_ceil(spc);
-            let mut ch = z;
+            // This head's chunks inside the piece's range.
+            let mut ch = min(n_ch, select(c_lo > c_base, c_lo - c_base, 0usize));
+            let ch_end = min(n_ch, select(c_hi > c_base, c_hi - c_base, 0usize));
+            c_base += n_ch;
             let mut stg = 0usize;
-            if ch < n_ch {
+            if ch < ch_end {
                 stage_rows::<F>(
                     q, d_o, lse, delta, thr_v, thr_i, inv_rows, &mut q_s, &mut do_s, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s,
                     &mut ti_s, ch, 0usize, spc, n_slots, rows_base, qb, qa, b, h, hb, heads_q, heads_b, seq_q, u, cfg,
@@ -230,9 +216,9 @@ pub fn fragment_dkdv_kernel<F: Float>(
                 bar0.commit_copy_async();
                 let _ = bar0.arrive();
             }
-            while ch < n_ch {
-                let chn = ch + n_split;
-                if chn < n_ch {
+            while ch < ch_end {
+                let chn = ch + 1;
+                if chn < ch_end {
                     stage_rows::<F>(
                         q,
                         d_o,
@@ -352,12 +338,13 @@ pub fn fragment_dkdv_kernel<F: Float>(
             if cfg.has_bias && (h + 1) % g_b == 0 {
                 let s0 = quad_sum(db0);
                 let s1 = quad_sum(db1);
+                let db_base = (cid * nbh + hb - hk * nbh) * bk + pl * 16 + quad;
                 if tq == 0 {
                     if kok0 {
-                        dbias[bias_out + bias_base + jp0] = s0;
+                        dbias[db_base] = s0;
                     }
                     if kok1 {
-                        dbias[bias_out + bias_base + jp1] = s1;
+                        dbias[db_base + 8] = s1;
                     }
                 }
                 db0 = 0.0f32;
@@ -365,17 +352,18 @@ pub fn fragment_dkdv_kernel<F: Float>(
             }
         }
 
-        // f32 partial sums, in pairs of elements.
+        // f32 partial sums of this piece, by key slot, in pairs of elements.
+        let part_base = (cid * bk + pl * 16 + quad) * head_dim;
         #[unroll]
         for n in 0..dn {
             let c = n * 8 + tq * 2;
             if kok0 {
-                let at = (kv_out + (kv_base + jp0) * head_dim + c) / 2;
+                let at = (part_base + c) / 2;
                 dk[at] = dk_acc[2 * n];
                 dv[at] = dv_acc[2 * n];
             }
             if kok1 {
-                let at = (kv_out + (kv_base + jp1) * head_dim + c) / 2;
+                let at = (part_base + 8 * head_dim + c) / 2;
                 dk[at] = dk_acc[2 * n + 1];
                 dv[at] = dv_acc[2 * n + 1];
             }

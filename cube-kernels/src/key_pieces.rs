@@ -1,0 +1,456 @@
+//! Work-balanced split of the key-major backward pass (register-fragment path).
+//!
+//! The key-major pass gives a cube one key tile and walks every query row that sees it, in
+//! chunks of `tile` rows. The work per tile is very uneven: under NSA's schedule the forced
+//! first block is selected by every query (`S x group` rows, against about `16 x 64 x group`
+//! for an ordinary block), and under a causal mask the first tile sees every row and the
+//! last one a few. A fixed number of cubes per tile either leaves one cube walking the whole
+//! sequence, the tail of the pass, or multiplies the memory of the f32 partial sums by that
+//! number for every tile.
+//!
+//! Here each tile gets as many cubes ("pieces") as its walk needs: `ceil(chunks / per_piece)`,
+//! at least one, where `chunks` counts the row chunks of all its query heads' walks and
+//! `per_piece` is set so that the pass has about [`TARGET_PIECES`] pieces. Piece `z` of `n`
+//! takes chunks `[C z / n, C (z + 1) / n)` of the tile's concatenated walk (`C` chunks). Each
+//! piece writes f32 partial dK / dV / dbias for its own tile; [`sum_key_pieces_kernel`] then
+//! adds a tile's pieces in order, so the result is deterministic and no atomics are used.
+//! The partial memory is `(tiles + TARGET_PIECES) x tile keys x D` f32 for dK and for dV.
+
+use crate::kernels::unit_linear;
+use crate::launch::buf;
+use crate::plan::per_unit_launch;
+use crate::schedule::{CleanSchedule, Inverted};
+use crate::*;
+use cubecl::prelude::*;
+
+/// About how many pieces a pass is cut into (at least one per key tile): several waves of
+/// cubes on a large GPU, so that a long tile's pieces spread over the whole chip.
+const TARGET_PIECES: usize = 2048;
+
+/// The shape of a key-major walk, as the piece planner and the kernel both see it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyWalkShape {
+    /// Key tiles per (batch, kv head) list (`n_kb * n_sub` with a schedule).
+    pub(crate) n_kt: usize,
+    /// Sub-tiles per key block (schedule), 1 without one.
+    pub(crate) n_sub: usize,
+    /// Keys per tile (`16 x planes`).
+    pub(crate) bk: usize,
+    /// Query rows per chunk.
+    pub(crate) tile_q: usize,
+    /// Schedule query block (1 without a schedule).
+    pub(crate) query_block: usize,
+    /// Schedule key block (`bk` without a schedule).
+    pub(crate) key_block: usize,
+    /// Selection heads, schedule rows and capacity of the schedule (dense: `Hq`, `Sq`, 1).
+    pub(crate) heads_s: usize,
+    pub(crate) n_rb: usize,
+    pub(crate) cap: usize,
+}
+
+/// The pieces of one key-major pass and their partial-sum buffers.
+pub(crate) struct KeyPieces {
+    /// Per key tile (`[B, Hkv, n_kt]` flattened) its first piece, plus the total at the end.
+    pub(crate) first: Handle,
+    /// Per piece the key tile it belongs to (`max_pieces` entries).
+    pub(crate) tile_of: Handle,
+    /// The grid size: an upper bound on the number of pieces.
+    pub(crate) max_pieces: usize,
+    /// f32 partials `[max_pieces, bk, D]` of dK and dV, and `[max_pieces, Hb / Hkv, bk]` of
+    /// dbias (a placeholder without a bias).
+    pub(crate) dk: Handle,
+    pub(crate) dv: Handle,
+    pub(crate) db: Handle,
+    pub(crate) n_items: usize,
+}
+
+/// Row chunk size of a walk: a whole number of query blocks per chunk where one fits.
+pub(crate) fn slots_per_chunk(shape: &KeyWalkShape, blocks: bool) -> usize {
+    if blocks && shape.query_block <= shape.tile_q {
+        (shape.tile_q / shape.query_block) * shape.query_block
+    } else {
+        shape.tile_q
+    }
+}
+
+/// Plans the pieces of a key-major pass: counts each tile's chunks on the device, sizes the
+/// pieces, and allocates the partial buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_pieces(
+    client: &Client,
+    p: &AttnProblem,
+    shape: &KeyWalkShape,
+    sched: Option<(&CleanSchedule, &Inverted)>,
+    bias_heads: usize,
+    has_bias: bool,
+    causal: bool,
+) -> KeyPieces {
+    let n_lists = p.batch * p.heads_kv;
+    let n_items = n_lists * shape.n_kt;
+    let blocks = sched.is_some();
+    let spc = slots_per_chunk(shape, blocks);
+    // An upper bound on the chunks of all walks: with a schedule, every head walks every
+    // entry of its lists once per sub-tile (plus one partial chunk per block); dense, every
+    // head walks every row once per tile.
+    let chunks_bound = if blocks {
+        let per_head = (shape.n_rb * shape.cap * shape.query_block).div_ceil(spc) + shape.n_kt / shape.n_sub;
+        p.batch * p.heads_q * per_head * shape.n_sub
+    } else {
+        p.batch * p.heads_q * shape.n_kt * p.seq_q.div_ceil(spc)
+    };
+    let mut per_piece = chunks_bound.div_ceil(TARGET_PIECES).max(1);
+    if !blocks {
+        // Dense walks: the longest tile (every row of every head of the group) gets the
+        // uniform split of the other paths (`key_splits`), shorter ones fewer pieces. Cutting
+        // dense tiles finer measured slower on the H200 (16k, d 128: the dK/dV kernel 50.8 ->
+        // 57.7 ms with 1.5 pieces per tile).
+        let group = p.heads_q / p.heads_kv;
+        let longest = group * p.seq_q.div_ceil(spc);
+        let kv_len = n_lists * p.seq_k * p.head_dim;
+        let n_split = crate::plan::key_splits(n_items, kv_len, p.seq_q.div_ceil(spc), false);
+        per_piece = per_piece.max(longest.div_ceil(n_split));
+    }
+    let max_pieces = n_items + chunks_bound.div_ceil(per_piece);
+
+    let counts = client.empty(n_items.max(1) * 4);
+    let local = client.empty(n_lists * (shape.n_kt + 1) * 4);
+    let first = client.empty((n_items + 1) * 4);
+    let tile_of = client.empty(max_pieces.max(1) * 4);
+    let dummy = crate::launch::dummy(client, 4);
+    let (inv_off, inv_off_len) = match sched {
+        Some((cs, inv)) => (&inv.offsets, p.batch * shape.heads_s * (cs.nkb + 1)),
+        None => (&dummy, 1),
+    };
+    let (off, w, windowed) = crate::plan::mask_params(p);
+    let (count, dim) = per_unit_launch(client, n_items);
+    count_chunks_kernel::launch(
+        client,
+        count,
+        dim,
+        buf(inv_off, inv_off_len),
+        buf(&counts, n_items),
+        n_items as u32,
+        p.heads_q as u32,
+        p.heads_kv as u32,
+        p.seq_q as u32,
+        p.seq_k as u32,
+        shape.heads_s as u32,
+        shape.query_block as u32,
+        shape.key_block as u32,
+        shape.n_sub as u32,
+        shape.n_kt as u32,
+        shape.bk as u32,
+        spc as u32,
+        per_piece as u32,
+        off,
+        w,
+        blocks,
+        causal,
+        windowed,
+    );
+    let (count, dim) = per_unit_launch(client, n_lists);
+    kernels::prefix_sum_kernel::launch(
+        client,
+        count,
+        dim,
+        buf(&counts, n_items),
+        buf(&local, n_lists * (shape.n_kt + 1)),
+        n_lists as u32,
+        shape.n_kt as u32,
+    );
+    let (count, dim) = per_unit_launch(client, n_items);
+    piece_index_kernel::launch(
+        client,
+        count,
+        dim,
+        buf(&counts, n_items),
+        buf(&local, n_lists * (shape.n_kt + 1)),
+        buf(&first, n_items + 1),
+        buf(&tile_of, max_pieces),
+        n_items as u32,
+        shape.n_kt as u32,
+    );
+    let d = p.head_dim;
+    let nbh = if has_bias { bias_heads / p.heads_kv } else { 0 };
+    let part = max_pieces * shape.bk;
+    KeyPieces {
+        first,
+        tile_of,
+        max_pieces,
+        dk: client.empty(part * d * 4),
+        dv: client.empty(part * d * 4),
+        db: client.empty((part * nbh).max(1) * 4),
+        n_items,
+    }
+}
+
+/// The walk of query head `h` over key tile `t0..t1` (block `kb` of list `bs` under a
+/// schedule): the offset of its rows in `inv_rows`, its first query (dense walks), and its
+/// number of row slots. Shared by the planner and the key-major kernel so both count the
+/// same chunks.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_walk(
+    inv_off: &[i32],
+    bs: usize,
+    kb: usize,
+    n_kb: usize,
+    n_rb: usize,
+    cap: usize,
+    qb: usize,
+    t0: usize,
+    t1: usize,
+    seq_q: usize,
+    off: i32,
+    w: i32,
+    #[comptime] blocks: bool,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+) -> (usize, usize, usize) {
+    let mut rows_base = 0usize;
+    let mut qa = 0usize;
+    let mut n_slots = 0usize;
+    if blocks {
+        // A sub-tile past the end of a short last block has no keys: nothing to walk.
+        if t0 < t1 {
+            let o0 = inv_off[bs * (n_kb + 1) + kb] as usize;
+        let o1 = inv_off[bs * (n_kb + 1) + kb + 1] as usize;
+            rows_base = bs * n_rb * cap + o0;
+            n_slots = (o1 - o0) * qb;
+        }
+    } else if t0 < t1 {
+        let mut lo = 0i32;
+        let mut hi = seq_q as i32;
+        if causal {
+            lo = max(lo, t0 as i32 - off);
+        }
+        if windowed {
+            hi = min(hi, (t1 - 1) as i32 - off + w);
+        }
+        if hi > lo {
+            qa = lo as usize;
+            n_slots = (hi - lo) as usize;
+        }
+    }
+    (rows_base, qa, n_slots)
+}
+
+/// The key range `t0..t1` and key block of tile `t` of a list.
+#[cube]
+pub(crate) fn key_tile(t: usize, n_sub: usize, bk: usize, key_block: usize, seq_k: usize, #[comptime] blocks: bool) -> (usize, usize, usize) {
+    let mut kb = 0usize;
+    let mut t0 = t * bk;
+    let mut t1 = min(t0 + bk, seq_k);
+    if blocks {
+        kb = t / n_sub;
+        let sub = t % n_sub;
+        let b_end = min((kb + 1) * key_block, seq_k);
+        t0 = min(kb * key_block + sub * bk, b_end);
+        t1 = min(t0 + bk, b_end);
+    }
+    (kb, t0, t1)
+}
+
+/// One unit per key tile: `counts[tile] = max(1, ceil(chunks / per_piece))`, where `chunks`
+/// sums the row chunks of the walks of every query head of the tile's kv head.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn count_chunks_kernel(
+    inv_off: &[i32],
+    counts: &mut [i32],
+    n_items: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    seq_q: u32,
+    seq_k: u32,
+    heads_s: u32,
+    query_block: u32,
+    key_block: u32,
+    n_sub: u32,
+    n_kt: u32,
+    bk: u32,
+    spc: u32,
+    per_piece: u32,
+    off: i32,
+    w: i32,
+    #[comptime] blocks: bool,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+) {
+    let item = unit_linear();
+    if item < n_items as usize {
+        let n_kt = n_kt as usize;
+        let heads_kv = heads_kv as usize;
+        let n_sub = n_sub as usize;
+        let t = item % n_kt;
+        let hk = (item / n_kt) % heads_kv;
+        let b = item / (n_kt * heads_kv);
+        let (kb, t0, t1) = key_tile(t, n_sub, bk as usize, key_block as usize, seq_k as usize, blocks);
+        let chunks = walk_chunks(inv_off, b, hk, kb, t0, t1, heads_q as usize, heads_kv, heads_s as usize, n_kt / n_sub, seq_q as usize, query_block as usize, spc as usize, off, w, blocks, causal, windowed);
+        counts[item] = max(chunks.div_ceil(per_piece as usize), 1) as i32;
+    }
+}
+
+/// The row chunks of a key tile's walk over all query heads of kv head `hk`. Lists are
+/// only read through `inv_off`, so the row-list arguments of [`head_walk`] do not matter.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn walk_chunks(
+    inv_off: &[i32],
+    b: usize,
+    hk: usize,
+    kb: usize,
+    t0: usize,
+    t1: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    heads_s: usize,
+    n_kb: usize,
+    seq_q: usize,
+    qb: usize,
+    spc: usize,
+    off: i32,
+    w: i32,
+    #[comptime] blocks: bool,
+    #[comptime] causal: bool,
+    #[comptime] windowed: bool,
+) -> usize {
+    let group = heads_q / heads_kv;
+    let g_sel = heads_q / heads_s;
+    let mut chunks = 0usize;
+    for hh in 0..group {
+        let h = hk * group + hh;
+        let bs = b * heads_s + h / g_sel;
+        let (_rb, _qa, n_slots) = head_walk(inv_off, bs, kb, n_kb, 0usize, 0usize, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
+        chunks += n_slots.div_ceil(spc);
+    }
+    chunks
+}
+
+/// One unit per key tile: turns the per-list prefix of piece counts into global first
+/// pieces (`first`, the total at the end) and writes the tile of each of its pieces.
+#[cube(launch)]
+pub fn piece_index_kernel(counts: &[i32], local: &[i32], first: &mut [i32], tile_of: &mut [i32], n_items: u32, n_kt: u32) {
+    let item = unit_linear();
+    if item < n_items as usize {
+        let n_kt = n_kt as usize;
+        let l = item / n_kt;
+        let mut base = 0i32;
+        for ll in 0..l {
+            base += local[ll * (n_kt + 1) + n_kt];
+        }
+        let f = base + local[l * (n_kt + 1) + item % n_kt];
+        first[item] = f;
+        if item + 1 == n_items as usize {
+            first[item + 1] = f + counts[item];
+        }
+        for x in 0..counts[item] as usize {
+            tile_of[f as usize + x] = item as i32;
+        }
+    }
+}
+
+/// Sums each key tile's piece partials into the output, one unit per output element.
+/// Output `[lists, n_heads, seq_k, width]` (dK / dV: one head, `width = D`; dbias:
+/// `Hb / Hkv` heads, width 1); partials `[piece, n_heads, bk, width]`. With gathered keys
+/// slot `j` goes to row `kpos[j]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn sum_key_pieces_kernel<F: Float>(
+    parts: &[f32],
+    first: &[i32],
+    kpos: &[i32],
+    out: &mut [F],
+    n_out: u32,
+    n_heads: u32,
+    seq_k: u32,
+    width: u32,
+    n_kt: u32,
+    n_sub: u32,
+    bk: u32,
+    key_block: u32,
+    #[comptime] blocks: bool,
+    #[comptime] key_pos: bool,
+) {
+    let e = unit_linear();
+    if e < n_out as usize {
+        let width = width as usize;
+        let seq_k = seq_k as usize;
+        let n_heads = n_heads as usize;
+        let bk = bk as usize;
+        let c = e % width;
+        let j = (e / width) % seq_k;
+        let lh = e / (width * seq_k);
+        let l = lh / n_heads;
+        let hl = lh % n_heads;
+        let mut t = j / bk;
+        let mut t0 = t * bk;
+        if blocks {
+            let kbs = key_block as usize;
+            let kb = j / kbs;
+            let sub = (j - kb * kbs) / bk;
+            t = kb * n_sub as usize + sub;
+            t0 = kb * kbs + sub * bk;
+        }
+        let item = l * n_kt as usize + t;
+        let mut acc = 0.0f32;
+        for pc in first[item] as usize..first[item + 1] as usize {
+            acc += parts[((pc * n_heads + hl) * bk + (j - t0)) * width + c];
+        }
+        let mut row = j;
+        if key_pos {
+            row = kpos[l * seq_k + j] as usize;
+        }
+        out[(lh * seq_k + row) * width + c] = F::cast_from(acc);
+    }
+}
+
+/// Adds the pieces' partials into dK, dV and (with a bias) dbias.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sum_pieces<F: Float + CubeElement>(
+    client: &Client,
+    p: &AttnProblem,
+    shape: &KeyWalkShape,
+    pieces: &KeyPieces,
+    kpos: Option<&Handle>,
+    grads: &AttnGrads,
+    bias_heads: usize,
+    blocks: bool,
+) {
+    let d = p.head_dim;
+    let n_lists = p.batch * p.heads_kv;
+    let part = pieces.max_pieces * shape.bk;
+    let dummy = crate::launch::dummy(client, 4);
+    let (kpos_h, kpos_len) = match kpos {
+        Some(h) => (h, n_lists * p.seq_k),
+        None => (&dummy, 1),
+    };
+    let mut outs = vec![(&pieces.dk, &grads.dk, 1usize, d, part * d), (&pieces.dv, &grads.dv, 1, d, part * d)];
+    if let Some(db) = &grads.dbias {
+        let nbh = bias_heads / p.heads_kv;
+        outs.push((&pieces.db, db, nbh, 1, part * nbh));
+    }
+    for (parts, out, n_heads, width, parts_len) in outs {
+        let n_out = n_lists * n_heads * p.seq_k * width;
+        let (count, dim) = per_unit_launch(client, n_out);
+        sum_key_pieces_kernel::launch::<F>(
+            client,
+            count,
+            dim,
+            buf(parts, parts_len),
+            buf(&pieces.first, pieces.n_items + 1),
+            buf(kpos_h, kpos_len),
+            buf(out, n_out),
+            n_out as u32,
+            n_heads as u32,
+            p.seq_k as u32,
+            width as u32,
+            shape.n_kt as u32,
+            shape.n_sub as u32,
+            shape.bk as u32,
+            shape.key_block as u32,
+            blocks,
+            kpos.is_some(),
+        );
+    }
+}
