@@ -60,7 +60,7 @@ pub mod key_order;
 pub mod seer_target;
 #[allow(missing_docs)]
 pub mod key_pieces;
-pub use keep::{MAX_KEEP_WINDOW, keep_threshold};
+pub use keep::keep_threshold;
 pub use topk::{MAX_TOPK, row_topk};
 pub use key_order::{KeyOrder, key_last_rows, key_order};
 pub use seer_target::{BlockMaxProblem, block_max_uses_fragment, seer_block_max};

@@ -59,10 +59,10 @@ pub fn dma_bias(v: Tensor<4>, dt_proj: &Linear, a: Tensor<1>) -> Result<Tensor<3
 /// Per-row keep rule for DMA's top-`window` selection over each query's visible keys.
 ///
 /// `bias: [b, hb, sk]`; query `i` sees the keys `0..=i + sk - seq_q` when `causal`, all keys
-/// otherwise. One walk over the keys per head with a heap of the `window` largest
-/// (`O(seq_k log window)`, no `seq_q x seq_k` tensor): a kernel on Cube devices (no host copy,
-/// windows up to `sparse_attn_kernels::MAX_KEEP_WINDOW`), the host elsewhere
-/// ([`dma_keep_threshold_host`]). The selection is not differentiable.
+/// otherwise. No `seq_q x seq_k` tensor: on Cube devices a kernel ranks every key against
+/// the others, all keys in parallel, and no data goes to the host; elsewhere one walk over
+/// the keys per head with a heap of the `window` largest ([`dma_keep_threshold_host`]).
+/// The selection is not differentiable.
 pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<KeepThreshold> {
     check_positive("window", window)?;
     if let Some((value, index)) = crate::kernel::try_keep_threshold(bias, seq_q, window, causal) {

@@ -52,8 +52,8 @@ impl<B: KeepThresholdBackend, C: CheckpointStrategy> KeepThresholdBackend for Au
     }
 }
 
-/// The keep threshold of `bias [b, h, seq_k]` for `seq_q` queries on a Cube device (window at
-/// most [`sak::MAX_KEEP_WINDOW`]): `(value [b, h, seq_q]` in f32, `index` i32`)`.
+/// The keep threshold of `bias [b, h, seq_k]` for `seq_q` queries on a Cube device:
+/// `(value [b, h, seq_q]` in f32, `index` i32`)`.
 pub(crate) fn keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> (Tensor<3>, Tensor<3, Int>) {
     let [batch, heads, seq_k] = bias.dims();
     let p = KeepParams { batch, heads, seq_q, seq_k, window, causal };

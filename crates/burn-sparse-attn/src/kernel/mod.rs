@@ -83,12 +83,12 @@ pub(crate) fn topk_indices(scores: Tensor<4>, k: usize) -> Tensor<4, Int> {
 }
 
 /// DMA's keep threshold `(value, index)`, both `[b, h, seq_q]`, computed by a kernel on Cube
-/// devices (windows up to `sparse_attn_kernels::MAX_KEEP_WINDOW`); `None` elsewhere, where
+/// devices; `None` elsewhere, where
 /// the caller's host walk runs.
 #[allow(unused_variables)]
 pub(crate) fn try_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Option<(Tensor<3>, Tensor<3, Int>)> {
     #[cfg(feature = "cube")]
-    if attention_impl(&bias.device()) == AttentionImpl::Kernel && window <= sparse_attn_kernels::MAX_KEEP_WINDOW {
+    if attention_impl(&bias.device()) == AttentionImpl::Kernel {
         return Some(keep::keep_threshold(bias, seq_q, window, causal));
     }
     None
