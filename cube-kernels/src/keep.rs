@@ -8,7 +8,8 @@
 //! a contiguous range of `p` (the count only grows with `p`), and these ranges partition the
 //! prefix ends. So one unit per key counts the earlier keys above it (stopping at `window`:
 //! it is then never kept again), then the later ones until its range ends, and writes its
-//! key index over its range (`owner`); one unit per row then reads its prefix's owner. Every
+//! key index over its range (`owner`); one unit per row then reads its prefix's owner. The
+//! units of a cube take consecutive keys and read the bias through shared-memory tiles. Every
 //! entry is written once, without atomics; the work is `O(seq_k)` per key at worst (a key
 //! that stays in the top `window` to the end), typically `O(window)`, all keys in parallel.
 //! It replaces a walk of the keys through a heap, one unit per head, which left the GPU
@@ -46,16 +47,18 @@ pub fn keep_threshold(
         return Ok((value, index));
     }
     let owner = alloc(client, heads * seq_k, 4);
-    let (count, dim) = per_unit_launch(client, heads * seq_k);
+    let hw = &client.properties().hardware;
+    let tile = OWNER_TILE.min(hw.max_units_per_cube as usize).min(hw.max_cube_dim.0 as usize).max(1);
     prefix_owner_kernel::launch(
         client,
-        count,
-        dim,
+        crate::plan::grid(client, heads * seq_k.div_ceil(tile)),
+        CubeDim::new_1d(tile as u32),
         buf(bias, heads * seq_k),
         buf(&owner, heads * seq_k),
         heads as u32,
         seq_k as u32,
         window as u32,
+        tile,
     );
     let (count, dim) = per_unit_launch(client, heads * seq_q);
     row_threshold_kernel::launch(
@@ -82,62 +85,95 @@ fn before(va: f32, ia: i32, vb: f32, ib: i32) -> bool {
     va < vb || (va == vb && ia < ib)
 }
 
-/// One unit per key `k` of each head: writes `owner[p] = k` for every prefix end `p` whose
-/// `window`-th largest pair is `k` (see the module comment).
+/// Keys per cube of [`prefix_owner_kernel`], and the bias values staged per step.
+const OWNER_TILE: usize = 256;
+
+/// One cube per `tile` consecutive keys of a head, one unit per key `k`: writes `owner[p] =
+/// k` for every prefix end `p` whose `window`-th largest pair is `k` (see the module
+/// comment). The cube walks the head's bias in tiles staged in shared memory, each unit
+/// counting the keys above its own (earlier ones, then later ones) until it knows its range;
+/// the walk stops when every unit does.
 #[cube(launch)]
-pub fn prefix_owner_kernel(bias: &[f32], owner: &mut [i32], heads: u32, seq_k: u32, window: u32) {
-    let x = unit_linear();
+pub fn prefix_owner_kernel(bias: &[f32], owner: &mut [i32], heads: u32, seq_k: u32, window: u32, #[comptime] tile: usize) {
+    let mut vals = Shared::<[f32]>::new_slice(tile);
+    let mut active = Shared::<[u32]>::new_slice(1usize);
     let sk = seq_k as usize;
-    if x < heads as usize * sk {
-        let base = (x / sk) * sk;
-        let k = x % sk;
-        let w = window as usize;
-        let bk = bias[base + k];
-        let ki = k as i32;
-        // Earlier keys above k; at `window` of them k is out of every prefix's top set.
-        let mut above = 0usize;
-        let mut j = 0usize;
-        loop {
-            if j >= k || above >= w {
-                break;
-            }
-            if before(bk, ki, bias[base + j], j as i32) {
-                above += 1;
-            }
-            j += 1;
+    let n_tiles = sk.div_ceil(tile);
+    let item = crate::kernels::cube_linear();
+    let h = item / n_tiles;
+    let u = UNIT_POS as usize;
+    let k = (item % n_tiles) * tile + u;
+    let base = h * sk;
+    let w = window as usize;
+    let valid = h < heads as usize && k < sk;
+    let mut bk = 0.0f32;
+    if valid {
+        bk = bias[base + k];
+    }
+    let ki = k as i32;
+    // Phase: earlier keys above k (`above`), then later ones (`cnt`) against `need`.
+    let mut done = !valid;
+    let mut above = 0usize;
+    let mut need = 0usize;
+    let mut cnt = 0usize;
+    let mut first = sk;
+    let mut last = sk;
+    let mut t = 0usize;
+    loop {
+        let j0 = t * tile;
+        if h >= heads as usize || j0 >= sk {
+            break;
         }
-        if above < w {
-            // k is the threshold from the prefix where `window - 1` keys rank above it to the
-            // one before the `window`-th.
-            let need = w - 1 - above;
-            let mut first = sk;
-            if need == 0 {
-                first = k;
-            }
-            let mut last = sk - 1;
-            let mut cnt = 0usize;
-            let mut jj = k + 1;
-            loop {
-                if jj >= sk {
-                    break;
-                }
-                if before(bk, ki, bias[base + jj], jj as i32) {
+        sync_cube();
+        if j0 + u < sk {
+            vals[u] = bias[base + j0 + u];
+        }
+        if u == 0 {
+            active[0] = 0u32;
+        }
+        sync_cube();
+        let n = min(tile, sk - j0);
+        for x in 0..n {
+            let j = j0 + x;
+            if !done {
+                if j < k {
+                    if before(bk, ki, vals[x], j as i32) {
+                        above += 1;
+                        // `window` earlier keys above k: k is in no prefix's top set.
+                        done = above >= w;
+                    }
+                } else if j == k {
+                    need = w - 1 - above;
+                    if need == 0 {
+                        first = k;
+                    }
+                } else if before(bk, ki, vals[x], j as i32) {
                     cnt += 1;
                     if cnt == need {
-                        first = jj;
+                        first = j;
                     }
                     if cnt == need + 1 {
-                        last = jj - 1;
-                        break;
+                        last = j - 1;
+                        done = true;
                     }
                 }
-                jj += 1;
             }
-            if first < sk {
-                for p in first..last + 1 {
-                    owner[base + p] = ki;
-                }
-            }
+        }
+        if !done {
+            active[0] = 1u32;
+        }
+        sync_cube();
+        if active[0] == 0u32 {
+            break;
+        }
+        t += 1;
+    }
+    if valid && first < sk {
+        if last == sk {
+            last = sk - 1;
+        }
+        for p in first..last + 1 {
+            owner[base + p] = ki;
         }
     }
 }

@@ -99,28 +99,55 @@ pub fn key_order(
     if heads * seq_k == 0 || n_tiles == 0 {
         return Ok(order);
     }
-    // Buckets: one per query tile (latest first), one for keys no row keeps. Their counters
-    // live in shared memory when they fit (the walk is serial: global counters would cost a
-    // round trip to L2 per key), else in a global scratch buffer.
+    // Buckets: one per query tile (latest first), one for keys no row keeps. A stable
+    // counting sort in parallel: per chunk of keys the count of each bucket, scanned over the
+    // chunks of each bucket and over the buckets, then every key placed at its bucket's start
+    // + its chunk's offset + its rank among the chunk's keys of the bucket.
     let n_buckets = n_tiles + 1;
-    let shared_slots = if n_buckets <= MAX_SHARED_BUCKETS { n_buckets.next_power_of_two() } else { 0 };
-    let counts = alloc(client, if shared_slots > 0 { 1 } else { heads * n_buckets }, 4);
+    let hw = &client.properties().hardware;
+    let chunk = SORT_CHUNK.min(hw.max_units_per_cube as usize).min(hw.max_cube_dim.0 as usize).max(1);
+    let n_chunks = seq_k.div_ceil(chunk);
+    let hist_len = heads * n_buckets * n_chunks;
+    let hist = alloc(client, hist_len, 4);
+    let totals = alloc(client, heads * n_buckets, 4);
+    let starts = alloc(client, heads * (n_buckets + 1), 4);
+    let sort = || SortArgsLaunch::new(heads as u32, seq_k as u32, n_tiles as u32, query_tile as u32, n_chunks as u32);
+    let cubes = grid(client, heads * n_chunks);
+    let dim = CubeDim::new_1d(chunk as u32);
+    chunk_bucket_counts_kernel::launch(client, cubes.clone(), dim, buf(last, heads * seq_k), buf(&hist, hist_len), sort(), chunk);
+    let (count, d1) = per_unit_launch(client, heads * n_buckets);
+    crate::schedule::chunk_scan_kernel::launch(
+        client,
+        count,
+        d1,
+        buf(&hist, hist_len),
+        buf(&totals, heads * n_buckets),
+        (heads * n_buckets) as u32,
+        n_chunks as u32,
+    );
+    let (count, d1) = per_unit_launch(client, heads);
+    kernels::prefix_sum_kernel::launch(
+        client,
+        count,
+        d1,
+        buf(&totals, heads * n_buckets),
+        buf(&starts, heads * (n_buckets + 1)),
+        heads as u32,
+        n_buckets as u32,
+    );
+    chunk_place_kernel::launch(
+        client,
+        cubes,
+        dim,
+        buf(last, heads * seq_k),
+        buf(&hist, hist_len),
+        buf(&starts, heads * (n_buckets + 1)),
+        buf(&order.perm, heads * seq_k),
+        sort(),
+        chunk,
+    );
     let blk_tile = alloc(client, heads * nkb, 4);
     let blk_min = alloc(client, heads * nkb, 4);
-    key_order_kernel::launch(
-        client,
-        grid(client, heads),
-        CubeDim::new_1d(1),
-        buf(last, heads * seq_k),
-        buf(&counts, if shared_slots > 0 { 1 } else { heads * n_buckets }),
-        buf(&order.perm, heads * seq_k),
-        heads as u32,
-        seq_k as u32,
-        n_tiles as u32,
-        query_tile as u32,
-        shared_slots.max(1),
-        shared_slots > 0,
-    );
     let (count, dim) = per_unit_launch(client, heads * nkb);
     block_summary_kernel::launch(
         client,
@@ -211,74 +238,81 @@ fn bucket(last: i32, n_tiles: u32, query_tile: u32) -> usize {
     b
 }
 
-/// Largest bucket count whose counters [`key_order_kernel`] keeps in shared memory (32 KiB).
-const MAX_SHARED_BUCKETS: usize = 8192;
+/// Keys per cube of the counting sort (capped by the device's cube size).
+const SORT_CHUNK: usize = 256;
 
-/// One unit per head: a counting sort of the keys by bucket (stable: index order within a
-/// bucket), counters in shared memory (`shared`, `slots` of them) or in `counts`.
-#[cube(launch)]
-#[allow(clippy::too_many_arguments, unused_assignments)]
-pub fn key_order_kernel(
-    last: &[i32],
-    counts: &mut [i32],
-    perm: &mut [i32],
+/// The shape of the counting sort, shared by its kernels.
+#[derive(CubeLaunch, CubeType)]
+pub struct SortArgs {
     heads: u32,
     seq_k: u32,
     n_tiles: u32,
     query_tile: u32,
-    #[comptime] slots: usize,
-    #[comptime] shared: bool,
-) {
-    let h = cube_linear();
-    let mut local = Shared::<[i32]>::new_slice(slots);
-    if h < heads as usize && UNIT_POS == 0 {
-        let sk = seq_k as usize;
-        let nb = n_tiles as usize + 1;
-        let mut cb = h * nb;
-        if shared {
-            cb = 0usize;
+    n_chunks: u32,
+}
+
+/// Stages the buckets of cube `(head, chunk)`'s keys in shared memory (`-1` past the end).
+/// Returns the key of this unit and the cube's first key index.
+#[cube]
+fn stage_buckets(last: &[i32], buckets: &mut [i32], a: &SortArgs, #[comptime] chunk: usize) -> (usize, usize) {
+    let item = cube_linear();
+    let h = item / a.n_chunks as usize;
+    let c = item % a.n_chunks as usize;
+    let sk = a.seq_k as usize;
+    let j = c * chunk + UNIT_POS as usize;
+    let mut bk = comptime!(-1i32).runtime();
+    if h < a.heads as usize && j < sk {
+        bk = bucket(last[h * sk + j], a.n_tiles, a.query_tile) as i32;
+    }
+    buckets[UNIT_POS as usize] = bk;
+    sync_cube();
+    (h, c)
+}
+
+/// One cube per (head, chunk of keys): `hist[head][bucket][chunk]` = the chunk's number of
+/// keys in the bucket; each unit counts buckets `u, u + chunk, ...` over the staged chunk, so
+/// every entry is written once.
+#[cube(launch)]
+pub fn chunk_bucket_counts_kernel(last: &[i32], hist: &mut [i32], a: &SortArgs, #[comptime] chunk: usize) {
+    let mut buckets = Shared::<[i32]>::new_slice(chunk);
+    let (h, c) = stage_buckets(last, &mut buckets, a, chunk);
+    if h < a.heads as usize {
+        let nb = a.n_tiles as usize + 1;
+        let nc = a.n_chunks as usize;
+        let mut x = UNIT_POS as usize;
+        while x < nb {
+            let mut n = 0i32;
+            for y in 0..chunk {
+                if buckets[y] == x as i32 {
+                    n += 1;
+                }
+            }
+            hist[(h * nb + x) * nc + c] = n;
+            x += chunk;
         }
-        let kb = h * sk;
-        for x in 0..nb {
-            if shared {
-                local[x] = 0;
-            } else {
-                counts[cb + x] = 0;
+    }
+}
+
+/// One cube per (head, chunk of keys): each key's slot in the sorted order, from its
+/// bucket's start, its chunk's offset in the bucket (`hist` after the scan) and its rank
+/// among the chunk's earlier keys of the bucket.
+#[cube(launch)]
+pub fn chunk_place_kernel(last: &[i32], hist: &[i32], starts: &[i32], perm: &mut [i32], a: &SortArgs, #[comptime] chunk: usize) {
+    let mut buckets = Shared::<[i32]>::new_slice(chunk);
+    let (h, c) = stage_buckets(last, &mut buckets, a, chunk);
+    let u = UNIT_POS as usize;
+    let bk = buckets[u];
+    if h < a.heads as usize && bk >= 0 {
+        let nb = a.n_tiles as usize + 1;
+        let mut rank = 0i32;
+        for y in 0..u {
+            if buckets[y] == bk {
+                rank += 1;
             }
         }
-        for j in 0..sk {
-            let bk = bucket(last[kb + j], n_tiles, query_tile);
-            if shared {
-                local[bk] += 1;
-            } else {
-                counts[cb + bk] += 1;
-            }
-        }
-        // Exclusive prefix sum: the first slot of each bucket.
-        let mut run = 0i32;
-        for x in 0..nb {
-            if shared {
-                let c = local[x];
-                local[x] = run;
-                run += c;
-            } else {
-                let c = counts[cb + x];
-                counts[cb + x] = run;
-                run += c;
-            }
-        }
-        for j in 0..sk {
-            let bk = bucket(last[kb + j], n_tiles, query_tile);
-            let mut slot = 0i32;
-            if shared {
-                slot = local[bk];
-                local[bk] = slot + 1;
-            } else {
-                slot = counts[cb + bk];
-                counts[cb + bk] = slot + 1;
-            }
-            perm[kb + slot as usize] = j as i32;
-        }
+        let b = bk as usize;
+        let slot = starts[h * (nb + 1) + b] + hist[(h * nb + b) * a.n_chunks as usize + c] + rank;
+        perm[h * a.seq_k as usize + slot as usize] = (c * chunk + u) as i32;
     }
 }
 

@@ -40,6 +40,8 @@ fn keep_threshold_matches_sorted_reference() {
         (1, 30, 30, 64, true),
         (2, 9, 33, 10, false),
         (1, 1, 1000, 100, true),
+        (2, 700, 700, 60, true),
+        (1, 300, 600, 20, false),
     ] {
         let bias: Vec<f32> = (0..heads * sk)
             .map(|_| {

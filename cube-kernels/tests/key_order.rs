@@ -26,7 +26,8 @@ fn key_order_covers_every_kept_key() {
         (2, 90, 90, 10, true, 2, 8, 8),
         (1, 70, 70, 12, true, 3, 16, 8),
         (1, 50, 80, 9, false, 0, 16, 16),
-        // More query tiles than the kernel keeps counters for in shared memory; sq > sk.
+        (2, 600, 1000, 50, true, 1, 8, 16),
+        // Many more buckets (query tiles) than keys; sq > sk.
         (1, 9000, 60, 8, true, 0, 1, 16),
     ] {
         let bias: Vec<f32> = (0..heads * sk)
