@@ -511,6 +511,15 @@ fn blocks_per_query_block_64() {
     run_case(&c);
 }
 
+/// Key blocks of 128: each block is walked as two 64-key tiles by the key-major pass (and two
+/// sub-tiles of its pieces on the fragment path).
+#[test]
+fn blocks_per_query_block_key_block_128() {
+    let mut c = case("blocks_per_query_block_key_block_128", prob(1, 2, 2, 300, 300, 64, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: false, query_block: 64, key_block: 128, cap: 2 });
+    run_case(&c);
+}
+
 #[test]
 fn blocks_per_query_block_sq_gt_sk_window() {
     let mut c = case("blocks_per_query_block_sq_gt_sk_window", prob(1, 4, 2, 70, 50, 64, true, Some(20)));
