@@ -170,6 +170,22 @@ pub(crate) fn mask_params(p: &AttnProblem) -> (i32, i32, bool) {
 }
 
 
+/// Keys per K/V tile of a one-plane cube (a per-token list shared by a GQA group of at most
+/// 16 heads). Its two K and two V stages bound how many such cubes an SM holds: at head dim
+/// 128, 64-key stages take 70 KiB for one plane (3 planes per SM), 16-key stages 17 KiB.
+/// Measured on the H200 (bf16, Hq 64 / Hkv 4, d 128, NSA's
+/// 16 x 64 schedule, `docs/results/engine-h200.md`): forward 11.2 / 8.3 / 5.9 ms at 16k for
+/// tiles of 64 / 32 / 16. `SPARSE_ATTN_ONE_PLANE_TILE` (16, 32 or 64) overrides it for
+/// measurements.
+pub(crate) const ONE_PLANE_TILE: usize = 16;
+
+fn one_plane_tile() -> usize {
+    match std::env::var("SPARSE_ATTN_ONE_PLANE_TILE").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(t @ (16 | 32 | 64)) => t,
+        _ => ONE_PLANE_TILE,
+    }
+}
+
 /// Tile shape of the fragment query-major passes: 4 planes (64 query rows) sharing each K/V
 /// tile, fewer planes when a schedule row group is smaller (a per-token list shared by a GQA
 /// group of 16 fills one plane); 64-key tiles (32 for dQ above head dim 64, which holds Q, dO,
@@ -180,7 +196,9 @@ pub(crate) fn fragment_rows_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         None => (4, max_tile),
         Some(s) => {
             let rows = p.heads_q / s.sel_heads * s.query_block;
-            (rows.div_ceil(16).clamp(1, 4), s.key_block.next_multiple_of(16).clamp(16, max_tile))
+            let planes = rows.div_ceil(16).clamp(1, 4);
+            let max_tile = if planes == 1 { one_plane_tile().min(max_tile) } else { max_tile };
+            (planes, s.key_block.next_multiple_of(16).clamp(16, max_tile))
         }
     };
     fragment::FragmentConfig {
