@@ -14,8 +14,10 @@
 //! top 10% of the 64-blocks from random gate logits), and `moba-given` / `nsa-given` (the
 //! same ops on a routing computed once outside the timed region: the difference to `moba` /
 //! `nsa` is what routing and selection cost), and `seer-target` (Seer's distillation step:
-//! the dense attention with its gradients plus the block-max target, 64-blocks). `--json FILE` appends one object per
-//! method: `impl` (`ours` or `burn`), `method`, `seq`, `batch`, `heads_q`, `heads_kv`,
+//! the dense attention with its gradients plus the block-max target, 64-blocks), and
+//! `seer-train` (Seer's sparse-mode training step: the gate's selection, the block-sparse
+//! attention, the target from detached inputs and the gate loss). `--json FILE` appends one
+//! object per method: `impl` (`ours` or `burn`), `method`, `seq`, `batch`, `heads_q`, `heads_kv`,
 //! `head_dim`, `dtype`, `fwd_ms`, `fwdbwd_ms`, `peak_mib` (the device memory pool's reserved
 //! bytes after the method's runs, starting from an emptied pool), `gpu`.
 //! Runtime: `--features cuda` -> CUDA device 0, else wgpu.
@@ -29,7 +31,7 @@ use burn_sparse_attn::attention::{AttentionOptions, attention};
 use burn_sparse_attn::dma::{DmaParams, dma_attention};
 use burn_sparse_attn::moba::{MobaParams, moba_attention, moba_select};
 use burn_sparse_attn::nsa::{NsaBlocks, NsaInputs, NsaParams, nsa_attention, nsa_attention_with};
-use burn_sparse_attn::seer::seer_select_topk;
+use burn_sparse_attn::seer::{seer_attention_target, seer_gate_loss, seer_select_topk};
 use burn_sparse_attn::block_sparse_attention;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -148,7 +150,22 @@ fn main() {
         (
             "ours",
             "seer-target",
-            Box::new(|q, k, v| burn_sparse_attn::seer::seer_attention_target(q, k, v, seer_block, None).unwrap().1.output),
+            Box::new(|q, k, v| seer_attention_target(q, k, v, seer_block, None).unwrap().1.output),
+        ),
+        // What a sparse-mode SeerAttention layer runs between its projections in a training
+        // step: the gate's selection, the block-sparse attention, and the gate's target (from
+        // detached q, k, v) with its loss. The loss is added to the output at weight 0 so the
+        // lazily built target is computed inside the timed region.
+        (
+            "ours",
+            "seer-train",
+            Box::new(|q, k, v| {
+                let sel = seer_select_topk(seer_logits.clone(), seer_topk, seer_block).unwrap();
+                let (target, _) = seer_attention_target(q.clone().detach(), k.clone().detach(), v.clone().detach(), seer_block, None).unwrap();
+                let loss = seer_gate_loss(seer_logits.clone().cast(q.dtype()), target, 0).unwrap();
+                let out = block_sparse_attention(q, k, v, &sel, &causal).unwrap().output;
+                out + loss.reshape([1, 1, 1, 1]).mul_scalar(0.0)
+            }),
         ),
     ];
     methods.retain(|(imp, m, _)| wants(if *imp == "burn" { "burn" } else { m }));
