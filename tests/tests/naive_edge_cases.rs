@@ -810,6 +810,27 @@ fn rope_matches_naive_f32() {
     assert_close("rope f32", &got, &naive_rope(&xv, h * s, d, &pos, 10000.0), 1e-4, 1e-5);
 }
 
+/// Runs of consecutive positions are built from factored angle tables (`p0 + 64 a` and `c`):
+/// f64-accurate in f64, and in f32 within the rounding of the table products even near position
+/// 64k, where rounding the angle itself to f32 would be off by ~2e-3 rad.
+#[test]
+fn rope_consecutive_positions_match_naive() {
+    let mut rng = Rng::new(318);
+    let device = dev();
+    let (h, s, d) = (2usize, 200usize, 8usize);
+    for p0 in [0usize, 65_000] {
+        let pos: Vec<usize> = (p0..p0 + s).collect();
+        let xv = rng.normals(h * s * d, 1.0);
+        let got = values(apply_rope(tensor(xv.clone(), [1, h, s, d], &device), &pos, 10000.0).unwrap());
+        // Near 65k an angle rounds to f64 at ulp(65536) / 2 = 7e-12 on either side.
+        let tol = if p0 == 0 { 1e-12 } else { 2e-10 };
+        assert_close("rope f64 consecutive", &got, &naive_rope(&xv, h * s, d, &pos, 10000.0), tol, tol);
+        let x32: Vec<f64> = xv.iter().map(|&x| x as f32 as f64).collect();
+        let got = values(apply_rope(tensor_f32(x32.clone(), [1, h, s, d], &device), &pos, 10000.0).unwrap());
+        assert_close("rope f32 consecutive", &got, &naive_rope(&x32, h * s, d, &pos, 10000.0), 0.0, 5e-6);
+    }
+}
+
 #[test]
 fn rope_matches_naive_f64() {
     // In f64 the rotation must be f64-accurate: the f64 reference is the oracle the kernels'
