@@ -33,14 +33,15 @@ pub fn apply_rope(x: Tensor<4>, positions: &[usize], theta: f64) -> Result<Tenso
 /// `64 a` and `c` tables.
 const FACTOR: usize = 64;
 
-/// `cos` and `sin` of `positions[s] * theta^(-2i / (2 half))`, `[s, half]` in `dtype`.
+/// `cos` and `sin` of `positions[t] * theta^(-2i / (2 half))`, `[positions.len(), half]` in
+/// `dtype`.
 ///
 /// Built on the device from small host tables: `s x half` host `sin`/`cos` calls per
 /// projection were the largest part of a long-context training step (see
 /// `docs/results/toy-lm-h200.md`). A run of consecutive positions `p0 + 64 a + c` uses
-/// the angle-addition identities on exact f64 tables of `(p0 + 64 a) w` and `c w`, so no
+/// the angle-addition identities on f64 tables of `(p0 + 64 a) w` and `c w`, so no
 /// large angle is ever rounded to f32 (the products add ~1e-7, not `angle * 6e-8`);
-/// other position lists (compressed tokens, gate blocks) take exact f64 values per entry. The
+/// other position lists (compressed tokens, gate blocks) take f64 values per entry. The
 /// tables are f64 when `dtype` is, f32 otherwise.
 fn rope_tables(positions: &[usize], half: usize, theta: f64, device: &burn::tensor::Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
     let s = positions.len();
