@@ -67,17 +67,18 @@ fn fmt_bytes(b: Option<u64>) -> String {
 pub fn markdown_table(task: Task, runs: &[TrainOutcome]) -> String {
     let acc = if task == Task::Lm { "val next-byte acc" } else { "val answer acc" };
     let mut s = format!(
-        "| method | params | final train loss | val loss | {acc} | tokens/s (steady) | warm-up | peak memory | wall time |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | params | final train loss | val loss | {acc} | tokens/s (steady) | tokens/s (median step) | warm-up | peak memory | wall time |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in runs {
         s.push_str(&format!(
-            "| {} | {} | {:.4} | {:.4} | {:.1}% | {:.0} | {:.1} s | {} | {:.1} s |\n",
+            "| {} | {} | {:.4} | {:.4} | {:.1}% | {:.0} | {:.0} | {:.1} s | {} | {:.1} s |\n",
             r.label,
             r.params,
             r.final_train_loss,
             r.val_loss,
             100.0 * r.val_accuracy,
             r.tokens_per_sec,
+            r.median_tokens_per_sec,
             r.warmup_s,
             fmt_bytes(r.peak_memory_bytes),
             r.wall_time_s
@@ -166,7 +167,7 @@ pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> 
         ""
     };
     md.push_str(&format!(
-        "\nFinal train loss: mean of the last 10 steps. Validation: {} held-out batches at the end. Peak memory: {}{rss_note}. tokens/s counts training steps after the first {} (their time, kernel compilation included, is the warm-up column); the device memory pool is emptied before each method.\n",
+        "\nFinal train loss: mean of the last 10 steps. Validation: {} held-out batches at the end. Peak memory: {}{rss_note}. tokens/s counts training steps after the first {} (their time, kernel compilation included, is the warm-up column), over their total time and at the median step (a stalled step lowers the first only); the device memory pool is emptied before each method.\n",
         base.train.eval_batches,
         kinds.first().copied().unwrap_or("n/a"),
         crate::train::WARMUP_STEPS

@@ -66,6 +66,10 @@ pub struct TrainOutcome {
     /// [`WARMUP_STEPS`] (kernel compilation, memory-pool growth) over their wall time; all
     /// steps when the run has no more than that.
     pub tokens_per_sec: f64,
+    /// Throughput of the median timed step (the same steps as `tokens_per_sec`): far above
+    /// `tokens_per_sec` when a few steps stalled (a late kernel compilation, say).
+    #[serde(default)]
+    pub median_tokens_per_sec: f64,
     /// Wall time of the first [`WARMUP_STEPS`] steps (compilation and warm-up), seconds.
     #[serde(default)]
     pub warmup_s: f64,
@@ -145,6 +149,16 @@ pub fn restore_param_ids(model: ToyLm, ids: &BTreeMap<String, u64>) -> ToyLm {
         }
     }
     model.map(&mut Restore { path: Vec::new(), ids })
+}
+
+/// The median of `v` (the mean of the two middle values for an even count); `None` when empty.
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) })
 }
 
 /// Learning rate at `step` (0-based): linear warm-up, then cosine decay to `lr * min_lr_ratio`.
@@ -368,6 +382,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     // Throughput counts the steps after the warm-up ones (when there are any).
     let warmup_steps = if t.steps.saturating_sub(start) > WARMUP_STEPS { WARMUP_STEPS } else { 0 };
     let (mut train_secs, mut steps_timed, mut warmup_s) = (0.0f64, 0usize, 0.0f64);
+    let mut step_secs: Vec<f64> = Vec::new();
     let (mut val_loss, mut val_acc) = (f32::NAN, f32::NAN);
     let mut last_gate = None;
     let mut peak_pool: Option<u64> = None;
@@ -395,7 +410,9 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         if step - start < warmup_steps {
             warmup_s += t0.elapsed().as_secs_f64();
         } else {
-            train_secs += t0.elapsed().as_secs_f64();
+            let secs = t0.elapsed().as_secs_f64();
+            train_secs += secs;
+            step_secs.push(secs);
             steps_timed += 1;
         }
         if let Some(usage) = device.memory_pool_usage() {
@@ -451,6 +468,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         val_accuracy: val_acc,
         final_gate_loss: last_gate,
         tokens_per_sec: if train_secs > 0.0 { steps_timed as f64 * tokens_per_step / train_secs } else { 0.0 },
+        median_tokens_per_sec: median(&mut step_secs).map_or(0.0, |m| if m > 0.0 { tokens_per_step / m } else { 0.0 }),
         warmup_s,
         peak_memory_bytes,
         peak_memory_kind,

@@ -11,7 +11,7 @@ mod common;
 use common::tiny;
 use toy_lm::config::{Method, RunConfig, SeerModeOption, Task};
 use toy_lm::model::ToyLm;
-use toy_lm::train::{RunOptions, TrainState, load_state, load_weights, save_checkpoint, train};
+use toy_lm::train::{RunOptions, TrainState, load_state, load_weights, median, save_checkpoint, train};
 
 
 /// The device RNG is global: tests that seed it and build models run one at a time, or
@@ -72,7 +72,18 @@ fn loss_decreases_on_a_tiny_lm() {
     let first: f32 = r.losses[..3].iter().sum::<f32>() / 3.0;
     let last: f32 = r.losses[27..].iter().sum::<f32>() / 3.0;
     assert!(last < first - 1.0, "loss did not fall enough: {first} -> {last} ({:?})", r.losses);
+    // 28 timed steps: both throughputs are measured.
+    assert!(r.tokens_per_sec > 0.0 && r.median_tokens_per_sec > 0.0, "{} / {}", r.tokens_per_sec, r.median_tokens_per_sec);
     std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn median_of_step_times() {
+    assert_eq!(median(&mut []), None);
+    assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    // One stalled step moves the mean, not the median.
+    assert_eq!(median(&mut [0.1, 0.1, 2.2, 0.1, 0.1]), Some(0.1));
 }
 
 #[test]
