@@ -175,12 +175,15 @@ pub(crate) fn mask_params(p: &AttnProblem) -> (i32, i32, bool) {
 /// 128, 64-key stages take 70 KiB for one plane (3 planes per SM), 16-key stages 17 KiB.
 /// Measured on the H200 (bf16, Hq 64 / Hkv 4, d 128, NSA's
 /// 16 x 64 schedule, `docs/results/engine-h200.md`): forward 11.2 / 8.3 / 5.9 ms at 16k for
-/// tiles of 64 / 32 / 16. `SPARSE_ATTN_ONE_PLANE_TILE` (16, 32 or 64) overrides it for
-/// measurements.
+/// tiles of 64 / 32 / 16. [`ONE_PLANE_TILE_ENV`] (16, 32 or 64) overrides it for measurements.
 pub(crate) const ONE_PLANE_TILE: usize = 16;
 
+/// Environment variable that overrides [`ONE_PLANE_TILE`] (16, 32 or 64; other values are
+/// ignored), for A/B measurements with one binary.
+pub const ONE_PLANE_TILE_ENV: &str = "SPARSE_ATTN_ONE_PLANE_TILE";
+
 fn one_plane_tile() -> usize {
-    match std::env::var("SPARSE_ATTN_ONE_PLANE_TILE").ok().and_then(|v| v.parse::<usize>().ok()) {
+    match std::env::var(ONE_PLANE_TILE_ENV).ok().and_then(|v| v.parse::<usize>().ok()) {
         Some(t @ (16 | 32 | 64)) => t,
         _ => ONE_PLANE_TILE,
     }

@@ -284,6 +284,18 @@ fn nsa_compress_mean_grads() {
     grad_check("compress mean", &["x"], &inputs, &[true], fd(), |x| weighted(compress_mean(r4(&x[0], [b, h, s, dh]), 4, 2).unwrap(), &w));
 }
 
+/// Windows whose block is not a multiple of the stride are cut by an index gather (the others
+/// by stride-chunk slices, checked above): its backward scatters into overlapping keys.
+#[test]
+fn nsa_compress_mean_grads_block_not_multiple_of_stride() {
+    let mut rng = Rng::new(12);
+    let (b, h, s, dh) = (1, 2, 11, 3);
+    let inputs = vec![rng.normals(b * h * s * dh, 1.0)];
+    let nc = num_compressed(s, 5, 2);
+    let w = rng.normals(b * h * nc * dh, 1.0);
+    grad_check("compress mean 5/2", &["x"], &inputs, &[true], fd(), |x| weighted(compress_mean(r4(&x[0], [b, h, s, dh]), 5, 2).unwrap(), &w));
+}
+
 fn module_input(rng: &mut Rng, shape: [usize; 3]) -> (Tensor<3>, Vec<f64>) {
     let x = tensor(rng.normals(shape.iter().product(), 1.0), shape, &ad_dev());
     let w = rng.normals(shape.iter().product(), 1.0);

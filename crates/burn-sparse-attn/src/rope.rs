@@ -48,21 +48,18 @@ fn rope_tables(positions: &[usize], half: usize, theta: f64, device: &burn::tens
     let d = 2 * half;
     let inv_freq: Vec<f64> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / d as f64)).collect();
     let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let table = |angles: &mut dyn Iterator<Item = f64>, rows: usize| -> (Tensor<2>, Tensor<2>) {
-        let (mut c, mut sn) = (Vec::with_capacity(rows * half), Vec::with_capacity(rows * half));
-        for a in angles {
-            c.push(a.cos());
-            sn.push(a.sin());
-        }
+    // Host cos/sin of `rows x half` angles, uploaded in the compute dtype.
+    let table = |angles: Vec<f64>, rows: usize| {
         let up = |v: Vec<f64>| Tensor::<2>::from_data(TensorData::new(v, [rows, half]), (device, compute));
-        (up(c), up(sn))
+        (up(angles.iter().map(|a| a.cos()).collect()), up(angles.iter().map(|a| a.sin()).collect()))
     };
+    let angles = |ps: &mut dyn Iterator<Item = f64>| ps.flat_map(|p| inv_freq.iter().map(move |w| p * w)).collect::<Vec<f64>>();
     let consecutive = s > FACTOR && positions.windows(2).all(|w| w[1] == w[0] + 1);
     let (cos, sin) = if consecutive {
         let p0 = positions[0] as f64;
         let na = s.div_ceil(FACTOR);
-        let (ca, sa) = table(&mut (0..na).flat_map(|a| inv_freq.iter().map(move |w| (p0 + (a * FACTOR) as f64) * w)), na);
-        let (cc, sc) = table(&mut (0..FACTOR).flat_map(|c| inv_freq.iter().map(move |w| c as f64 * w)), FACTOR);
+        let (ca, sa) = table(angles(&mut (0..na).map(|a| p0 + (a * FACTOR) as f64)), na);
+        let (cc, sc) = table(angles(&mut (0..FACTOR).map(|c| c as f64)), FACTOR);
         let shape = [na, FACTOR, half];
         let (ca, sa) = (ca.reshape([na, 1, half]).expand(shape), sa.reshape([na, 1, half]).expand(shape));
         let (cc, sc) = (cc.reshape([1, FACTOR, half]).expand(shape), sc.reshape([1, FACTOR, half]).expand(shape));
@@ -72,7 +69,7 @@ fn rope_tables(positions: &[usize], half: usize, theta: f64, device: &burn::tens
         let rows = |t: Tensor<3>| t.reshape([na * FACTOR, half]).slice([0..s, 0..half]);
         (rows(cos), rows(sin))
     } else {
-        table(&mut positions.iter().flat_map(|&p| inv_freq.iter().map(move |w| p as f64 * w)), s)
+        table(angles(&mut positions.iter().map(|&p| p as f64)), s)
     };
     (cos.cast(dtype), sin.cast(dtype))
 }
