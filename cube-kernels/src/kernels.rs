@@ -176,8 +176,13 @@ pub fn prefix_sum_kernel(counts: &[i32], offsets: &mut [i32], n_lists: u32, nkb:
     }
 }
 
-/// Backward preprocessing: `delta[row] = sum_d dO[row, d] * O[row, d]` (f32), one unit per
-/// row of `[B * Hq * Sq]`.
+/// Backward preprocessing: `delta[row] = sum_d dO[row, d] * O[row, d]` (f32).
+///
+/// `lanes` units share a row and read its elements `lane, lane + lanes, ...`, so that
+/// neighbouring units read neighbouring addresses; their partial sums meet in shared memory.
+/// (With one unit per row the units of a plane read addresses `head_dim` elements apart: 1.06
+/// ms at 16k, Hq 64, d 128 on the H200, where the rows are 268 MB.) A cube holds
+/// `units / lanes` rows.
 #[cube(launch)]
 pub fn delta_kernel<F: Float>(
     d_o: &[F],
@@ -185,15 +190,30 @@ pub fn delta_kernel<F: Float>(
     delta: &mut [f32],
     n_rows: u32,
     #[comptime] head_dim: usize,
+    #[comptime] units: usize,
+    #[comptime] lanes: usize,
 ) {
-    let row = unit_linear();
+    let u = UNIT_POS as usize;
+    let lane = u % lanes;
+    let row = cube_linear() * (units / lanes) + u / lanes;
+    let mut part = Shared::<[f32]>::new_slice(units);
+    let mut acc = 0.0f32;
     if row < n_rows as usize {
         let base = row * head_dim;
-        let mut acc = 0.0f32;
-        for d in 0..head_dim {
+        let mut d = lane;
+        while d < head_dim {
             acc += f32::cast_from(d_o[base + d]) * f32::cast_from(o[base + d]);
+            d += lanes;
         }
-        delta[row] = acc;
+    }
+    part[u] = acc;
+    sync_cube();
+    if lane == 0 && row < n_rows as usize {
+        let mut sum = 0.0f32;
+        for l in 0..lanes {
+            sum += part[u + l];
+        }
+        delta[row] = sum;
     }
 }
 

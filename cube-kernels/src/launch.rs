@@ -73,7 +73,7 @@ pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
     let d = p.head_dim;
     // 1. delta = rowsum(dO * O).
     let delta = alloc(client, rows, 4);
-    let (count, dim) = per_unit_launch(client, rows);
+    let (count, dim, lanes) = row_lanes_launch(client, rows, d);
     kernels::delta_kernel::launch::<F>(
         client,
         count,
@@ -83,6 +83,8 @@ pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
         buf(&delta, rows),
         rows as u32,
         d,
+        dim.num_elems() as usize,
+        lanes,
     );
     // Both passes walk the same sanitized schedule.
     let clean = inputs.schedule.map(|s| sanitize(client, &walk_problem(p, inputs).0, s));

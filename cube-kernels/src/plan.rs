@@ -161,6 +161,19 @@ pub(crate) fn per_unit_launch(client: &Client, n_items: usize) -> (CubeCount, Cu
     (grid(client, n_items.div_ceil(units)), CubeDim::new_1d(units as u32))
 }
 
+/// Launch of a kernel where `lanes` units share each of `n_rows` rows of `row_len` elements
+/// (a power of two, at most 32 and at most `row_len`); returns the count, the cube and `lanes`.
+pub(crate) fn row_lanes_launch(client: &Client, n_rows: usize, row_len: usize) -> (CubeCount, CubeDim, usize) {
+    let hw = &client.properties().hardware;
+    let units = 256.min(hw.max_units_per_cube as usize).min(hw.max_cube_dim.0 as usize).max(1);
+    let mut lanes = 1;
+    while lanes * 2 <= 32.min(row_len).min(units) {
+        lanes *= 2;
+    }
+    let units = units / lanes * lanes;
+    (grid(client, n_rows.div_ceil(units / lanes)), CubeDim::new_1d(units as u32), lanes)
+}
+
 pub(crate) fn mask_params(p: &AttnProblem) -> (i32, i32, bool) {
     let off = p.seq_k as i32 - p.seq_q as i32;
     match p.window {
