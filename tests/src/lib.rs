@@ -451,6 +451,7 @@ pub struct ParamInfo {
     pub path: String,
     pub id: ParamId,
     pub numel: usize,
+    pub shape: Vec<usize>,
     pub values: Vec<f64>,
 }
 
@@ -467,8 +468,9 @@ impl ModuleVisitor for Collect {
         self.path.pop();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.val().dims().to_vec();
         let v = values(param.val());
-        self.out.push(ParamInfo { path: self.path.join("."), id: param.id, numel: v.len(), values: v });
+        self.out.push(ParamInfo { path: self.path.join("."), id: param.id, numel: v.len(), shape, values: v });
     }
 }
 
@@ -505,8 +507,13 @@ pub fn module_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> V
     c.out
 }
 
+fn analytic_slice(all: &[f64], idx: &[usize]) -> Vec<f64> {
+    idx.iter().map(|&i| all[i]).collect()
+}
+
 /// Finite-difference check of `d loss / d param` for the parameters at `paths` of an f64
 /// module on the autodiff device (see [`module_to_f64`]); `samples` entries per parameter.
+/// A path `name[a..b]` samples only columns `a..b` of a 2-D parameter.
 pub fn module_grad_check<M, F>(name: &str, module: &M, paths: &[&str], cfg: FdConfig, loss: F)
 where
     M: Module + Clone,
@@ -519,7 +526,16 @@ where
     let all = module_grads(module, &grads);
     let infos = module_params(module);
     let mut rng = Rng::new(cfg.seed);
-    for &path in paths {
+    for &spec in paths {
+        // `path[a..b]`: only entries in columns `a..b` of a 2-D parameter (one branch of a
+        // packed projection).
+        let (path, cols) = match spec.split_once('[') {
+            Some((p, r)) => {
+                let (a, b) = r.trim_end_matches(']').split_once("..").expect("columns as [a..b]");
+                (p, Some(a.parse::<usize>().unwrap()..b.parse::<usize>().unwrap()))
+            }
+            None => (spec, None),
+        };
         let info = infos.iter().find(|p| p.path == path).unwrap_or_else(|| {
             panic!("{name}: no parameter {path}; have {:?}", infos.iter().map(|p| p.path.clone()).collect::<Vec<_>>())
         });
@@ -531,7 +547,17 @@ where
         assert!(analytic.iter().all(|g| g.is_finite()), "{name}: gradient of {path} not finite");
         let max = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
         assert!(max > 1e-10, "{name}: gradient of {path} is identically zero");
-        for idx in rng.subset(info.numel, cfg.samples) {
+        let candidates: Vec<usize> = match &cols {
+            Some(c) => {
+                let width = *info.shape.last().unwrap();
+                (0..info.numel).filter(|i| c.contains(&(i % width))).collect()
+            }
+            None => (0..info.numel).collect(),
+        };
+        assert!(!candidates.is_empty(), "{name}: {spec} selects no entries");
+        let slice = &analytic_slice(&analytic, &candidates);
+        assert!(slice.iter().any(|g| g.abs() > 1e-10), "{name}: gradient of {spec} is identically zero");
+        for idx in rng.subset(candidates.len(), cfg.samples).into_iter().map(|i| candidates[i]) {
             let fp = scalar(loss(&perturb_param(module.clone(), path, idx, cfg.eps)).sum());
             let fm = scalar(loss(&perturb_param(module.clone(), path, idx, -cfg.eps)).sum());
             let numeric = (fp - fm) / (2.0 * cfg.eps);

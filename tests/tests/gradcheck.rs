@@ -323,12 +323,15 @@ fn nsa_module_grads_compression_mlp_gate_and_projections() {
         "compress_value.Mlp.fc2.weight",
         "gate.weight",
         "gate.bias",
-        "key_cmp.weight",
-        "value_cmp.weight",
-        "key_win.weight",
-        "proj.query.weight",
-        "proj.key.weight",
-        "proj.value.weight",
+        // The packed input projection, branch by branch (head dim 4): q, k, v, then the
+        // compression branch's k and v, then the window branch's.
+        "proj.in_proj.weight[0..8]",
+        "proj.in_proj.weight[8..12]",
+        "proj.in_proj.weight[12..16]",
+        "proj.in_proj.weight[16..20]",
+        "proj.in_proj.weight[20..24]",
+        "proj.in_proj.weight[24..28]",
+        "proj.in_proj.weight[28..32]",
         "proj.output.weight",
     ];
     module_grad_check("nsa module", &m, &paths, FdConfig { samples: 5, ..fd() }, |m| weighted(m.forward(x.clone()).unwrap(), &w));
@@ -426,7 +429,7 @@ fn seer_module_gate_loss_trains_only_the_gate() {
             assert!(g.is_some_and(|g| g.iter().any(|v| *v != 0.0)), "no output gradient for {path}");
         }
     }
-    module_grad_check("seer module output", &m, &["proj.query.weight", "proj.value.weight"], FdConfig { samples: 6, ..fd() }, |m| {
+    module_grad_check("seer module output", &m, &["proj.in_proj.weight[0..8]", "proj.in_proj.weight[12..16]"], FdConfig { samples: 6, ..fd() }, |m| {
         weighted(m.forward(x.clone()).unwrap(), &w)
     });
 }
@@ -506,7 +509,7 @@ fn dma_module_grads_dt_proj_and_a() {
     assert!(values(m.a.val())[0] != 0.0);
     let m = module_to_f64(m);
     let (x, w) = module_input(&mut rng, [1, 9, 8]);
-    module_grad_check("dma module", &m, &["a", "dt_proj.weight", "proj.value.weight", "proj.key.weight"], FdConfig { samples: 6, ..fd() }, |m| {
+    module_grad_check("dma module", &m, &["a", "dt_proj.weight", "proj.in_proj.weight[12..16]", "proj.in_proj.weight[8..12]"], FdConfig { samples: 6, ..fd() }, |m| {
         weighted(m.forward(x.clone()).unwrap(), &w)
     });
 }
@@ -521,8 +524,10 @@ fn dense_and_moba_module_grads() {
     let ad = ad_dev();
     let dense = module_to_f64(randomize_params(DenseAttentionConfig::new(8, 2).with_n_kv_heads(Some(1)).with_window(Some(4)).init(&ad).unwrap(), 200, 0.3));
     let (x, w) = module_input(&mut rng, [2, 7, 8]);
-    let paths = ["proj.query.weight", "proj.key.weight", "proj.value.weight", "proj.output.weight"];
+    // q, k, v of the packed input projection (head dim 4; dense has one kv head, MoBA two).
+    let paths = ["proj.in_proj.weight[0..8]", "proj.in_proj.weight[8..12]", "proj.in_proj.weight[12..16]", "proj.output.weight"];
     module_grad_check("dense module", &dense, &paths, FdConfig { samples: 5, ..fd() }, |m| weighted(m.forward(x.clone()).unwrap(), &w));
     let moba = module_to_f64(randomize_params(MobaAttentionConfig::new(8, 2).with_block_size(2).with_top_k(2).init(&ad).unwrap(), 201, 0.3));
+    let paths = ["proj.in_proj.weight[0..8]", "proj.in_proj.weight[8..16]", "proj.in_proj.weight[16..24]", "proj.output.weight"];
     module_grad_check("moba module", &moba, &paths, FdConfig { samples: 5, ..fd() }, |m| weighted(m.forward(x.clone()).unwrap(), &w));
 }

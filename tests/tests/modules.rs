@@ -84,7 +84,10 @@ fn nsa_round_trip() {
                 .with_window(4)
                 .with_shared_kv(shared);
             let a = cfg.init(&dev()).unwrap();
-            assert_eq!(a.key_cmp.is_some(), !shared);
+            // q (4 heads), k and v (kv heads), and unless shared the four branch projections.
+            let hkv = kv.unwrap_or(4);
+            let branches = if shared { 0 } else { 4 };
+            assert_eq!(a.proj.in_proj.weight.dims(), [D_MODEL, (4 + (2 + branches) * hkv) * (D_MODEL / 4)]);
             round_trip(&format!("nsa {kv:?} shared {shared}"), &a, cfg.init(&dev()).unwrap(), |m: &NsaAttention, x| m.forward(x).unwrap());
         }
     }
@@ -168,12 +171,10 @@ fn gqa_layouts_have_the_right_projection_shapes_and_run() {
         let hkv = kv.unwrap_or(4);
         let hd = head_dim.unwrap_or(D_MODEL / 4);
         let dense = DenseAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(kv).with_head_dim(head_dim).init(&dev()).unwrap();
-        assert_eq!(dense.proj.query.weight.dims(), [D_MODEL, 4 * hd]);
-        assert_eq!(dense.proj.key.weight.dims(), [D_MODEL, hkv * hd]);
-        assert_eq!(dense.proj.value.weight.dims(), [D_MODEL, hkv * hd]);
+        assert_eq!(dense.proj.in_proj.weight.dims(), [D_MODEL, (4 + 2 * hkv) * hd]);
         assert_eq!(dense.proj.output.weight.dims(), [4 * hd, D_MODEL]);
         let nsa = NsaAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(kv).with_head_dim(head_dim).with_compress_block(4).with_compress_stride(2).with_select_block(4).with_top_n(2).with_window(4).init(&dev()).unwrap();
-        assert_eq!(nsa.key_cmp.as_ref().unwrap().weight.dims(), [D_MODEL, hkv * hd]);
+        assert_eq!(nsa.proj.in_proj.weight.dims(), [D_MODEL, (4 + 6 * hkv) * hd]);
         assert_eq!(nsa.gate.weight.dims(), [D_MODEL, 3 * 4]);
         let seer = SeerAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(kv).with_head_dim(head_dim).with_block_size(4).with_gate_hidden(8).init(&dev()).unwrap();
         assert_eq!(seer.gate.k_proj.weight.dims(), [4, 3 * hd, 8]);
@@ -294,7 +295,8 @@ fn nsa_window_branch_off() {
     // `window = 0`: no window projections, and the output does not depend on the window gate.
     let cfg = NsaAttentionConfig::new(D_MODEL, 4).with_n_kv_heads(Some(2)).with_compress_block(8).with_compress_stride(4).with_select_block(4).with_top_n(2).with_window(0);
     let m = cfg.init(&dev()).unwrap();
-    assert!(m.key_win.is_none() && m.value_win.is_none(), "window off: no window projections");
+    // q (4 heads of 8), k, v and the compression branch's k, v (2 kv heads each): no window ones.
+    assert_eq!(m.proj.in_proj.weight.dims(), [D_MODEL, (4 + 4 * 2) * (D_MODEL / 4)], "window off: no window projections");
     let x = Rng::new(511).randn([1, 20, D_MODEL], 1.0, &dev()).cast(DType::F32);
     let out = values(m.forward(x).unwrap());
     assert_eq!(out.len(), 20 * D_MODEL);

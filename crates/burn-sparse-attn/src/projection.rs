@@ -42,38 +42,50 @@ impl HeadLayout {
 }
 
 /// q, k, v and output projections with optional RoPE.
+///
+/// q, k and v (and any extra key/value-width branches a method needs, such as NSA's
+/// compression and window keys and values) come from one packed input projection. Its one
+/// weight gradient (`x^T dy`, a matmul whose inner dimension is every token of the batch) is
+/// far cheaper than one per branch: on the H200 at 32k tokens each `512 x 128` weight
+/// gradient took 5.9 ms with Burn's untuned matmul, as long as a `512 x 1365` one
+/// (`docs/results/toy-lm-h200.md`). The packed weight is initialised as the separate ones
+/// would be (the same fan-in).
 #[derive(Module, Debug)]
 pub struct QkvProjection {
-    /// `d_model -> n_heads * head_dim`.
-    pub query: Linear,
-    /// `d_model -> n_kv_heads * head_dim`.
-    pub key: Linear,
-    /// `d_model -> n_kv_heads * head_dim`.
-    pub value: Linear,
+    /// `d_model -> (n_heads + (2 + branches) * n_kv_heads) * head_dim`: q, then k, v, then
+    /// the extra branches, each `n_kv_heads * head_dim` wide.
+    pub in_proj: Linear,
     /// `n_heads * head_dim -> d_model`.
     pub output: Linear,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    branches: usize,
     rope_theta: f64,
     use_rope: bool,
 }
 
 impl QkvProjection {
-    /// Creates the four projections (no biases, as in Llama-style models).
+    /// Creates the input and output projections (no biases, as in Llama-style models).
     pub fn new(layout: &HeadLayout, use_rope: bool, rope_theta: f64, device: &Device) -> Result<Self> {
+        Self::with_branches(layout, 0, use_rope, rope_theta, device)
+    }
+
+    /// Like [`QkvProjection::new`], with `branches` extra key/value-width outputs of the input
+    /// projection (read with [`QkvProjection::project_with_branches`]).
+    pub fn with_branches(layout: &HeadLayout, branches: usize, use_rope: bool, rope_theta: f64, device: &Device) -> Result<Self> {
         if use_rope && !layout.head_dim.is_multiple_of(2) {
             return param_err("head_dim", format!("RoPE needs an even head_dim, got {}", layout.head_dim));
         }
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let width = (layout.n_heads + (2 + branches) * layout.n_kv_heads) * layout.head_dim;
         Ok(Self {
-            query: lin(layout.d_model, layout.n_heads * layout.head_dim),
-            key: lin(layout.d_model, layout.n_kv_heads * layout.head_dim),
-            value: lin(layout.d_model, layout.n_kv_heads * layout.head_dim),
+            in_proj: lin(layout.d_model, width),
             output: lin(layout.n_heads * layout.head_dim, layout.d_model),
             n_heads: layout.n_heads,
             n_kv_heads: layout.n_kv_heads,
             head_dim: layout.head_dim,
+            branches,
             rope_theta,
             use_rope,
         })
@@ -88,7 +100,7 @@ impl QkvProjection {
     /// Checks `x: [batch, seq, d_model]`.
     pub fn check_input(&self, x: &Tensor<3>) -> Result<()> {
         let [_, _, d] = x.dims();
-        let want = self.query.weight.dims()[0];
+        let want = self.in_proj.weight.dims()[0];
         if d != want {
             return crate::error::shape_err("x", format!("last dim must be d_model = {want}, got {d}"));
         }
@@ -97,11 +109,22 @@ impl QkvProjection {
 
     /// Projects to q, k, v WITHOUT RoPE (SeerAttention's gate and NSA's compression read these).
     pub fn project(&self, x: Tensor<3>) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>)> {
-        self.check_input(&x)?;
-        let q = self.split_heads(self.query.forward(x.clone()), self.n_heads);
-        let k = self.split_heads(self.key.forward(x.clone()), self.n_kv_heads);
-        let v = self.split_heads(self.value.forward(x), self.n_kv_heads);
+        let (q, k, v, _) = self.project_with_branches(x)?;
         Ok((q, k, v))
+    }
+
+    /// Projects to q, k, v and the extra branches (`[b, n_kv_heads, s, head_dim]` each), all
+    /// without RoPE.
+    pub fn project_with_branches(&self, x: Tensor<3>) -> Result<(Tensor<4>, Tensor<4>, Tensor<4>, Vec<Tensor<4>>)> {
+        self.check_input(&x)?;
+        let kv = self.n_kv_heads * self.head_dim;
+        let mut sizes = vec![self.n_heads * self.head_dim, kv, kv];
+        sizes.extend(std::iter::repeat_n(kv, self.branches));
+        let mut parts = self.in_proj.forward(x).split_with_sizes(sizes, 2).into_iter();
+        let mut next = |heads| self.split_heads(parts.next().expect("one part per size"), heads);
+        let (q, k, v) = (next(self.n_heads), next(self.n_kv_heads), next(self.n_kv_heads));
+        let branches = (0..self.branches).map(|_| next(self.n_kv_heads)).collect();
+        Ok((q, k, v, branches))
     }
 
     /// RoPE at positions `0..seq` (identity when RoPE is off).

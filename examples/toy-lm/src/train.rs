@@ -106,7 +106,7 @@ pub struct TrainState {
     pub param_ids: BTreeMap<String, u64>,
 }
 
-/// Module path (`blocks.0.attn.Dense.proj.query.weight`) of every float parameter, with its id.
+/// Module path (`blocks.0.attn.Dense.proj.in_proj.weight`) of every float parameter, with its id.
 pub fn param_ids(model: &ToyLm) -> BTreeMap<String, u64> {
     struct Ids {
         path: Vec<String>,

@@ -71,13 +71,21 @@ impl NsaAttentionConfig {
         }
     }
 
+    /// Extra key/value projections of the packed input projection: the compression
+    /// branch's k and v, then the window branch's (none when shared; no window ones with
+    /// `window = 0`).
+    fn branch_projections(&self) -> usize {
+        match (self.shared_kv, self.window) {
+            (true, _) => 0,
+            (false, 0) => 2,
+            (false, _) => 4,
+        }
+    }
+
     /// Builds the layer; fails with an error naming the bad field.
     pub fn init(&self, device: &Device) -> crate::error::Result<NsaAttention> {
         let layout = HeadLayout::new(self.d_model, self.n_heads, self.n_kv_heads.unwrap_or(self.n_heads), self.head_dim)?;
         self.params().validate()?;
-        let kv_width = layout.n_kv_heads * layout.head_dim;
-        let lin = |o| LinearConfig::new(self.d_model, o).with_bias(false).init(device);
-        let branch = |shared: bool| if shared { None } else { Some(lin(kv_width)) };
         let compressor = CompressorConfig {
             kind: self.compressor,
             block: self.compress_block,
@@ -86,11 +94,7 @@ impl NsaAttentionConfig {
             hidden: self.compress_hidden,
         };
         Ok(NsaAttention {
-            proj: QkvProjection::new(&layout, self.rope, self.rope_theta, device)?,
-            key_cmp: branch(self.shared_kv),
-            value_cmp: branch(self.shared_kv),
-            key_win: branch(self.shared_kv || self.window == 0),
-            value_win: branch(self.shared_kv || self.window == 0),
+            proj: QkvProjection::with_branches(&layout, self.branch_projections(), self.rope, self.rope_theta, device)?,
             compress_key: compressor.init(device)?,
             compress_value: compressor.init(device)?,
             gate: LinearConfig::new(self.d_model, 3 * layout.n_heads).init(device),
@@ -108,16 +112,10 @@ impl NsaAttentionConfig {
 /// NSA layer: compression, selection and window branches mixed by per-head sigmoid gates.
 #[derive(Module, Debug)]
 pub struct NsaAttention {
-    /// Query and output projections, and the selection branch's k/v (all branches' when shared).
+    /// Query and output projections, the selection branch's k/v (all branches' when shared)
+    /// and, unless shared, the compression branch's k/v then the window branch's k/v (none
+    /// with `window = 0`) as extra branches of the same packed input projection.
     pub proj: QkvProjection,
-    /// Compression-branch keys (`None` when k/v are shared).
-    pub key_cmp: Option<Linear>,
-    /// Compression-branch values.
-    pub value_cmp: Option<Linear>,
-    /// Window-branch keys.
-    pub key_win: Option<Linear>,
-    /// Window-branch values.
-    pub value_win: Option<Linear>,
     /// Compressor of the keys.
     pub compress_key: Compressor,
     /// Compressor of the values.
@@ -158,15 +156,13 @@ impl NsaAttention {
     /// (flash-linear-attention's `block_indices` / `block_counts`).
     pub fn forward_with(&self, x: Tensor<3>, blocks: NsaBlocks, counts: Option<Tensor<3, Int>>) -> crate::error::Result<Tensor<3>> {
         let [b, s, _] = x.dims();
-        let (q, k, v) = self.proj.project(x.clone())?;
+        let (q, k, v, branches) = self.proj.project_with_branches(x.clone())?;
         let hkv = self.proj.n_kv_heads();
         let hq = self.proj.n_heads();
-        let split = |lin: &Option<Linear>, fallback: &Tensor<4>| match lin {
-            Some(l) => self.proj.split_heads(l.forward(x.clone()), hkv),
-            None => fallback.clone(),
-        };
-        let (k_cmp_raw, v_cmp_raw) = (split(&self.key_cmp, &k), split(&self.value_cmp, &v));
-        let (k_win, v_win) = (split(&self.key_win, &k), split(&self.value_win, &v));
+        let mut branches = branches.into_iter();
+        let mut branch = |shared: &Tensor<4>| branches.next().unwrap_or_else(|| shared.clone());
+        let (k_cmp_raw, v_cmp_raw) = (branch(&k), branch(&v));
+        let (k_win, v_win) = (branch(&k), branch(&v));
         let params = self.params();
         let n_cmp = super::num_compressed(s, self.compress_block, self.compress_stride);
         let d = self.proj.head_dim();
