@@ -166,10 +166,7 @@ pub(crate) fn per_unit_launch(client: &Client, n_items: usize) -> (CubeCount, Cu
 pub(crate) fn row_lanes_launch(client: &Client, n_rows: usize, row_len: usize) -> (CubeCount, CubeDim, usize) {
     let hw = &client.properties().hardware;
     let units = 256.min(hw.max_units_per_cube as usize).min(hw.max_cube_dim.0 as usize).max(1);
-    let mut lanes = 1;
-    while lanes * 2 <= 32.min(row_len).min(units) {
-        lanes *= 2;
-    }
+    let lanes = 1usize << 32.min(row_len).min(units).max(1).ilog2();
     let units = units / lanes * lanes;
     (grid(client, n_rows.div_ceil(units / lanes)), CubeDim::new_1d(units as u32), lanes)
 }

@@ -507,10 +507,6 @@ pub fn module_grads<M: Module>(module: &M, grads: &burn::tensor::Gradients) -> V
     c.out
 }
 
-fn analytic_slice(all: &[f64], idx: &[usize]) -> Vec<f64> {
-    idx.iter().map(|&i| all[i]).collect()
-}
-
 /// Finite-difference check of `d loss / d param` for the parameters at `paths` of an f64
 /// module on the autodiff device (see [`module_to_f64`]); `samples` entries per parameter.
 /// A path `name[a..b]` samples only columns `a..b` of a 2-D parameter.
@@ -545,8 +541,6 @@ where
             .and_then(|(_, g)| g.clone())
             .unwrap_or_else(|| panic!("{name}: parameter {path} got no gradient"));
         assert!(analytic.iter().all(|g| g.is_finite()), "{name}: gradient of {path} not finite");
-        let max = analytic.iter().fold(0.0f64, |m, g| m.max(g.abs()));
-        assert!(max > 1e-10, "{name}: gradient of {path} is identically zero");
         let candidates: Vec<usize> = match &cols {
             Some(c) => {
                 let width = *info.shape.last().unwrap();
@@ -555,8 +549,7 @@ where
             None => (0..info.numel).collect(),
         };
         assert!(!candidates.is_empty(), "{name}: {spec} selects no entries");
-        let slice = &analytic_slice(&analytic, &candidates);
-        assert!(slice.iter().any(|g| g.abs() > 1e-10), "{name}: gradient of {spec} is identically zero");
+        assert!(candidates.iter().any(|&i| analytic[i].abs() > 1e-10), "{name}: gradient of {spec} is identically zero");
         for idx in rng.subset(candidates.len(), cfg.samples).into_iter().map(|i| candidates[i]) {
             let fp = scalar(loss(&perturb_param(module.clone(), path, idx, cfg.eps)).sum());
             let fm = scalar(loss(&perturb_param(module.clone(), path, idx, -cfg.eps)).sum());

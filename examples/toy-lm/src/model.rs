@@ -31,7 +31,8 @@ pub fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
     let rms = (x.clone().cast(DType::F32).square().mean_dim(2) + norm.epsilon).sqrt();
     let x_hat = x / rms.cast(dtype);
     let rows = b * s;
-    let group = (0..=6).rev().map(|p| 1usize << p).find(|g| rows.is_multiple_of(*g)).unwrap_or(1);
+    // The largest power of two up to 64 that divides the rows.
+    let group = 1usize << rows.trailing_zeros().min(6);
     let gamma = norm.gamma.val().reshape([1, 1, d]).repeat_dim(1, group);
     (x_hat.reshape([rows / group, group, d]) * gamma).reshape([b, s, d])
 }
