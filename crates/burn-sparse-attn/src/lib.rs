@@ -23,6 +23,7 @@ pub mod moba;
 pub mod nsa;
 pub mod projection;
 pub mod rope;
+pub mod rows;
 pub mod seer;
 
 pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAttentionConfig, KeyBias, attention};

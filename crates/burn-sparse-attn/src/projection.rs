@@ -120,7 +120,7 @@ impl QkvProjection {
         let kv = self.n_kv_heads * self.head_dim;
         let mut sizes = vec![self.n_heads * self.head_dim, kv, kv];
         sizes.extend(std::iter::repeat_n(kv, self.branches));
-        let mut parts = self.in_proj.forward(x).split_with_sizes(sizes, 2).into_iter();
+        let mut parts = crate::rows::grouped_linear(&self.in_proj, x).split_with_sizes(sizes, 2).into_iter();
         let mut next = |heads| self.split_heads(parts.next().expect("one part per size"), heads);
         let (q, k, v) = (next(self.n_heads), next(self.n_kv_heads), next(self.n_kv_heads));
         let branches = (0..self.branches).map(|_| next(self.n_kv_heads)).collect();
@@ -153,7 +153,7 @@ impl QkvProjection {
     /// `[b, heads, s, head_dim] -> [b, s, d_model]` through the output projection.
     pub fn merge(&self, o: Tensor<4>) -> Tensor<3> {
         let [b, h, s, d] = o.dims();
-        self.output.forward(o.swap_dims(1, 2).reshape([b, s, h * d]))
+        crate::rows::grouped_linear(&self.output, o.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 
     /// Query heads.

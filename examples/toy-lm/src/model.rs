@@ -6,35 +6,40 @@
 
 use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, SwiGlu, SwiGluConfig};
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor};
 use burn_sparse_attn::{
     AttentionMethod, AttentionMethodConfig, DenseAttentionConfig, DmaAttentionConfig, MobaAttentionConfig, NsaAttentionConfig,
     SeerAttentionConfig, SeerMode,
 };
+use burn_sparse_attn::rows::{grouped_linear, linear_rows, scale_columns};
 
 use crate::AppResult;
 use crate::config::{Method, RunConfig, SeerModeOption};
 use crate::data::VOCAB_SIZE;
 
-/// Burn's [`RmsNorm`] (same parameters, same numerics), with its weight applied to the rows
-/// in groups of up to 64.
-///
-/// The weight's gradient sums `dy * x_hat` over every row. Applied as one broadcast, that is
-/// one reduction of `rows x d_model` down to `d_model` sums, which Burn's untuned reduction
-/// runs with one unit per column: 6.7 ms per norm at 32k tokens on an H200, five per step,
-/// a fifth of the dense model's step (`docs/results/toy-lm-h200.md`). With the weight
-/// repeated over a group of rows the reduction has `group x d_model` outputs, and the
-/// repeat's own backward adds up the `group` copies.
+/// Burn's [`RmsNorm`] (same parameters, same numerics), with its weight applied through
+/// [`scale_columns`]: its gradient sums over every row, which Burn's untuned reduction runs
+/// with one unit per column (6.7 ms per norm at 32k tokens on an H200, five per step, a fifth
+/// of the dense model's step; `docs/results/toy-lm-h200.md`).
 pub fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
-    let [b, s, d] = x.dims();
     let dtype = x.dtype();
     let rms = (x.clone().cast(DType::F32).square().mean_dim(2) + norm.epsilon).sqrt();
-    let x_hat = x / rms.cast(dtype);
-    let rows = b * s;
-    // The largest power of two up to 64 that divides the rows.
-    let group = 1usize << rows.trailing_zeros().min(6);
-    let gamma = norm.gamma.val().reshape([1, 1, d]).repeat_dim(1, group);
-    (x_hat.reshape([rows / group, group, d]) * gamma).reshape([b, s, d])
+    scale_columns(x / rms.cast(dtype), norm.gamma.val())
+}
+
+/// Burn's [`SwiGlu`] (`silu(x W_inner) * (x W_outer)`) through [`grouped_linear`].
+fn swiglu(mlp: &SwiGlu, x: Tensor<3>) -> Tensor<3> {
+    silu(grouped_linear(&mlp.linear_inner, x.clone())) * grouped_linear(&mlp.linear_outer, x)
+}
+
+/// Burn's [`Embedding`] lookup as a one-hot matmul: the lookup's gradient is a scatter-add of
+/// every token's row into a `vocab`-row table (7 ms at 32k tokens and vocab 256 on an H200,
+/// the updates of one row colliding); the matmul's is a row-grouped `one_hot^T dy`.
+fn embed(embedding: &Embedding, tokens: Tensor<2, Int>) -> Tensor<3> {
+    let weight = embedding.weight.val();
+    let one_hot = tokens.one_hot::<3>(VOCAB_SIZE).float().cast(weight.dtype());
+    linear_rows(one_hot, weight, None)
 }
 
 /// The library config of `method`'s attention layer from the run's method options.
@@ -114,7 +119,7 @@ impl Block {
             (self.attn.forward(h)?, None)
         };
         let x = x + a;
-        let x = x.clone() + self.down.forward(self.mlp.forward(rms_norm(&self.mlp_norm, x)));
+        let x = x.clone() + grouped_linear(&self.down, swiglu(&self.mlp, rms_norm(&self.mlp_norm, x)));
         Ok((x, gate_loss))
     }
 }
@@ -172,7 +177,7 @@ impl ToyLm {
     /// `tokens: [batch, seq]` to logits `[batch, seq, vocab]`; with `with_gate_loss` the
     /// SeerAttention layers also return their gate losses (summed).
     pub fn forward(&self, tokens: Tensor<2, Int>, with_gate_loss: bool) -> AppResult<LmOutput> {
-        let mut x = self.embedding.forward(tokens);
+        let mut x = embed(&self.embedding, tokens);
         let mut gate_loss: Option<Tensor<1>> = None;
         for block in &self.blocks {
             let (y, loss) = block.forward(x, with_gate_loss)?;
@@ -184,12 +189,8 @@ impl ToyLm {
         }
         let x = rms_norm(&self.norm, x);
         let logits = match &self.head {
-            Some(head) => head.forward(x),
-            None => {
-                let [b, s, d] = x.dims();
-                let w = self.embedding.weight.val(); // [vocab, d]
-                x.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, VOCAB_SIZE])
-            }
+            Some(head) => grouped_linear(head, x),
+            None => linear_rows(x, self.embedding.weight.val().transpose(), None),
         };
         Ok(LmOutput { logits, gate_loss })
     }
@@ -268,6 +269,44 @@ mod tests {
             close(values(ours), values(burns), "output");
             close(values(x.grad(&g_ours).unwrap()), values(x.grad(&g_burn).unwrap()), "d x");
             close(values(norm.gamma.val().grad(&g_ours).unwrap()), values(norm.gamma.val().grad(&g_burn).unwrap()), "d gamma");
+        }
+    }
+
+    /// The one-hot embedding and the grouped SwiGLU against Burn's modules: outputs and the
+    /// gradients of the input and of every weight.
+    #[test]
+    fn embedding_and_swiglu_match_burns() {
+        let device = Device::flex().autodiff();
+        let embedding = EmbeddingConfig::new(VOCAB_SIZE, 8).init(&device);
+        let ids: Vec<i64> = (0..2 * 4096).map(|i| (i * 7 + i / 3) as i64 % VOCAB_SIZE as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 4096]), &device);
+        let w = Tensor::<3>::random([2, 4096, 8], Distribution::Normal(0.0, 1.0), &device);
+        let ours = embed(&embedding, tokens.clone());
+        let burns = embedding.forward(tokens);
+        let g_ours = (ours.clone() * w.clone()).sum().backward();
+        let g_burn = (burns.clone() * w.clone()).sum().backward();
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b}");
+            }
+        };
+        close(values(ours), values(burns), "embedding output");
+        let table = embedding.weight.val();
+        close(values(table.grad(&g_ours).unwrap()), values(table.grad(&g_burn).unwrap()), "d embedding");
+
+        let mlp = SwiGluConfig::new(8, 5).init(&device);
+        let x = Tensor::<3>::random([2, 4096, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let w = Tensor::<3>::random([2, 4096, 5], Distribution::Normal(0.0, 1.0), &device);
+        let ours = swiglu(&mlp, x.clone());
+        let burns = mlp.forward(x.clone());
+        let g_ours = (ours.clone() * w.clone()).sum().backward();
+        let g_burn = (burns.clone() * w).sum().backward();
+        close(values(ours), values(burns), "swiglu output");
+        close(values(x.grad(&g_ours).unwrap()), values(x.grad(&g_burn).unwrap()), "swiglu d x");
+        for (lin, what) in [(&mlp.linear_inner, "inner"), (&mlp.linear_outer, "outer")] {
+            let wt = lin.weight.val();
+            close(values(wt.grad(&g_ours).unwrap()), values(wt.grad(&g_burn).unwrap()), what);
         }
     }
 }

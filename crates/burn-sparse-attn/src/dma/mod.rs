@@ -52,8 +52,8 @@ pub fn dma_bias(v: Tensor<4>, dt_proj: &Linear, a: Tensor<1>) -> Result<Tensor<3
         return shape_err("a", format!("expected [{h}], got {:?}", a.dims()));
     }
     let flat = v.swap_dims(1, 2).reshape([b, sk, h * d]);
-    let dt = softplus(dt_proj.forward(flat), 1.0);
-    Ok((dt * a.reshape([1, 1, h]).expand([b, sk, h])).swap_dims(1, 2))
+    let dt = softplus(crate::rows::grouped_linear(dt_proj, flat), 1.0);
+    Ok(crate::rows::scale_columns(dt, a).swap_dims(1, 2))
 }
 
 /// Per-row keep rule for DMA's top-`window` selection over each query's visible keys.

@@ -138,7 +138,7 @@ impl CompressionMlp {
         let n = w.dims()[2];
         let pe = self.pos_emb.val().reshape([1, 1, 1, block, d]).expand([b, h, n, block, d]);
         let flat = (w + pe).reshape([b, h, n, block * d]);
-        Ok(self.fc2.forward(gelu(self.fc1.forward(flat))))
+        Ok(crate::rows::grouped_linear(&self.fc2, gelu(crate::rows::grouped_linear(&self.fc1, flat))))
     }
 }
 

@@ -176,7 +176,7 @@ impl NsaAttention {
             let pos: Vec<usize> = (0..n_cmp).map(|i| i * self.compress_stride).collect();
             (self.proj.rope_at(kc, &pos)?, self.compress_value.forward(v_cmp_raw, self.compress_stride)?)
         };
-        let gates = sigmoid(self.gate.forward(x)).reshape([b, s, hq, 3]).swap_dims(1, 2);
+        let gates = sigmoid(crate::rows::grouped_linear(&self.gate, x)).reshape([b, s, hq, 3]).swap_dims(1, 2);
         let inputs = NsaInputs {
             q: self.proj.rope(q)?,
             k_cmp,
