@@ -2,12 +2,22 @@
 //! sparse-attention code use), computed from explicit positions so that it also serves
 //! block-level RoPE (SeerAttention's gate) and compressed tokens (NSA).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::error::{Result, param_err};
 
 /// Applies RoPE to `x: [batch, heads, seq, dim]`, row `s` rotated by angle
 /// `positions[s] * theta^(-2i/dim)` for frequency pair `i`.
+///
+/// Computed as `x * cos + swap(x) * sin`, where `swap` exchanges the two halves of each row
+/// (one flip) and `sin` carries the rotation's sign (`[-sin, sin]`), with the tables cached per
+/// position list, width, base, dtype and device: a training step calls RoPE several times per
+/// layer with the same positions, and the slices, concatenations and table builds of the
+/// direct form were about 25 kernel launches per call, forward and backward
+/// (`docs/results/toy-lm-h200.md`).
 pub fn apply_rope(x: Tensor<4>, positions: &[usize], theta: f64) -> Result<Tensor<4>> {
     let [b, h, s, d] = x.dims();
     if d % 2 != 0 {
@@ -17,16 +27,70 @@ pub fn apply_rope(x: Tensor<4>, positions: &[usize], theta: f64) -> Result<Tenso
         return param_err("positions", format!("{} positions for a sequence of {s}", positions.len()));
     }
     let half = d / 2;
-    let device = x.device();
-    let dtype = x.dtype();
-    let (cos, sin) = rope_tables(positions, half, theta, &device, dtype);
-    // The two halves of a row share their angles (rotate-half pairs `i` and `i + d / 2`).
-    let cos = Tensor::cat(vec![cos.clone(), cos], 1).reshape([1, 1, s, d]);
-    let sin = Tensor::cat(vec![sin.clone(), sin], 1).reshape([1, 1, s, d]);
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    Ok(x * cos.expand([b, h, s, d]) + rotated * sin.expand([b, h, s, d]))
+    let tables = cached_tables(positions, half, theta, &x.device(), x.dtype());
+    let swapped = x.clone().reshape([b * h, s, 2, half]).flip([2]).reshape([b, h, s, d]);
+    Ok(x * tables.cos.expand([b, h, s, d]) + swapped * tables.sin.expand([b, h, s, d]))
+}
+
+/// `[cos, cos]` and `[-sin, sin]` over the full width (`[1, 1, seq, dim]`; the two halves of
+/// a row share their angles) in the input's dtype.
+#[derive(Clone)]
+struct RopeTables {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+enum PositionKey {
+    Run { start: usize, len: usize },
+    List(Vec<usize>),
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct TableKey {
+    positions: PositionKey,
+    half: usize,
+    theta: u64,
+    dtype: String,
+    device: String,
+    autodiff: bool,
+}
+
+/// Entries kept before the cache starts over (a model uses a handful: the sequence length,
+/// and the compressed or block positions of NSA and SeerAttention).
+const MAX_CACHED_TABLES: usize = 64;
+
+fn cached_tables(positions: &[usize], half: usize, theta: f64, device: &burn::tensor::Device, dtype: DType) -> RopeTables {
+    static CACHE: OnceLock<Mutex<HashMap<TableKey, RopeTables>>> = OnceLock::new();
+    let run = positions.windows(2).all(|w| w[1] == w[0] + 1);
+    let key = TableKey {
+        positions: match (run, positions.first()) {
+            (true, Some(&start)) => PositionKey::Run { start, len: positions.len() },
+            _ => PositionKey::List(positions.to_vec()),
+        },
+        half,
+        theta: theta.to_bits(),
+        dtype: format!("{dtype:?}"),
+        device: format!("{device:?}"),
+        autodiff: device.is_autodiff(),
+    };
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(t) = cache.lock().expect("RoPE table cache").get(&key) {
+        return t.clone();
+    }
+    let (s, d) = (positions.len(), 2 * half);
+    let (cos, sin) = rope_tables(positions, half, theta, device, dtype);
+    // Rotate-half: `[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`.
+    let tables = RopeTables {
+        cos: Tensor::cat(vec![cos.clone(), cos], 1).reshape([1, 1, s, d]),
+        sin: Tensor::cat(vec![sin.clone().neg(), sin], 1).reshape([1, 1, s, d]),
+    };
+    let mut cache = cache.lock().expect("RoPE table cache");
+    if cache.len() >= MAX_CACHED_TABLES {
+        cache.clear();
+    }
+    cache.insert(key, tables.clone());
+    tables
 }
 
 /// Positions per factored table: a run of consecutive positions `p0 + 64 a + c` is built from
