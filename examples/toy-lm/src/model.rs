@@ -245,6 +245,14 @@ mod tests {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
     }
 
+    /// Element-wise `|a - b| <= tol (1 + |b|)`.
+    fn assert_close(a: Vec<f32>, b: Vec<f32>, tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b}");
+        }
+    }
+
     /// Output, input gradient and weight gradient of [`rms_norm`] against Burn's `RmsNorm`,
     /// with rows that fold into groups (48 rows: 16) and rows that do not (7 rows: 1).
     #[test]
@@ -260,12 +268,7 @@ mod tests {
             let burns = norm.forward(x.clone());
             let g_ours = (ours.clone() * w.clone()).sum().backward();
             let g_burn = (burns.clone() * w).sum().backward();
-            let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
-                assert_eq!(a.len(), b.len());
-                for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} {shape:?} [{i}]: {a} vs {b}");
-                }
-            };
+            let close = |a, b, what: &str| assert_close(a, b, 1e-5, &format!("{what} {shape:?}"));
             close(values(ours), values(burns), "output");
             close(values(x.grad(&g_ours).unwrap()), values(x.grad(&g_burn).unwrap()), "d x");
             close(values(norm.gamma.val().grad(&g_ours).unwrap()), values(norm.gamma.val().grad(&g_burn).unwrap()), "d gamma");
@@ -285,12 +288,7 @@ mod tests {
         let burns = embedding.forward(tokens);
         let g_ours = (ours.clone() * w.clone()).sum().backward();
         let g_burn = (burns.clone() * w.clone()).sum().backward();
-        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
-            assert_eq!(a.len(), b.len());
-            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what} [{i}]: {a} vs {b}");
-            }
-        };
+        let close = |a, b, what: &str| assert_close(a, b, 1e-4, what);
         close(values(ours), values(burns), "embedding output");
         let table = embedding.weight.val();
         close(values(table.grad(&g_ours).unwrap()), values(table.grad(&g_burn).unwrap()), "d embedding");
