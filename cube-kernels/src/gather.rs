@@ -18,6 +18,9 @@ use crate::schedule::{CleanSchedule, Inverted};
 use crate::*;
 use cubecl::prelude::*;
 
+/// Four f32 partials or outputs: one 16-byte load.
+type V4 = Const<4>;
+
 /// Rows per list below which the fragment path gathers (one 16-row fragment tile).
 const GATHER_BELOW_ROWS: usize = 16;
 /// Largest partial buffer (bytes) the gathered passes allocate; above it they fall back to
@@ -118,6 +121,8 @@ fn merge<F: Float + CubeElement>(
 ) {
     let rows = p.batch * p.heads_q * p.seq_q;
     let n = rows * p.head_dim;
+    // One unit per 4 elements (head_dim is a multiple of 16 on the fragment path).
+    let n_vec = n / 4;
     let slots = rows * s.capacity;
     let (off, w, windowed) = mask_params(p);
     let lse_dummy;
@@ -128,7 +133,7 @@ fn merge<F: Float + CubeElement>(
             &lse_dummy
         }
     };
-    let (count, dim) = per_unit_launch(client, n);
+    let (count, dim) = per_unit_launch(client, n_vec);
     merge_slots_kernel::launch::<F>(
         client,
         count,
@@ -138,7 +143,7 @@ fn merge<F: Float + CubeElement>(
         buf(&g.part_lse, if lse.is_some() { slots } else { 1 }),
         buf(out, n),
         buf(lse_h, if lse.is_some() { rows } else { 1 }),
-        n as u32,
+        n_vec as u32,
         p.heads_q as u32,
         p.seq_q as u32,
         p.seq_k as u32,
@@ -175,18 +180,19 @@ pub fn gather_tiles_kernel(inv_off: &[i32], work_off: &mut [i32], n_lists: u32, 
     }
 }
 
-/// One unit per output element `(row, c)`: merges the row's list slots in list order. A
+/// One unit per four output elements `(row, 4 c .. 4 c + 4)` (16-byte loads of the
+/// partials): merges the row's list slots in list order. A
 /// slot holds a result when its block is in the list and its range can see the row's
 /// schedule row (the inversion's rule). Forward (`softmax`): `lse = log sum exp(lse_e)`,
 /// `o = sum exp(lse_e - lse) o_e` over slots with a finite LSE (`0` / `-inf` when none).
 /// dQ: the plain sum.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::assign_op_pattern)]
 pub fn merge_slots_kernel<F: Float>(
     clean: &[i32],
-    part: &[f32],
+    part: &[Vector<f32, V4>],
     part_lse: &[f32],
-    out: &mut [F],
+    out: &mut [Vector<F, V4>],
     lse: &mut [f32],
     n: u32,
     heads_q: u32,
@@ -205,10 +211,11 @@ pub fn merge_slots_kernel<F: Float>(
     #[comptime] windowed: bool,
     #[comptime] softmax: bool,
 ) {
+    let hv = comptime!(head_dim / 4);
     let idx = cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize;
     if idx < n as usize {
-        let row = idx / head_dim;
-        let c = idx % head_dim;
+        let row = idx / hv;
+        let c = idx % hv;
         let sq = seq_q as usize;
         let hq = heads_q as usize;
         let qb = query_block as usize;
@@ -239,40 +246,44 @@ pub fn merge_slots_kernel<F: Float>(
             }
         }
         let mut total = 0.0f32;
-        let mut acc = 0.0f32;
+        let mut acc = Vector::<f32, V4>::cast_from(0.0f32);
         for e in 0..cp {
             let kb = clean[list + e];
             if kb >= 0 {
                 let klo = kb as usize * bk;
                 let khi = min(klo + bk, seq_k as usize) - 1;
                 if range_visible(qlo, qhi, klo, khi, off, w, causal, windowed) {
-                    let x = part[(row * cp + e) * head_dim + c];
+                    let x = part[(row * cp + e) * hv + c];
                     if softmax {
                         let lv = part_lse[row * cp + e];
                         if lv > NEG_BIG {
                             let wgt = (lv - m).exp();
                             total += wgt;
-                            acc += wgt * x;
+                            acc = acc + x * Vector::<f32, V4>::cast_from(wgt);
                         }
                     } else {
-                        acc += x;
+                        acc = acc + x;
                     }
                 }
             }
         }
+        let mut inv = 1.0f32;
         if softmax {
-            let mut o = 0.0f32;
+            inv = 0.0f32;
             let mut lv = neg_inf;
             if total > 0.0f32 {
-                o = acc / total;
+                inv = 1.0f32 / total;
                 lv = m + total.ln();
             }
-            out[idx] = F::cast_from(o);
             if c == 0 {
                 lse[row] = lv;
             }
-        } else {
-            out[idx] = F::cast_from(acc);
         }
+        let mut o = Vector::<F, V4>::empty();
+        #[unroll]
+        for x in 0..4usize {
+            o.insert(x, F::cast_from(acc.extract(x) * inv));
+        }
+        out[idx] = o;
     }
 }

@@ -9,6 +9,7 @@
 //!   buffer together with a `#[comptime]` flag that disables every read of it.
 
 use cubecl::prelude::*;
+use crate::args::{KeysArgs, RowsArgs};
 
 /// Finite stand-in for -inf inside kernels. WGSL has no infinity literal, and its
 /// arithmetic on infinities is indeterminate, so masked scores and the initial running max
@@ -265,22 +266,7 @@ pub fn attn_rows_kernel<F: Float>(
     delta: &[f32],
     lse: &mut [f32],
     out: &mut [F],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    group_heads: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    n_chunks: u32,
-    cap: u32,
-    key_block: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
-    neg_inf: f32,
+    a: RowsArgs,
     #[comptime] units: usize,
     #[comptime] head_dim: usize,
     #[comptime] tile_k: usize,
@@ -291,18 +277,22 @@ pub fn attn_rows_kernel<F: Float>(
     #[comptime] blocks: bool,
     #[comptime] backward: bool,
 ) {
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let gh = group_heads as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let n_chunks = n_chunks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
+    let neg_inf = a.neg_inf;
+    let n_batch = a.n_batch as usize;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let gh = a.group_heads as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let n_chunks = a.n_chunks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
     let n_gh = heads_q / gh;
 
     let u = UNIT_POS as usize;
@@ -586,23 +576,7 @@ pub fn attn_keys_kernel<F: Float>(
     dk: &mut [f32],
     dv: &mut [f32],
     dbias: &mut [f32],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    heads_s: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    cap: u32,
-    key_block: u32,
-    n_sub: u32,
-    n_key_tiles: u32,
-    n_split: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
+    a: KeysArgs,
     #[comptime] units: usize,
     #[comptime] head_dim: usize,
     #[comptime] tile_q: usize,
@@ -612,21 +586,24 @@ pub fn attn_keys_kernel<F: Float>(
     #[comptime] has_thr: bool,
     #[comptime] blocks: bool,
 ) {
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
     // n_key_tiles: dense ceil(Sk / units); blocks nkb * n_sub.
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let heads_s = heads_s as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
-    let n_sub = n_sub as usize;
-    let n_kt = n_key_tiles as usize;
-    let n_split = n_split as usize;
+    let n_batch = a.n_batch as usize;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let heads_s = a.heads_s as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
+    let n_sub = a.n_sub as usize;
+    let n_kt = a.n_key_tiles as usize;
+    let n_split = a.n_split as usize;
 
     let u = UNIT_POS as usize;
     let cid = cube_linear();

@@ -5,6 +5,7 @@ use crate::*;
 use cubecl::prelude::*;
 use crate::caps::{fragment_supported, mma_spec, vector_aligned};
 use crate::plan::*;
+use crate::args::{KeysShape, RowsShape};
 use crate::gather;
 use crate::key_pieces::{self, KeyWalkShape};
 use crate::schedule::{CleanSchedule, sanitize};
@@ -151,6 +152,24 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
         }
     };
     let n_cubes = p.batch * (p.heads_q / gh) * n_rb * n_chunks;
+    let shape = RowsShape {
+        n_batch: p.batch,
+        heads_q: p.heads_q,
+        heads_kv: p.heads_kv,
+        seq_q: p.seq_q,
+        seq_k: p.seq_k,
+        heads_b: bias.heads,
+        group_heads: gh,
+        query_block: qb,
+        n_row_blocks: n_rb,
+        n_chunks,
+        cap,
+        key_block: kb,
+        n_kb: 1,
+        off,
+        w,
+        scale: p.scale,
+    };
 
     let dummy_do;
     let dummy_delta;
@@ -182,22 +201,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(delta_h, delta_len),
                 buf(lse, rows),
                 buf(out, rows * d),
-                p.batch as u32,
-                p.heads_q as u32,
-                p.heads_kv as u32,
-                p.seq_q as u32,
-                p.seq_k as u32,
-                bias.heads as u32,
-                gh as u32,
-                qb as u32,
-                n_rb as u32,
-                n_chunks as u32,
-                cap as u32,
-                kb as u32,
-                off,
-                w,
-                p.scale,
-                f32::NEG_INFINITY,
+                shape.arg(),
                 $($tiling,)*
                 p.causal,
                 windowed,
@@ -266,6 +270,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 )
             }
         };
+        let frag_shape = RowsShape { query_block: qb_f, n_row_blocks: n_rb_f, n_chunks: n_chunks_f, n_kb, ..shape };
         match bwd {
             None => fragment::forward::fragment_forward_kernel::launch::<F>(
                 client,
@@ -286,23 +291,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(out, rows * d),
                 part_a,
                 part_lse_a,
-                p.batch as u32,
-                p.heads_q as u32,
-                p.heads_kv as u32,
-                p.seq_q as u32,
-                p.seq_k as u32,
-                bias.heads as u32,
-                gh as u32,
-                qb_f as u32,
-                n_rb_f as u32,
-                n_chunks_f as u32,
-                cap as u32,
-                kb as u32,
-                n_kb as u32,
-                off,
-                w,
-                p.scale,
-                f32::NEG_INFINITY,
+                frag_shape.arg(),
                 cfg,
             ),
             Some(_) => fragment::dq::fragment_dq_kernel::launch::<F>(
@@ -325,22 +314,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 buf(lse, rows),
                 buf(out, rows * d),
                 part_a,
-                p.batch as u32,
-                p.heads_q as u32,
-                p.heads_kv as u32,
-                p.seq_q as u32,
-                p.seq_k as u32,
-                bias.heads as u32,
-                gh as u32,
-                qb_f as u32,
-                n_rb_f as u32,
-                n_chunks_f as u32,
-                cap as u32,
-                kb as u32,
-                n_kb as u32,
-                off,
-                w,
-                p.scale,
+                frag_shape.arg(),
                 cfg,
             ),
         }
@@ -427,6 +401,25 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             (&off_dummy, 1, &rows_dummy, 1, p.heads_q, 1, p.seq_q, 1, units, 1, p.seq_k.div_ceil(units))
         }
     };
+    let args = KeysShape {
+        n_batch: p.batch,
+        heads_q: p.heads_q,
+        heads_kv: p.heads_kv,
+        seq_q: p.seq_q,
+        seq_k: p.seq_k,
+        heads_b: bias.heads,
+        heads_s: hs,
+        query_block: qb,
+        n_row_blocks: n_rb,
+        cap,
+        key_block: kb,
+        n_sub,
+        n_key_tiles: n_kt,
+        n_split: 1,
+        off,
+        w,
+        scale: p.scale,
+    };
     let tile_rows = match (frag, mma) {
         (Some(cfg), _) => cfg.tile,
         (None, Some((_, mp))) => mp.tile,
@@ -472,22 +465,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             buf(&pieces.dk, part * d),
             buf(&pieces.dv, part * d),
             buf(&pieces.db, if bias.has_bias { part * (bias.heads / p.heads_kv) } else { 1 }),
-            p.batch as u32,
-            p.heads_q as u32,
-            p.heads_kv as u32,
-            p.seq_q as u32,
-            p.seq_k as u32,
-            bias.heads as u32,
-            hs as u32,
-            qb as u32,
-            n_rb as u32,
-            cap as u32,
-            kb as u32,
-            n_sub as u32,
-            n_kt as u32,
-            off,
-            w,
-            p.scale,
+            args.arg(),
             cfg,
         );
         key_pieces::sum_pieces::<F>(client, p, &shape, &pieces, inputs.key_positions, grads, bias.heads, inputs.schedule.is_some());
@@ -520,23 +498,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(&dk_parts, n_split * kv_len),
                 buf(&dv_parts, n_split * kv_len),
                 buf(&db_parts, n_split * bias.len),
-                p.batch as u32,
-                p.heads_q as u32,
-                p.heads_kv as u32,
-                p.seq_q as u32,
-                p.seq_k as u32,
-                bias.heads as u32,
-                hs as u32,
-                qb as u32,
-                n_rb as u32,
-                cap as u32,
-                kb as u32,
-                n_sub as u32,
-                n_kt as u32,
-                n_split as u32,
-                off,
-                w,
-                p.scale,
+                KeysShape { n_split, ..args }.arg(),
                 $($tiling,)*
                 p.causal,
                 windowed,

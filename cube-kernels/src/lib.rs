@@ -26,7 +26,7 @@
 //! # Layout
 //! This file holds the public API (problem and input types, errors, the four entry points).
 //! `caps` reads what the device reports and picks the path; `validate` checks a call's
-//! arguments; `plan` sizes tiles and grids for each path; `schedule` sanitizes and inverts
+//! arguments; `plan` sizes tiles and grids for each path; `args` groups the passes' runtime arguments; `schedule` sanitizes and inverts
 //! block schedules on the device; `launch` binds buffers and launches the passes. The kernels
 //! themselves: [`kernels`] (portable), [`mma`] (cooperative matrices), [`fragment`]
 //! (register fragments, CUDA).
@@ -37,6 +37,8 @@
 
 #![warn(missing_docs)]
 
+#[allow(missing_docs)] // the derives add undocumented launch types
+pub mod args;
 #[allow(missing_docs, clippy::manual_is_multiple_of)]
 pub mod kernels;
 #[allow(missing_docs, clippy::manual_is_multiple_of)]

@@ -22,6 +22,7 @@
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
+use crate::args::{KeysArgs, RowsArgs};
 
 /// `x` in the operand type. With `rne_bf16`, rounded to nearest-even bf16 first, so the
 /// conversion is exact whatever rounding the target's f32 -> bf16 conversion uses (Vulkan
@@ -123,22 +124,7 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     delta: &[f32],
     lse: &mut [f32],
     out: &mut [F],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    group_heads: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    n_chunks: u32,
-    cap: u32,
-    key_block: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
-    neg_inf: f32,
+    a: RowsArgs,
     #[comptime] planes: usize,
     #[comptime] lpr: usize,
     #[comptime] head_dim: usize,
@@ -152,18 +138,22 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     #[comptime] blocks: bool,
     #[comptime] backward: bool,
 ) {
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let gh = group_heads as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let n_chunks = n_chunks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
+    let neg_inf = a.neg_inf;
+    let n_batch = a.n_batch as usize;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let gh = a.group_heads as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let n_chunks = a.n_chunks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
     let n_gh = heads_q / gh;
     let bq = comptime!(planes * 16);
     // Padded row strides (operands +16 B, f32 +16 B) keep fragment loads and the per-row
@@ -573,23 +563,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     dk: &mut [f32],
     dv: &mut [f32],
     dbias: &mut [f32],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    heads_s: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    cap: u32,
-    key_block: u32,
-    n_sub: u32,
-    n_key_tiles: u32,
-    n_split: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
+    a: KeysArgs,
     #[comptime] planes: usize,
     #[comptime] lpr: usize,
     #[comptime] head_dim: usize,
@@ -602,20 +576,23 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
     #[comptime] has_thr: bool,
     #[comptime] blocks: bool,
 ) {
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let heads_s = heads_s as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
-    let n_sub = n_sub as usize;
-    let n_kt = n_key_tiles as usize;
-    let n_split = n_split as usize;
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
+    let n_batch = a.n_batch as usize;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let heads_s = a.heads_s as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
+    let n_sub = a.n_sub as usize;
+    let n_kt = a.n_key_tiles as usize;
+    let n_split = a.n_split as usize;
     let bk = comptime!(planes * 16);
     let ld = comptime!(head_dim + 8);
     let lacc = comptime!(head_dim + 4);

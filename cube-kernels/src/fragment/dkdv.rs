@@ -12,6 +12,7 @@ use crate::key_pieces::{head_walk, key_tile, walk_chunks};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
+use crate::args::KeysArgs;
 
 /// Key-major backward. Cube `cid` is piece `cid` of the pass (`tile_of`, `first`: see
 /// [`crate::key_pieces`]); it walks its share of the query rows of its key tile as
@@ -37,37 +38,25 @@ pub fn fragment_dkdv_kernel<F: Float>(
     dk: &mut [Vector<f32, V2>],
     dv: &mut [Vector<f32, V2>],
     dbias: &mut [f32],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    heads_s: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    cap: u32,
-    key_block: u32,
-    n_sub: u32,
-    n_key_tiles: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
+    a: KeysArgs,
     #[comptime] cfg: FragmentConfig,
 ) {
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let heads_s = heads_s as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
-    let n_sub = n_sub as usize;
-    let n_kt = n_key_tiles as usize;
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
+    let n_batch = a.n_batch as usize;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let heads_s = a.heads_s as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
+    let n_sub = a.n_sub as usize;
+    let n_kt = a.n_key_tiles as usize;
 
     let planes = comptime!(cfg.planes);
     let head_dim = comptime!(cfg.head_dim);

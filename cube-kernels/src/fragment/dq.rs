@@ -2,10 +2,11 @@
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
 use super::forward::stage_kv;
-use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, seek_entry, tile_interior, flat_row, gathered_cube, list_slot};
+use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, product_abt, product_pb, seek_entry, tile_interior, flat_row, list_slot, rows_cube, rows_cube_count};
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
+use crate::args::RowsArgs;
 
 /// Query-major dQ: reads `lse` and `delta = rowsum(dO * O)`, writes `out = dQ` (in pairs of
 /// elements). Same cube numbering, row groups and schedule walk as
@@ -29,37 +30,22 @@ pub fn fragment_dq_kernel<F: Float>(
     lse: &[f32],
     out: &mut [Vector<F, V2>],
     part: &mut [Vector<f32, V2>],
-    n_batch: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_b: u32,
-    group_heads: u32,
-    query_block: u32,
-    n_row_blocks: u32,
-    n_chunks: u32,
-    cap: u32,
-    key_block: u32,
-    n_kb: u32,
-    off: i32,
-    w: i32,
-    scale: f32,
+    a: RowsArgs,
     #[comptime] cfg: FragmentConfig,
 ) {
-    let n_batch = n_batch as usize;
-    let heads_q = heads_q as usize;
-    let heads_kv = heads_kv as usize;
-    let seq_q = seq_q as usize;
-    let seq_k = seq_k as usize;
-    let heads_b = heads_b as usize;
-    let gh = group_heads as usize;
-    let qb = query_block as usize;
-    let n_rb = n_row_blocks as usize;
-    let n_chunks = n_chunks as usize;
-    let cap = cap as usize;
-    let key_block = key_block as usize;
-    let n_kb = n_kb as usize;
+    let off = a.off;
+    let w = a.w;
+    let scale = a.scale;
+    let heads_q = a.heads_q as usize;
+    let heads_kv = a.heads_kv as usize;
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let heads_b = a.heads_b as usize;
+    let gh = a.group_heads as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let cap = a.cap as usize;
+    let key_block = a.key_block as usize;
     let n_gh = heads_q / gh;
 
     let planes = comptime!(cfg.planes);
@@ -77,11 +63,7 @@ pub fn fragment_dq_kernel<F: Float>(
     let pl = UNIT_POS_Y as usize;
     let u = pl * 32 + lane;
     let cid = cube_linear();
-    // Gathered cubes are numbered (list, tile) with `n_chunks` tiles per list.
-    let mut n_cubes = n_batch * n_gh * n_rb * n_chunks;
-    if cfg.gathered {
-        n_cubes = n_batch * n_gh * n_chunks;
-    }
+    let n_cubes = rows_cube_count(&a, cfg);
 
     let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
     let mut do_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
@@ -92,66 +74,20 @@ pub fn fragment_dq_kernel<F: Float>(
     let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     if cid < n_cubes {
-        let mut b = cid / (n_chunks * n_rb * n_gh);
-        let mut g = (cid / (n_chunks * n_rb)) % n_gh;
-        let mut r = (cid / n_chunks) % n_rb;
-        let mut q0 = r * qb;
-        let mut nq = min(qb, seq_q - q0);
-        let mut n_group_rows = gh * nq;
-        let mut f0 = (cid % n_chunks) * bq;
-        let mut cq_lo = q0;
-        let mut cq_hi = q0 + nq - 1;
-        let mut rows_base = 0usize;
-        let mut kbg = 0usize;
-        if cfg.gathered {
-            b = cid / (n_chunks * n_gh);
-            g = (cid / n_chunks) % n_gh;
-            r = 0usize;
-            q0 = 0usize;
-            nq = 1usize;
-            let (kb_c, f0_c, nf_c, rb_c, lo_c, hi_c) = gathered_cube(
-                work_off,
-                inv_off,
-                inv_rows,
-                b * n_gh + g,
-                cid % n_chunks,
-                n_kb,
-                n_rb,
-                cap,
-                gh * qb,
-                qb,
-                seq_q,
-                bq,
-            );
-            kbg = kb_c;
-            f0 = f0_c;
-            n_group_rows = nf_c;
-            rows_base = rb_c;
-            cq_lo = lo_c;
-            cq_hi = hi_c;
-        } else {
-            let f1 = min(f0 + bq, n_group_rows) - 1;
-            if f0 / nq == f1 / nq {
-                cq_lo = q0 + f0 % nq;
-                cq_hi = q0 + f1 % nq;
-            }
-        }
-        let mut klo = 0i32;
-        let mut khi = seq_k as i32;
-        if cfg.gathered {
-            // The selected block only; a cube past its list's tiles walks nothing.
-            klo = (kbg * key_block) as i32;
-            khi = min((kbg + 1) * key_block, seq_k) as i32;
-            if n_group_rows == 0 {
-                khi = klo;
-            }
-        }
-        if cfg.causal {
-            khi = min(khi, cq_hi as i32 + off + 1);
-        }
-        if cfg.windowed {
-            klo = max(klo, cq_lo as i32 + off - w + 1);
-        }
+        let c = rows_cube(cid, &a, work_off, inv_off, inv_rows, cfg);
+        let b = c.b;
+        let g = c.g;
+        let r = c.r;
+        let q0 = c.q0;
+        let nq = c.nq;
+        let n_group_rows = c.n_group_rows;
+        let f0 = c.f0;
+        let cq_lo = c.cq_lo;
+        let cq_hi = c.cq_hi;
+        let rows_base = c.rows_base;
+        let kbg = c.kbg;
+        let klo = c.klo;
+        let khi = c.khi;
         let hk = (g * gh) / (heads_q / heads_kv);
         let kv_base = (b * heads_kv + hk) * seq_k * vr;
         let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));

@@ -25,6 +25,7 @@ pub mod dq;
 #[allow(missing_docs)]
 pub mod forward;
 
+use crate::args::RowsArgs;
 use crate::kernels::{NEG_BIG, key_kept, pair_visible};
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::barrier::copy_async;
@@ -407,6 +408,128 @@ pub(crate) fn masked_score<F: Float>(
         }
     }
     s
+}
+
+/// Cubes of a query-major fragment pass: `(batch, list group, row group, chunk)`, or
+/// `(batch, list group, tile)` when gathered (`n_chunks` then counts tiles per list).
+#[cube]
+pub(crate) fn rows_cube_count(a: &RowsArgs, #[comptime] cfg: FragmentConfig) -> usize {
+    let n_gh = (a.heads_q / a.group_heads) as usize;
+    let mut n = a.n_batch as usize * n_gh * a.n_row_blocks as usize * a.n_chunks as usize;
+    if cfg.gathered {
+        n = a.n_batch as usize * n_gh * a.n_chunks as usize;
+    }
+    n
+}
+
+/// The query rows a query-major fragment cube takes and the keys it may walk (both passes
+/// number cubes alike).
+#[derive(CubeType)]
+pub(crate) struct RowsCube {
+    /// Batch.
+    pub b: usize,
+    /// Group of `group_heads` query heads (one schedule list per schedule row).
+    pub g: usize,
+    /// Row group (schedule row); 0 when gathered.
+    pub r: usize,
+    /// First query of the row group, and its length (gathered: 0 and 1).
+    pub q0: usize,
+    pub nq: usize,
+    /// Flat rows of the cube's group (`group_heads * nq`; gathered: of its key block).
+    pub n_group_rows: usize,
+    /// The cube's first flat row.
+    pub f0: usize,
+    /// Bounds on the cube's query indices.
+    pub cq_lo: usize,
+    pub cq_hi: usize,
+    /// Gathered: offset of the block's rows in the inverted schedule, and the block.
+    pub rows_base: usize,
+    pub kbg: usize,
+    /// Keys `klo..khi` the masks leave to the walk.
+    pub klo: i32,
+    pub khi: i32,
+}
+
+/// Decodes cube `cid` of a query-major fragment pass (see [`RowsCube`]).
+#[cube]
+pub(crate) fn rows_cube(
+    cid: usize,
+    a: &RowsArgs,
+    work_off: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    #[comptime] cfg: FragmentConfig,
+) -> RowsCube {
+    let seq_q = a.seq_q as usize;
+    let seq_k = a.seq_k as usize;
+    let gh = a.group_heads as usize;
+    let qb = a.query_block as usize;
+    let n_rb = a.n_row_blocks as usize;
+    let n_chunks = a.n_chunks as usize;
+    let key_block = a.key_block as usize;
+    let n_gh = a.heads_q as usize / gh;
+    let bq = comptime!(cfg.planes * 16);
+    let mut b = cid / (n_chunks * n_rb * n_gh);
+    let mut g = (cid / (n_chunks * n_rb)) % n_gh;
+    let mut r = (cid / n_chunks) % n_rb;
+    let mut q0 = r * qb;
+    let mut nq = min(qb, seq_q - q0);
+    let mut n_group_rows = gh * nq;
+    let mut f0 = (cid % n_chunks) * bq;
+    let mut cq_lo = q0;
+    let mut cq_hi = q0 + nq - 1;
+    let mut rows_base = 0usize;
+    let mut kbg = 0usize;
+    if cfg.gathered {
+        b = cid / (n_chunks * n_gh);
+        g = (cid / n_chunks) % n_gh;
+        r = 0usize;
+        q0 = 0usize;
+        nq = 1usize;
+        let (kb_c, f0_c, nf_c, rb_c, lo_c, hi_c) = gathered_cube(
+            work_off,
+            inv_off,
+            inv_rows,
+            b * n_gh + g,
+            cid % n_chunks,
+            a.n_kb as usize,
+            n_rb,
+            a.cap as usize,
+            gh * qb,
+            qb,
+            seq_q,
+            bq,
+        );
+        kbg = kb_c;
+        f0 = f0_c;
+        n_group_rows = nf_c;
+        rows_base = rb_c;
+        cq_lo = lo_c;
+        cq_hi = hi_c;
+    } else {
+        let f1 = min(f0 + bq, n_group_rows) - 1;
+        if f0 / nq == f1 / nq {
+            cq_lo = q0 + f0 % nq;
+            cq_hi = q0 + f1 % nq;
+        }
+    }
+    let mut klo = 0i32;
+    let mut khi = seq_k as i32;
+    if cfg.gathered {
+        // The selected block only; a cube past its list's tiles walks nothing.
+        klo = (kbg * key_block) as i32;
+        khi = min((kbg + 1) * key_block, seq_k) as i32;
+        if n_group_rows == 0 {
+            khi = klo;
+        }
+    }
+    if cfg.causal {
+        khi = min(khi, cq_hi as i32 + a.off + 1);
+    }
+    if cfg.windowed {
+        klo = max(klo, cq_lo as i32 + a.off - a.w + 1);
+    }
+    RowsCube { b, g, r, q0, nq, n_group_rows, f0, cq_lo, cq_hi, rows_base, kbg, klo, khi }
 }
 
 /// The work of a gathered query-major cube: cube `cid` is tile `t` of list `bs`
