@@ -29,6 +29,11 @@ const LINEAR_GROUP_ROWS: usize = 2048;
 const MAX_LINEAR_GROUPS: usize = 64;
 /// The rows a per-column vector is repeated over.
 const MAX_COLUMN_GROUP: usize = 64;
+/// Output tiles (of 128 x 128) a split weight gradient aims to reach in all: about two per
+/// streaming multiprocessor of a large GPU (132 on an H100 / H200).
+const TARGET_GRAD_TILES: usize = 264;
+/// The fewest rows a group of a thin weight's split keeps.
+const MIN_THIN_GROUP_ROWS: usize = 256;
 
 fn grouping_on() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -47,6 +52,28 @@ pub fn linear_groups(rows: usize) -> usize {
         groups *= 2;
     }
     groups
+}
+
+/// Groups a linear map `d_in -> d_out` over `rows` splits its rows into: those of
+/// [`linear_groups`], or more when its weight is thin (few output tiles: a compression MLP's
+/// `1024 x 512`, a gate's `512 x 24`), up to [`TARGET_GRAD_TILES`] tiles in all with at
+/// least [`MIN_THIN_GROUP_ROWS`] rows per group (a power of two dividing `rows`, at most
+/// [`MAX_LINEAR_GROUPS`]; 1 when grouping is off).
+pub fn linear_groups_for(rows: usize, d_in: usize, d_out: usize) -> usize {
+    let base = linear_groups(rows);
+    if !grouping_on() {
+        return base;
+    }
+    let tiles = d_in.div_ceil(128) * d_out.div_ceil(128);
+    let mut groups = 1;
+    while groups * 2 <= MAX_LINEAR_GROUPS
+        && rows.is_multiple_of(groups * 2)
+        && rows / (groups * 2) >= MIN_THIN_GROUP_ROWS
+        && groups * 2 * tiles <= TARGET_GRAD_TILES
+    {
+        groups *= 2;
+    }
+    base.max(groups)
 }
 
 /// Rows a per-column vector is repeated over: the largest power of two up to
@@ -78,7 +105,7 @@ pub fn linear_rows<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option
         assert_eq!(b.dims(), [d_out], "linear: bias must be [{d_out}], got {:?}", b.dims());
     }
     let rows: usize = dims[..D - 1].iter().product();
-    let groups = linear_groups(rows);
+    let groups = linear_groups_for(rows, d_in, d_out);
     if groups == 1 {
         return burn::tensor::module::linear(x, weight, bias);
     }
@@ -139,6 +166,13 @@ mod tests {
         assert_eq!(linear_groups(4095), 1);
         assert_eq!(linear_groups(2048 * 3 * 4), 8);
         assert_eq!(linear_groups(1 << 20), MAX_LINEAR_GROUPS);
+        // Thin weights split further: 2 x 1 tiles reach 64 groups of 256 rows, a 1024 x 512
+        // weight (32 tiles) 8 groups; a wide one keeps the base count.
+        assert_eq!(linear_groups_for(16384, 512, 24), 64);
+        assert_eq!(linear_groups_for(2048, 1024, 512), 8);
+        assert_eq!(linear_groups_for(2046, 256, 64), 2);
+        assert_eq!(linear_groups_for(32768, 512, 1280), 16);
+        assert_eq!(linear_groups_for(100, 512, 24), 1);
         assert_eq!(column_group(48), 16);
         assert_eq!(column_group(7), 1);
         assert_eq!(column_group(1 << 12), 64);

@@ -134,18 +134,104 @@ impl CompressionMlp {
         if dx != d {
             return shape_err("x", format!("head_dim {dx} differs from the compression MLP's {d}"));
         }
+        if block.is_multiple_of(stride) && num_compressed(x.dims()[2], block, stride) > 0 {
+            return Ok(self.forward_chunks(x, stride));
+        }
         let w = compression_windows(x, block, stride)?;
         let n = w.dims()[2];
         let pe = self.pos_emb.val().reshape([1, 1, 1, block, d]).expand([b, h, n, block, d]);
         let flat = (w + pe).reshape([b, h, n, block * d]);
         Ok(crate::rows::grouped_linear(&self.fc2, gelu(crate::rows::grouped_linear(&self.fc1, flat))))
     }
+
+    /// [`Self::forward`] when the window is `m = block / stride` whole stride-chunks, without
+    /// building the windows. Window `i` is chunks `i .. i + m`, so its first layer is
+    /// `sum_j chunk_{i+j} W1_j + (pos_emb W1 + b1)` with `W1_j` the rows of `W1` that read
+    /// chunk `j` of a window: one product of every chunk with `[W1_0 | .. | W1_{m-1}]`
+    /// (`stride * d -> m * hidden`), then `m` shifted slices added. The products have `m`
+    /// times more output tiles and an `m` times shorter inner dimension than the windows'
+    /// `block * d -> hidden` (Burn's matmul ran that shape at under 10 TFLOP/s on an H200),
+    /// and the windows (each key `m` times) are never copied. The second layer runs over the
+    /// `n + m - 1` chunk rows (the last `m - 1` are not windows and are dropped after), so
+    /// its row count keeps the chunks' powers of two for the weight-gradient split.
+    fn forward_chunks(&self, x: Tensor<4>, stride: usize) -> Tensor<4> {
+        let [block, d] = self.pos_emb.dims();
+        let [b, h, s, _] = x.dims();
+        let m = block / stride;
+        let n = num_compressed(s, block, stride);
+        let n_chunks = n + m - 1;
+        let w1 = self.fc1.weight.val();
+        let hidden = w1.dims()[1];
+        let chunks = x.slice([0..b, 0..h, 0..n_chunks * stride, 0..d]).reshape([b, h, n_chunks, stride * d]);
+        let w_cat = w1.clone().reshape([m, stride * d, hidden]).swap_dims(0, 1).reshape([stride * d, m * hidden]);
+        let y = crate::rows::linear_rows(chunks, w_cat, None).reshape([b, h, n_chunks, m, hidden]);
+        // Row i of the sum is window i for i < n; the rows after are padding.
+        let mut first = y.clone().slice([0..b, 0..h, 0..n_chunks, 0..1, 0..hidden]).reshape([b, h, n_chunks, hidden]);
+        for j in 1..m {
+            let part = y.clone().slice([0..b, 0..h, j..n_chunks, j..j + 1, 0..hidden]).reshape([b, h, n_chunks - j, hidden]);
+            let pad = Tensor::<4>::zeros([b, h, j, hidden], (&part.device(), part.dtype()));
+            first = first + Tensor::cat(vec![part, pad], 2);
+        }
+        let mut shift = self.pos_emb.val().reshape([1, block * d]).matmul(w1).reshape([hidden]);
+        if let Some(b1) = &self.fc1.bias {
+            shift = shift + b1.val();
+        }
+        let hidden_act = gelu(crate::rows::shift_columns(first, shift));
+        crate::rows::grouped_linear(&self.fc2, hidden_act).slice([0..b, 0..h, 0..n, 0..d])
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::{DType, Device, TensorData};
+
+    /// The chunk products give the windows' MLP output and every gradient (input, position
+    /// embedding, both layers' weights and biases), in f64, for block = 2 and 4 strides and a
+    /// sequence whose tail is not a whole chunk.
+    #[test]
+    fn chunk_products_equal_the_window_mlp() {
+        let device = Device::flex().autodiff();
+        for (block, stride, s) in [(8usize, 4usize, 23usize), (8, 2, 20), (4, 4, 17)] {
+            let (b, h, d) = (2usize, 3usize, 5usize);
+            let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
+            let p2 = |shape: [usize; 2]| Param::from_tensor(Tensor::<2>::random(shape, dist, (&device, DType::F64)));
+            let p1 = |n: usize| Some(Param::from_tensor(Tensor::<1>::random([n], dist, (&device, DType::F64))));
+            let mlp = CompressionMlp {
+                pos_emb: p2([block, d]),
+                fc1: Linear { weight: p2([block * d, 7]), bias: p1(7) },
+                fc2: Linear { weight: p2([7, d]), bias: p1(d) },
+            };
+            let x = Tensor::<4>::random([b, h, s, d], dist, (&device, DType::F64)).require_grad();
+            let n = num_compressed(s, block, stride);
+            let w = Tensor::<4>::random([b, h, n, d], dist, (&device, DType::F64));
+            // The window formulation, written out.
+            let windows = compression_windows(x.clone(), block, stride).unwrap();
+            let pe = mlp.pos_emb.val().reshape([1, 1, 1, block, d]).expand([b, h, n, block, d]);
+            let want = mlp.fc2.forward(gelu(mlp.fc1.forward((windows + pe).reshape([b, h, n, block * d]))));
+            let got = mlp.forward(x.clone(), stride).unwrap();
+            let g_want = (want.clone() * w.clone()).sum().backward();
+            let g_got = (got.clone() * w).sum().backward();
+            let vals = |t: Tensor<4>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            let close = |a: Vec<f64>, e: Vec<f64>, what: &str| {
+                assert_eq!(a.len(), e.len(), "{what}");
+                for (i, (a, e)) in a.iter().zip(&e).enumerate() {
+                    assert!((a - e).abs() <= 1e-12 * (1.0 + e.abs()), "{what} [{i}] (block {block}, stride {stride}): {a} vs {e}");
+                }
+            };
+            close(vals(got), vals(want), "output");
+            close(vals(x.grad(&g_got).unwrap()), vals(x.grad(&g_want).unwrap()), "d x");
+            let flat2 = |t: Tensor<2>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            let flat1 = |t: Tensor<1>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            let pe = mlp.pos_emb.val();
+            close(flat2(pe.grad(&g_got).unwrap()), flat2(pe.grad(&g_want).unwrap()), "d pos_emb");
+            for (layer, what) in [(&mlp.fc1, "fc1"), (&mlp.fc2, "fc2")] {
+                let (wt, bias) = (layer.weight.val(), layer.bias.as_ref().unwrap().val());
+                close(flat2(wt.grad(&g_got).unwrap()), flat2(wt.grad(&g_want).unwrap()), what);
+                close(flat1(bias.grad(&g_got).unwrap()), flat1(bias.grad(&g_want).unwrap()), what);
+            }
+        }
+    }
 
     /// Both ways of building the windows (chunk slices when the block is a multiple of the
     /// stride, an index gather otherwise) give window `i` = keys `i * stride ..
