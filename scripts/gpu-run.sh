@@ -83,13 +83,21 @@ if has profile method_bench; then
 fi
 if has toylm toy-lm; then
   # TOYLM_RUNS: runs separated by ';', each `NAME ARGS...` (or TOYLM_ARGS for a single run).
+  # Kernels compiled by an earlier method of the same run are reused (CubeCL's compilation
+  # cache). TOYLM_PROFILE=1 adds CubeCL's kernel profile of each run, gzipped, as
+  # $OUT/prof-NAME.log.gz (sum a step with scripts/profile_summary.py --categories; the
+  # profiler serialises launches, so compare profiles with profiles).
   IFS=';' read -ra runs <<< "${TOYLM_RUNS:-cmp ${TOYLM_ARGS:-}}"
   for run in "${runs[@]}"; do
     read -r name args <<< "$run"
+    printf '[compilation]\ncache = true\n' > cubecl.toml
+    [ "${TOYLM_PROFILE:-0}" = 1 ] && printf '[profiling.logger]\nlevel = "basic"\nfile = "/tmp/prof-%s.log"\nappend = false\n' "$name" >> cubecl.toml
     step "toy-lm compare on CUDA ($name): $args" | tee "$OUT/toylm-$name.log"
     timeout ${TOYLM_TIMEOUT:-500} $bin/toy-lm compare --device cuda --out /tmp/$name $args 2>&1 \
       | grep -v "data: byte LM on" | tee -a "$OUT/toylm-$name.log" | grep -E "validation @|^\|"
     mkdir -p "$OUT/$name"; cp /tmp/$name/*.* "$OUT/$name/" 2>/dev/null
+    [ -f /tmp/prof-$name.log ] && gzip -c /tmp/prof-$name.log > "$OUT/prof-$name.log.gz"
+    rm -f cubecl.toml
   done
 fi
 true

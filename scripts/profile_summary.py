@@ -11,6 +11,9 @@ the launches into training steps by a marker kernel and sums the kernels of one 
 `--marker NAME --per-step K`: a step starts at every K-th launch of a kernel whose name
 starts with NAME (e.g. the attention forward, launched once per layer); the last complete
 step is summed (`--step I` picks another, 0-based). `--rows A:B` sums launches A..B instead.
+`--categories` adds the step's time and launch count per kind of kernel (this library's
+attention kernels, Burn's matmuls, reductions, element-wise, copies and slices, others by
+name), the breakdown docs/results/toy-lm-h200.md quotes.
 """
 import argparse
 import collections
@@ -38,6 +41,24 @@ def short(name):
     return head + " " + name[-8:] if head.startswith("MatmulEntry") else head
 
 
+ATTENTION = ("Fragment", "Mma", "Attn", "Delta", "SumKeyPieces", "SumPartials", "MergeSlots", "GatherTiles")
+
+
+def category(name):
+    """The kind of kernel a launch name belongs to."""
+    if name.startswith(ATTENTION):
+        return "attention"
+    if name.startswith("MatmulEntry"):
+        return "matmul"
+    if "Reduce" in name:
+        return "reduce"
+    if name.startswith(("ElemwiseFuse", "KernelBinop", "KernelScalarBinop", "UnaryFloat", "CastElement", "FullKernel")):
+        return "elementwise"
+    if name.startswith(("CopyKernel", "SliceKernel", "SliceAssignKernel", "GatherKernel", "SelectKernel", "SelectAssignKernel")):
+        return "copy/slice"
+    return "other: " + name.split("|")[0].split("_")[0].strip()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("log")
@@ -46,6 +67,7 @@ def main():
     ap.add_argument("--step", type=int)
     ap.add_argument("--rows")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--categories", action="store_true")
     a = ap.parse_args()
     rows = launches(a.log)
     if a.rows:
@@ -72,6 +94,14 @@ def main():
     print(f"{'ms':>9} {'share':>6} {'calls':>5}  kernel")
     for n, (c, v) in sorted(agg.items(), key=lambda x: -x[1][1])[: a.top]:
         print(f"{v:9.2f} {100 * v / total:5.1f}% {c:5d}  {n}")
+    if a.categories:
+        cats = collections.defaultdict(lambda: [0, 0.0])
+        for v, n in part:
+            cats[category(n)][0] += 1
+            cats[category(n)][1] += v
+        print(f"\n{'ms':>9} {'share':>6} {'calls':>5}  category")
+        for n, (c, v) in sorted(cats.items(), key=lambda x: -x[1][1]):
+            print(f"{v:9.2f} {100 * v / total:5.1f}% {c:5d}  {n}")
 
 
 if __name__ == "__main__":
