@@ -122,7 +122,7 @@ pub fn nsa_block_scores(
     k_cmp: &Handle,
     lse: &Handle,
 ) -> Result<Handle, KernelError> {
-    if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
+    if p.heads_kv == 0 || !p.heads_q.is_multiple_of(p.heads_kv) {
         return Err(crate::invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv)));
     }
     if p.row0 + p.rows > p.seq_q {

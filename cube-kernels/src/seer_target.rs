@@ -59,7 +59,7 @@ pub fn block_max_uses_fragment(client: &Client, dtype: AttnDtype, p: &BlockMaxPr
 /// seq_k, head_dim]`) under the row LSE `lse` (f32 `[batch, heads_q, seq_q]`; `-inf` rows
 /// give 0); see the [module docs](self).
 pub fn seer_block_max(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem, q: &Handle, k: &Handle, lse: &Handle) -> Result<Handle, KernelError> {
-    if p.heads_kv == 0 || p.heads_q % p.heads_kv != 0 {
+    if p.heads_kv == 0 || !p.heads_q.is_multiple_of(p.heads_kv) {
         return Err(crate::invalid("heads_kv", format!("must divide heads_q ({}), got {}", p.heads_q, p.heads_kv)));
     }
     if p.block == 0 || p.head_dim == 0 {
