@@ -47,8 +47,14 @@ pub fn linear_groups(rows: usize) -> usize {
     if !grouping_on() {
         return 1;
     }
+    power_of_two_split(rows, LINEAR_GROUP_ROWS, MAX_LINEAR_GROUPS)
+}
+
+/// The largest power of two `g <= max_groups` that divides `rows` with `rows / g >= min_rows`
+/// (at least 1).
+fn power_of_two_split(rows: usize, min_rows: usize, max_groups: usize) -> usize {
     let mut groups = 1;
-    while groups * 2 <= MAX_LINEAR_GROUPS && rows.is_multiple_of(groups * 2) && rows / (groups * 2) >= LINEAR_GROUP_ROWS {
+    while groups * 2 <= max_groups && rows.is_multiple_of(groups * 2) && rows / (groups * 2) >= min_rows {
         groups *= 2;
     }
     groups
@@ -65,15 +71,7 @@ pub fn linear_groups_for(rows: usize, d_in: usize, d_out: usize) -> usize {
         return base;
     }
     let tiles = d_in.div_ceil(128) * d_out.div_ceil(128);
-    let mut groups = 1;
-    while groups * 2 <= MAX_LINEAR_GROUPS
-        && rows.is_multiple_of(groups * 2)
-        && rows / (groups * 2) >= MIN_THIN_GROUP_ROWS
-        && groups * 2 * tiles <= TARGET_GRAD_TILES
-    {
-        groups *= 2;
-    }
-    base.max(groups)
+    base.max(power_of_two_split(rows, MIN_THIN_GROUP_ROWS, MAX_LINEAR_GROUPS.min(TARGET_GRAD_TILES / tiles.max(1))))
 }
 
 /// Rows a per-column vector is repeated over: the largest power of two up to

@@ -186,6 +186,10 @@ mod tests {
     use super::*;
     use burn::tensor::{DType, Device, TensorData};
 
+    fn f64s<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+        t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()
+    }
+
     /// The chunk products give the windows' MLP output and every gradient (input, position
     /// embedding, both layers' weights and biases), in f64, for block = 2 and 4 strides and a
     /// sequence whose tail is not a whole chunk.
@@ -212,23 +216,20 @@ mod tests {
             let got = mlp.forward(x.clone(), stride).unwrap();
             let g_want = (want.clone() * w.clone()).sum().backward();
             let g_got = (got.clone() * w).sum().backward();
-            let vals = |t: Tensor<4>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
             let close = |a: Vec<f64>, e: Vec<f64>, what: &str| {
                 assert_eq!(a.len(), e.len(), "{what}");
                 for (i, (a, e)) in a.iter().zip(&e).enumerate() {
                     assert!((a - e).abs() <= 1e-12 * (1.0 + e.abs()), "{what} [{i}] (block {block}, stride {stride}): {a} vs {e}");
                 }
             };
-            close(vals(got), vals(want), "output");
-            close(vals(x.grad(&g_got).unwrap()), vals(x.grad(&g_want).unwrap()), "d x");
-            let flat2 = |t: Tensor<2>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
-            let flat1 = |t: Tensor<1>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            close(f64s(got), f64s(want), "output");
+            close(f64s(x.grad(&g_got).unwrap()), f64s(x.grad(&g_want).unwrap()), "d x");
             let pe = mlp.pos_emb.val();
-            close(flat2(pe.grad(&g_got).unwrap()), flat2(pe.grad(&g_want).unwrap()), "d pos_emb");
+            close(f64s(pe.grad(&g_got).unwrap()), f64s(pe.grad(&g_want).unwrap()), "d pos_emb");
             for (layer, what) in [(&mlp.fc1, "fc1"), (&mlp.fc2, "fc2")] {
                 let (wt, bias) = (layer.weight.val(), layer.bias.as_ref().unwrap().val());
-                close(flat2(wt.grad(&g_got).unwrap()), flat2(wt.grad(&g_want).unwrap()), what);
-                close(flat1(bias.grad(&g_got).unwrap()), flat1(bias.grad(&g_want).unwrap()), what);
+                close(f64s(wt.grad(&g_got).unwrap()), f64s(wt.grad(&g_want).unwrap()), what);
+                close(f64s(bias.grad(&g_got).unwrap()), f64s(bias.grad(&g_want).unwrap()), what);
             }
         }
     }
