@@ -50,6 +50,8 @@ pub(crate) struct Gathered {
     pub(crate) part: Handle,
     /// Partial LSEs, f32 `[B, Hq, Sq, cap]` (forward only; a placeholder for dQ).
     pub(crate) part_lse: Handle,
+    /// Whether `part_lse` holds the LSEs (the forward).
+    pub(crate) has_lse: bool,
 }
 
 /// Tile counts and partial buffers for a gathered pass with `bq` flat rows per cube.
@@ -82,7 +84,7 @@ pub(crate) fn prepare(
     let slots = p.batch * p.heads_q * p.seq_q * s.capacity;
     let part = client.empty((slots * p.head_dim * 4).max(4));
     let part_lse = client.empty(if forward { slots * 4 } else { 4 });
-    Gathered { work_off, max_tiles, part, part_lse }
+    Gathered { work_off, max_tiles, part, part_lse, has_lse: forward }
 }
 
 /// Merges the forward's partial results into `o` and `lse`.

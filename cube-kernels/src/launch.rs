@@ -126,8 +126,15 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
     let (off, w, windowed) = mask_params(p);
-    let mma = mma_spec(client, dtype, d)
-        .and_then(|spec| mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some()).map(|mp| (spec, mp)));
+    // Small row groups gather the rows that selected each key block on both tensor-core
+    // paths (see `gather`); the portable kernels take one list per cube.
+    let gather_sched = match (inputs.schedule, clean) {
+        (Some(s), Some(cs)) if gather::gathers(p, s) => Some((s, cs)),
+        _ => None,
+    };
+    let mma = mma_spec(client, dtype, d).and_then(|spec| {
+        mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some(), gather_sched.is_some()).map(|mp| (spec, mp))
+    });
     let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
 
     let bias = BiasArgs::new(client, p, dtype, inputs);
@@ -182,57 +189,22 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
         }
     };
 
-    // Both paths take the same runtime arguments and mask flags; only the launch, the cube
-    // shape and the tiling constants differ.
-    macro_rules! launch {
-        ($kernel:path, $dim:expr, [$($tiling:expr),*]) => {
-            $kernel(
-                client,
-                grid(client, n_cubes),
-                $dim,
-                buf(inputs.q, rows * d),
-                buf(inputs.k, p.batch * p.heads_kv * p.seq_k * d),
-                buf(inputs.v, p.batch * p.heads_kv * p.seq_k * d),
-                buf(&bias.values, bias.len),
-                buf(&bias.thr_v, bias.thr_len),
-                buf(&bias.thr_i, bias.thr_len),
-                buf(sched_h, sched_len),
-                buf(do_h, do_len),
-                buf(delta_h, delta_len),
-                buf(lse, rows),
-                buf(out, rows * d),
-                shape.arg(),
-                $($tiling,)*
-                p.causal,
-                windowed,
-                bias.has_bias,
-                bias.has_thr,
-                inputs.schedule.is_some(),
-                bwd.is_some(),
-            )
-        };
-    }
     let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
+    let kv_len = p.batch * p.heads_kv * p.seq_k * d;
     if aligned && fragment_supported(client, dtype, d) {
         let mut cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
         cfg.pos_causal = pos_causal;
-        // Small row groups gather the rows that selected each key block (see `gather`).
-        let gathered = match (inputs.schedule, clean) {
-            (Some(s), Some(cs)) if gather::gathers(p, s) => {
-                cfg.planes = 4;
-                cfg.blocks = false;
-                cfg.gathered = true;
-                let inv = cs.inverted(client, p, s);
-                let g = gather::prepare(client, p, s, cs, inv, 16 * cfg.planes, bwd.is_none());
-                Some((s, cs, inv, g))
-            }
-            _ => None,
-        };
+        let gathered = gather_sched.map(|(s, cs)| {
+            cfg.planes = 4;
+            cfg.blocks = false;
+            cfg.gathered = true;
+            GatherLaunch::new(client, p, s, cs, 16 * cfg.planes, bwd.is_none())
+        });
         let rows_per_cube = 16 * cfg.planes;
         // Dense: row groups of one head, `rows_per_cube` queries each. Gathered: `n_chunks`
         // counts tiles per list.
         let (qb_f, n_rb_f, n_chunks_f) = match (inputs.schedule, &gathered) {
-            (Some(_), Some((_, _, _, g))) => (qb, n_rb, g.max_tiles),
+            (Some(_), Some(gl)) => (qb, n_rb, gl.g.max_tiles),
             (Some(_), None) => (qb, n_rb, (gh * qb).div_ceil(rows_per_cube)),
             (None, _) => (rows_per_cube, p.seq_q.div_ceil(rows_per_cube), 1),
         };
@@ -242,34 +214,9 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
         };
         let count = grid(client, n_cubes_f);
         let dim = CubeDim::new_2d(32, cfg.planes as u32);
-        let kv_len = p.batch * p.heads_kv * p.seq_k * d;
-        let n_bs = p.batch * (p.heads_q / gh);
-        let gather_dummy;
-        // (inverted offsets, inverted rows, tile offsets, partials, partial LSEs, key blocks)
-        let (inv_off_a, inv_rows_a, work_a, part_a, part_lse_a, n_kb) = match &gathered {
-            Some((s, cs, inv, g)) => {
-                let slots = rows * s.capacity;
-                (
-                    buf(&inv.offsets, n_bs * (cs.nkb + 1)),
-                    buf(&inv.rows, n_bs * cs.n_rows * s.capacity),
-                    buf(&g.work_off, n_bs * (cs.nkb + 1)),
-                    buf(&g.part, slots * d),
-                    buf(&g.part_lse, if bwd.is_none() { slots } else { 1 }),
-                    cs.nkb,
-                )
-            }
-            None => {
-                gather_dummy = dummy(client, 8);
-                (
-                    buf(&gather_dummy, 1),
-                    buf(&gather_dummy, 1),
-                    buf(&gather_dummy, 1),
-                    buf(&gather_dummy, 1),
-                    buf(&gather_dummy, 1),
-                    1,
-                )
-            }
-        };
+        let gather_dummy = dummy(client, 8);
+        let [inv_off_a, inv_rows_a, work_a, part_a, part_lse_a] = GatherLaunch::args(gathered.as_ref(), p, &gather_dummy);
+        let n_kb = gathered.as_ref().map_or(1, |gl| gl.cs.nkb);
         let frag_shape = RowsShape { query_block: qb_f, n_row_blocks: n_rb_f, n_chunks: n_chunks_f, n_kb, ..shape };
         match bwd {
             None => fragment::forward::fragment_forward_kernel::launch::<F>(
@@ -318,23 +265,135 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 cfg,
             ),
         }
-        if let Some((s, cs, _, g)) = &gathered {
-            match bwd {
-                None => gather::merge_forward::<F>(client, p, s, cs, g, out, lse),
-                Some(_) => gather::sum_dq::<F>(client, p, s, cs, g, out),
-            }
+        if let Some(gl) = &gathered {
+            gl.merge::<F>(client, p, out, bwd.is_none().then_some(lse));
         }
         return Ok(());
     }
     match mma {
-        Some((spec, mp)) => launch!(
-            mma::mma_rows_kernel::launch::<F, M>,
-            CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
-            [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
+        Some((spec, mp)) => {
+            let gathered = gather_sched.map(|(s, cs)| GatherLaunch::new(client, p, s, cs, 16 * mp.planes, bwd.is_none()));
+            let gather_dummy = dummy(client, 8);
+            let [inv_off_a, inv_rows_a, work_a, part_a, part_lse_a] = GatherLaunch::args(gathered.as_ref(), p, &gather_dummy);
+            let (mma_shape, n_cubes_m) = match &gathered {
+                Some(gl) => (
+                    RowsShape { n_chunks: gl.g.max_tiles, n_kb: gl.cs.nkb, ..shape },
+                    p.batch * (p.heads_q / gh) * gl.g.max_tiles,
+                ),
+                None => (shape, n_cubes),
+            };
+            mma::mma_rows_kernel::launch::<F, M>(
+                client,
+                grid(client, n_cubes_m),
+                CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                inv_off_a,
+                inv_rows_a,
+                work_a,
+                buf(do_h, do_len),
+                buf(delta_h, delta_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                part_a,
+                part_lse_a,
+                mma_shape.arg(),
+                mp.planes,
+                spec.plane / 16,
+                d,
+                mp.tile,
+                spec.mk,
+                dtype == AttnDtype::BF16,
+                p.causal,
+                windowed,
+                bias.has_bias,
+                bias.has_thr,
+                inputs.schedule.is_some() && gathered.is_none(),
+                gathered.is_some(),
+                bwd.is_some(),
+            );
+            if let Some(gl) = &gathered {
+                gl.merge::<F>(client, p, out, bwd.is_none().then_some(lse));
+            }
+        }
+        None => kernels::attn_rows_kernel::launch::<F>(
+            client,
+            grid(client, n_cubes),
+            CubeDim::new_1d(units as u32),
+            buf(inputs.q, rows * d),
+            buf(inputs.k, kv_len),
+            buf(inputs.v, kv_len),
+            buf(&bias.values, bias.len),
+            buf(&bias.thr_v, bias.thr_len),
+            buf(&bias.thr_i, bias.thr_len),
+            buf(sched_h, sched_len),
+            buf(do_h, do_len),
+            buf(delta_h, delta_len),
+            buf(lse, rows),
+            buf(out, rows * d),
+            shape.arg(),
+            units,
+            d,
+            plan.tile_k,
+            p.causal,
+            windowed,
+            bias.has_bias,
+            bias.has_thr,
+            inputs.schedule.is_some(),
+            bwd.is_some(),
         ),
-        None => launch!(kernels::attn_rows_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_k]),
     }
     Ok(())
+}
+
+/// A gathered query-major pass (see [`gather`]): the inverted schedule it walks, its tile
+/// offsets and partial buffers, and the merge after it. Both tensor-core paths use it.
+struct GatherLaunch<'a> {
+    s: &'a BlockSchedule,
+    cs: &'a CleanSchedule,
+    inv: &'a crate::schedule::Inverted,
+    g: gather::Gathered,
+}
+
+impl<'a> GatherLaunch<'a> {
+    /// Prepares a pass with `bq` rows per cube (`forward`: partial LSEs too).
+    fn new(client: &Client, p: &AttnProblem, s: &'a BlockSchedule, cs: &'a CleanSchedule, bq: usize, forward: bool) -> Self {
+        let inv = cs.inverted(client, p, s);
+        let g = gather::prepare(client, p, s, cs, inv, bq, forward);
+        Self { s, cs, inv, g }
+    }
+
+    /// The kernels' gathering buffers (inverted offsets, inverted rows, tile offsets,
+    /// partials, partial LSEs), or placeholders over `dummy` when not gathering.
+    fn args(this: Option<&Self>, p: &AttnProblem, dummy: &Handle) -> [BufferArg; 5] {
+        match this {
+            Some(gl) => {
+                let n_bs = p.batch * gl.s.sel_heads;
+                let slots = p.batch * p.heads_q * p.seq_q * gl.s.capacity;
+                [
+                    buf(&gl.inv.offsets, n_bs * (gl.cs.nkb + 1)),
+                    buf(&gl.inv.rows, n_bs * gl.cs.n_rows * gl.s.capacity),
+                    buf(&gl.g.work_off, n_bs * (gl.cs.nkb + 1)),
+                    buf(&gl.g.part, slots * p.head_dim),
+                    buf(&gl.g.part_lse, if gl.g.has_lse { slots } else { 1 }),
+                ]
+            }
+            None => std::array::from_fn(|_| buf(dummy, 1)),
+        }
+    }
+
+    /// Merges the partials into `out` (and `lse` for the forward).
+    fn merge<F: Float + CubeElement>(&self, client: &Client, p: &AttnProblem, out: &Handle, lse: Option<&Handle>) {
+        match lse {
+            Some(lse) => gather::merge_forward::<F>(client, p, self.s, self.cs, &self.g, out, lse),
+            None => gather::sum_dq::<F>(client, p, self.s, self.cs, &self.g, out),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -65,7 +65,7 @@ pub mod key_pieces;
 pub use keep::keep_threshold;
 pub use topk::{MAX_TOPK, row_topk};
 pub use key_order::{KeyOrder, key_last_rows, key_order};
-pub use seer_target::{BlockMaxProblem, block_max_uses_fragment, seer_block_max};
+pub use seer_target::{BlockMaxPath, BlockMaxProblem, block_max_path, seer_block_max};
 pub use nsa_scores::{BlockScorePath, BlockScoreProblem, block_score_path, nsa_block_scores};
 mod launch;
 mod plan;

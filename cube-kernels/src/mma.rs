@@ -19,6 +19,7 @@
 //! are padded by 16 bytes so neither the fragment loads nor these loops hit one bank. Tile skipping and schedule walking are the same as the portable
 //! kernels', so both paths visit exactly the same tiles.
 
+use crate::fragment::{RowsWalk, flat_row, list_slot, rows_cube, rows_cube_count};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
@@ -43,7 +44,7 @@ fn to_operand<M: Float>(x: f32, #[comptime] rne_bf16: bool) -> M {
 /// column-major when `b_col_major` (i.e. `B = X^T` for a row-major `X`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn mma_tile<M: Float>(
+pub(crate) fn mma_tile<M: Float>(
     a: &[M],
     a_off: usize,
     a_stride: u32,
@@ -120,10 +121,15 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     thr_v: &[f32],
     thr_i: &[i32],
     sched: &[i32],
+    inv_off: &[i32],
+    inv_rows: &[i32],
+    work_off: &[i32],
     d_o: &[F],
     delta: &[f32],
     lse: &mut [f32],
     out: &mut [F],
+    part: &mut [f32],
+    part_lse: &mut [f32],
     a: RowsArgs,
     #[comptime] planes: usize,
     #[comptime] lpr: usize,
@@ -136,13 +142,13 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     #[comptime] has_bias: bool,
     #[comptime] has_thr: bool,
     #[comptime] blocks: bool,
+    #[comptime] gathered: bool,
     #[comptime] backward: bool,
 ) {
     let off = a.off;
     let w = a.w;
     let scale = a.scale;
     let neg_inf = a.neg_inf;
-    let n_batch = a.n_batch as usize;
     let heads_q = a.heads_q as usize;
     let heads_kv = a.heads_kv as usize;
     let seq_q = a.seq_q as usize;
@@ -151,11 +157,13 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     let gh = a.group_heads as usize;
     let qb = a.query_block as usize;
     let n_rb = a.n_row_blocks as usize;
-    let n_chunks = a.n_chunks as usize;
     let cap = a.cap as usize;
     let key_block = a.key_block as usize;
     let n_gh = heads_q / gh;
     let bq = comptime!(planes * 16);
+    // The cube decode and row mapping are the fragment path's (same numbering, same
+    // gathering); only the planes and the mask flags matter to them.
+    let walk = comptime!(RowsWalk { planes, causal, windowed, gathered });
     // Padded row strides (operands +16 B, f32 +16 B) keep fragment loads and the per-row
     // scalar loops off a single shared-memory bank.
     let ld = comptime!(head_dim + 8);
@@ -170,7 +178,7 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     let u = UNIT_POS as usize;
     let nu = CUBE_DIM as usize;
     let cid = cube_linear();
-    let n_cubes = n_batch * n_gh * n_rb * n_chunks;
+    let n_cubes = rows_cube_count(&a, walk);
 
     let mut q_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
     let mut do_s = Shared::<[M]>::new_aligned_slice(do_len, 32usize);
@@ -185,30 +193,18 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
     let mut flag_s = Shared::<[u32]>::new_slice(bq * lpr);
 
     if cid < n_cubes {
-        let chunk = cid % n_chunks;
-        let r = (cid / n_chunks) % n_rb;
-        let g = (cid / (n_chunks * n_rb)) % n_gh;
-        let b = cid / (n_chunks * n_rb * n_gh);
-
-        let q0 = r * qb;
-        let nq = min(qb, seq_q - q0);
-        let n_group_rows = gh * nq;
-        let f0 = chunk * bq;
-        let f1 = min(f0 + bq, n_group_rows) - 1;
-        let mut cq_lo = q0;
-        let mut cq_hi = q0 + nq - 1;
-        if f0 / nq == f1 / nq {
-            cq_lo = q0 + f0 % nq;
-            cq_hi = q0 + f1 % nq;
-        }
-        let mut klo = 0i32;
-        let mut khi = seq_k as i32;
-        if causal {
-            khi = min(khi, cq_hi as i32 + off + 1);
-        }
-        if windowed {
-            klo = max(klo, cq_lo as i32 + off - w + 1);
-        }
+        let c = rows_cube(cid, &a, work_off, inv_off, inv_rows, walk);
+        let b = c.b;
+        let g = c.g;
+        let r = c.r;
+        let q0 = c.q0;
+        let nq = c.nq;
+        let n_group_rows = c.n_group_rows;
+        let f0 = c.f0;
+        let rows_base = c.rows_base;
+        let kbg = c.kbg;
+        let klo = c.klo;
+        let khi = c.khi;
         // Every row of a group reads the same kv head (group heads never straddle a GQA group).
         let hk = (g * gh) / (heads_q / heads_kv);
         let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
@@ -220,9 +216,8 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
             let d = idx % head_dim;
             let mut qv = 0.0f32;
             let mut dov = 0.0f32;
-            if flat < n_group_rows {
-                let h = g * gh + flat / nq;
-                let i = q0 + flat % nq;
+            let (okr, h, i, _) = flat_row(inv_rows, flat, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, gathered);
+            if okr {
                 let g_idx = ((b * heads_q + h) * seq_q + i) * head_dim + d;
                 qv = f32::cast_from(q[g_idx]);
                 if backward {
@@ -242,14 +237,7 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
         // lane `l` taking the columns `c` with `c % lpr == l / 16`.
         let sub = lane / 16;
         let rho = pl * 16 + lane % 16;
-        let flat = f0 + rho;
-        let row_valid = flat < n_group_rows;
-        let mut h = g * gh;
-        let mut i = q0;
-        if row_valid {
-            h = g * gh + flat / nq;
-            i = q0 + flat % nq;
-        }
+        let (row_valid, h, i, srow) = flat_row(inv_rows, f0 + rho, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, gathered);
         let hb = h / (heads_q / heads_b);
         let row = (b * heads_q + h) * seq_q + i;
         let bias_base = (b * heads_b + hb) * seq_k;
@@ -501,13 +489,19 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
             }
         }
 
-        // Finish: the row's lanes add their partial sums; lane 0 of the row publishes 1/l and
-        // writes the LSE; everyone writes the rows.
+        // Finish: the row's lanes add their partial sums; lane 0 of the row publishes 1/l,
+        // writes the LSE and, gathered, where the row's results go: this block's slot of the
+        // row's list (`flag_s` is free after the walk); everyone writes the rows.
         if !backward {
             red_s[rho * lpr + sub] = l_run;
         }
         sync_cube();
         if sub == 0 {
+            let mut at = row;
+            if gathered {
+                at = row * cap + list_slot(sched, ((b * n_gh + g) * n_rb + srow) * cap, cap, kbg);
+                flag_s[rho] = at as u32;
+            }
             if backward {
                 row_s[rho] = 1.0f32;
             } else {
@@ -515,15 +509,17 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
                 for x in 0..lpr {
                     l_tot += red_s[rho * lpr + x];
                 }
+                let mut lv = neg_inf;
+                row_s[rho] = 0.0f32;
                 if l_tot > 0.0f32 {
                     row_s[rho] = 1.0f32 / l_tot;
-                    if row_valid {
-                        lse[row] = m_run + l_tot.ln();
-                    }
-                } else {
-                    row_s[rho] = 0.0f32;
-                    if row_valid {
-                        lse[row] = neg_inf;
+                    lv = m_run + l_tot.ln();
+                }
+                if row_valid {
+                    if gathered {
+                        part_lse[at] = lv;
+                    } else {
+                        lse[row] = lv;
                     }
                 }
             }
@@ -531,12 +527,16 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
         sync_cube();
         let mut idx4 = u;
         while idx4 < bq * head_dim {
-            let f = f0 + idx4 / head_dim;
-            if f < n_group_rows {
-                let hh = g * gh + f / nq;
-                let ii = q0 + f % nq;
-                let g_idx = ((b * heads_q + hh) * seq_q + ii) * head_dim + idx4 % head_dim;
-                out[g_idx] = F::cast_from(acc_s[(idx4 / head_dim) * lacc + idx4 % head_dim] * row_s[idx4 / head_dim]);
+            let rr = idx4 / head_dim;
+            let col = idx4 % head_dim;
+            let (okw, hh, ii, _) = flat_row(inv_rows, f0 + rr, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, gathered);
+            if okw {
+                let val = acc_s[rr * lacc + col] * row_s[rr];
+                if gathered {
+                    part[flag_s[rr] as usize * head_dim + col] = val;
+                } else {
+                    out[((b * heads_q + hh) * seq_q + ii) * head_dim + col] = F::cast_from(val);
+                }
             }
             idx4 += nu;
         }

@@ -16,10 +16,16 @@
 //!   64-row K tile: `S = Q Kc^T` on the tensor cores, the probabilities into shared memory,
 //!   then each (query, block) of the tile is summed over the group's heads and the block's
 //!   windows and written once. Memory traffic is the K tiles and the block scores.
+//! - [`nsa_scores_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal where
+//!   the device reports them): the same cube, tiles and sums, with `S` computed by `cmma`
+//!   into shared memory and turned into probabilities there.
 //! - [`nsa_scores_scalar_kernel`] (every runtime): one unit per (query, block), dot products
-//!   in f32; the portable path and the oracle of the fragment kernel's GPU tests.
+//!   in f32; the portable path and the oracle of the tensor-core kernels' GPU tests.
 
+use crate::caps::{MmaSpec, mma_spec};
 use crate::fragment::{V2, V8, fast_exp, load_a, product_abt};
+use crate::mma::mma_tile;
+use crate::plan::{MMA_SMEM_SLACK, mma_max_planes, mma_smem_limit};
 use crate::kernels::{cube_linear, unit_linear};
 use crate::launch::buf;
 use crate::plan::{grid, per_unit_launch};
@@ -68,6 +74,8 @@ pub struct BlockScoreProblem {
 pub enum BlockScorePath {
     /// [`nsa_scores_fragment_kernel`].
     Fragment,
+    /// [`nsa_scores_mma_kernel`] (f32 inputs multiply in TF32).
+    TensorCore,
     /// [`nsa_scores_scalar_kernel`].
     Scalar,
 }
@@ -104,11 +112,23 @@ fn overlap_range(j0: usize, n: usize, p: &BlockScoreProblem) -> (usize, usize) {
 /// The kernel [`nsa_block_scores`] picks for this device, dtype and problem.
 pub fn block_score_path(client: &Client, dtype: AttnDtype, p: &BlockScoreProblem) -> BlockScorePath {
     let group = p.heads_q / p.heads_kv.max(1);
-    if crate::caps::fragment_supported(client, dtype, p.head_dim) && group <= CUBE_ROWS && blocks_per_tile(p) > 0 {
+    if group > CUBE_ROWS || blocks_per_tile(p) == 0 {
+        BlockScorePath::Scalar
+    } else if crate::caps::fragment_supported(client, dtype, p.head_dim) {
         BlockScorePath::Fragment
+    } else if mma_scores_spec(client, dtype, p).is_some() {
+        BlockScorePath::TensorCore
     } else {
         BlockScorePath::Scalar
     }
+}
+
+/// The cooperative-matrix spec when that kernel fits here: 4 planes, Q and K tiles of 64
+/// rows, the 64 x 64 scores.
+fn mma_scores_spec(client: &Client, dtype: AttnDtype, p: &BlockScoreProblem) -> Option<MmaSpec> {
+    let spec = mma_spec(client, dtype, p.head_dim)?;
+    let bytes = spec.op_size * 2 * CUBE_ROWS * (p.head_dim + 8) + 4 * CUBE_ROWS * (CUBE_ROWS + 4) + MMA_SMEM_SLACK;
+    (mma_max_planes(client, &spec) >= CUBE_ROWS / 16 && bytes <= mma_smem_limit(client)).then_some(spec)
 }
 
 /// Selection-block scores f32 `[batch, heads_kv, rows, n_sel]` (see the [module docs](self))
@@ -144,7 +164,15 @@ pub fn nsa_block_scores(
     }
     let path = block_score_path(client, dtype, p);
     let aligned = crate::caps::vector_aligned(&[q, k_cmp]);
+    let spec = if path == BlockScorePath::TensorCore || (path == BlockScorePath::Fragment && !aligned) {
+        mma_scores_spec(client, dtype, p)
+    } else {
+        None
+    };
     match dtype {
+        AttnDtype::F32 if spec.is_some() => launch_mma::<f32, cubecl::tf32>(client, p, spec.unwrap(), q, k_cmp, lse, &out),
+        AttnDtype::F16 if spec.is_some() => launch_mma::<f16, f16>(client, p, spec.unwrap(), q, k_cmp, lse, &out),
+        AttnDtype::BF16 if spec.is_some() => launch_mma::<bf16, bf16>(client, p, spec.unwrap(), q, k_cmp, lse, &out),
         AttnDtype::F32 => launch_scalar::<f32>(client, p, q, k_cmp, lse, &out),
         AttnDtype::F16 if path == BlockScorePath::Fragment && aligned => launch_fragment::<f16>(client, p, q, k_cmp, lse, &out),
         AttnDtype::BF16 if path == BlockScorePath::Fragment && aligned => launch_fragment::<bf16>(client, p, q, k_cmp, lse, &out),
@@ -210,7 +238,35 @@ fn launch_fragment<F: Float + CubeElement>(client: &Client, p: &BlockScoreProble
     );
 }
 
-/// The runtime arguments of both kernels (see [`BlockScoreProblem`]).
+fn launch_mma<F: Float + CubeElement, M: Float>(
+    client: &Client,
+    p: &BlockScoreProblem,
+    spec: MmaSpec,
+    q: &Handle,
+    k: &Handle,
+    lse: &Handle,
+    out: &Handle,
+) {
+    let group = p.heads_q / p.heads_kv;
+    let per_cube = (CUBE_ROWS / group).max(1);
+    let n_cubes = p.batch * p.heads_kv * p.rows.div_ceil(per_cube);
+    let a = int_args(p);
+    nsa_scores_mma_kernel::launch::<F, M>(
+        client,
+        grid(client, n_cubes),
+        CubeDim::new_2d(spec.plane as u32, (CUBE_ROWS / 16) as u32),
+        buf(q, p.batch * p.heads_q * p.seq_q * p.head_dim),
+        buf(k, p.batch * p.heads_kv * p.n_cmp * p.head_dim),
+        buf(lse, p.batch * p.heads_q * p.seq_q),
+        buf(out, p.batch * p.heads_kv * p.rows * p.n_sel),
+        ScoreArgsLaunch::new(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], p.pos0 as i32, p.scale, f32::INFINITY),
+        blocks_per_tile(p) as u32,
+        p.head_dim,
+        spec.mk,
+    );
+}
+
+/// The runtime arguments of the kernels (see [`BlockScoreProblem`]).
 #[derive(CubeLaunch, CubeType)]
 pub struct ScoreArgs {
     batch: u32,
@@ -484,6 +540,149 @@ pub fn nsa_scores_fragment_kernel<F: Float>(
                             let mut sum = 0.0f32;
                             for h in 0..g {
                                 sum += p_s[(tl * g + h) * bq + col];
+                            }
+                            score += w * sum;
+                        }
+                    }
+                    out[((b * a.heads_kv as usize + hk) * a.rows as usize + t) * a.n_sel as usize + j as usize] = rule_offset(score, j, pos, &a);
+                }
+                it += nu;
+            }
+            if busy {
+                sync_cube();
+            }
+            j0 += jt;
+        }
+    }
+}
+
+/// The cube of [`nsa_scores_fragment_kernel`] (64 rows: the group's heads of `64 / group`
+/// consecutive queries; tiles of `jt` selection blocks) on cooperative matrices: Q and each
+/// range of compressed keys staged in the operand type `M`, `S = Q Kc^T` by `cmma` into
+/// shared memory (plane `p` computes rows `16 p ..`), turned into probabilities in place by
+/// every unit, then summed per (query, block) exactly as the fragment kernel does.
+#[cube(launch)]
+pub fn nsa_scores_mma_kernel<F: Float, M: Float>(
+    q: &[F],
+    k: &[F],
+    lse: &[f32],
+    out: &mut [f32],
+    a: ScoreArgs,
+    jt: u32,
+    #[comptime] head_dim: usize,
+    #[comptime] mk: usize,
+) {
+    let bq = comptime!(CUBE_ROWS);
+    let ld = comptime!(head_dim + 8);
+    let ls = comptime!(CUBE_ROWS + 4);
+    let u = UNIT_POS as usize;
+    let nu = CUBE_DIM as usize;
+    let pl = UNIT_POS_Y as usize;
+    let g = (a.heads_q / a.heads_kv) as usize;
+    let per_cube = max(bq / g, 1usize);
+    let n_tc = (a.rows as usize + per_cube - 1) / per_cube;
+    let cid = cube_linear();
+    let n_cubes = (a.batch * a.heads_kv) as usize * n_tc;
+
+    let mut q_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
+    let mut k_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
+    let mut p_s = Shared::<[f32]>::new_aligned_slice(bq * ls, 32usize);
+
+    if cid < n_cubes {
+        let tc = cid % n_tc;
+        let bh = cid / n_tc;
+        let b = bh / a.heads_kv as usize;
+        let hk = bh % a.heads_kv as usize;
+        let t_first = tc * per_cube;
+        let t_end = min(t_first + per_cube, a.rows as usize);
+        let pos_hi = a.pos0 + (a.row0 as usize + t_end - 1) as i32;
+
+        // Q rows: flat row f is query t_first + f / g, head hk * g + f % g.
+        let mut idx = u;
+        while idx < bq * head_dim {
+            let f = idx / head_dim;
+            let c = idx % head_dim;
+            let t = t_first + f / g;
+            let mut val = 0.0f32;
+            if f / g < per_cube && t < t_end {
+                let qh = hk * g + f % g;
+                val = f32::cast_from(q[((b * a.heads_q as usize + qh) * a.seq_q as usize + a.row0 as usize + t) * head_dim + c]);
+            }
+            q_s[f * ld + c] = M::cast_from(val);
+            idx += nu;
+        }
+        let kv_base = (b * a.heads_kv as usize + hk) * a.n_cmp as usize;
+        let n_items = per_cube * jt as usize;
+
+        let mut j0 = 0u32;
+        while j0 < a.n_sel {
+            let (c_lo, _) = block_windows(j0, &a);
+            let (_, hi_last) = block_windows(min(j0 + jt, a.n_sel) - 1, &a);
+            // Windows visible to the cube's last query bound the staged range.
+            let mut c_hi = 0u32;
+            if pos_hi + 1 >= a.cmp_block as i32 {
+                c_hi = min(hi_last, ((pos_hi + 1 - a.cmp_block as i32) as u32) / a.cmp_stride + 1);
+            }
+            let busy = pos_hi >= 0 && (j0 * a.sel_block) as i32 <= pos_hi && c_hi > c_lo;
+            if busy {
+                let mut idx2 = u;
+                while idx2 < bq * head_dim {
+                    let r = idx2 / head_dim;
+                    let ci = c_lo as usize + r;
+                    let mut val = 0.0f32;
+                    if ci < c_hi as usize {
+                        val = f32::cast_from(k[(kv_base + ci) * head_dim + idx2 % head_dim]);
+                    }
+                    k_s[r * ld + idx2 % head_dim] = M::cast_from(val);
+                    idx2 += nu;
+                }
+                sync_cube();
+                for n in 0..comptime!(CUBE_ROWS / 16) {
+                    mma_tile::<M>(&q_s, pl * 16 * ld, ld as u32, &k_s, n * 16 * ld, ld as u32, &mut p_s, pl * 16 * ls + n * 16, ls as u32, head_dim, mk, true, false);
+                }
+                sync_cube();
+                // Scores to probabilities in place: row f's LSE (0 for rows without one),
+                // masked to the windows the row's query sees.
+                let mut e = u;
+                while e < bq * bq {
+                    let f = e / bq;
+                    let cc = e % bq;
+                    let t = t_first + f / g;
+                    let ci = c_lo + cc as u32;
+                    let mut pv = 0.0f32;
+                    if f / g < per_cube && t < t_end && ci < c_hi {
+                        let pos = a.pos0 + (a.row0 as usize + t) as i32;
+                        if window_visible(ci, pos, &a) {
+                            let mut l = lse[(b * a.heads_q as usize + hk * g + f % g) * a.seq_q as usize + a.row0 as usize + t];
+                            if l < -1.0e30f32 {
+                                l = 0.0f32;
+                            }
+                            pv = f32::exp(p_s[f * ls + cc] * a.scale - l);
+                        }
+                    }
+                    p_s[f * ls + cc] = pv;
+                    e += nu;
+                }
+                sync_cube();
+            }
+            // Each (query, block) of the tile: sum over the group's heads and the block's
+            // windows, then the selection rule; written once.
+            let mut it = u;
+            while it < n_items {
+                let tl = it / jt as usize;
+                let j = j0 + (it % jt as usize) as u32;
+                let t = t_first + tl;
+                if t < t_end && j < a.n_sel {
+                    let pos = a.pos0 + (a.row0 as usize + t) as i32;
+                    let mut score = 0.0f32;
+                    if busy {
+                        let (lo, hi) = block_windows(j, &a);
+                        for i in lo..min(hi, c_hi) {
+                            let w = overlap_weight(i, j, &a);
+                            let col = (i - c_lo) as usize;
+                            let mut sum = 0.0f32;
+                            for h in 0..g {
+                                sum += p_s[(tl * g + h) * ls + col];
                             }
                             score += w * sum;
                         }

@@ -88,16 +88,22 @@ pub(crate) fn mma_max_planes(client: &Client, spec: &MmaSpec) -> usize {
     (hw.max_units_per_cube as usize / spec.plane).min(hw.max_cube_dim.1 as usize).clamp(0, 4)
 }
 
-/// Shape of the query-major tensor-core kernel (`backward`: the dQ pass), largest first.
+/// Shape of the query-major tensor-core kernel (`backward`: the dQ pass; `gathered`: cubes
+/// fill their rows from the inverted schedule, so a list's row count does not bound them),
+/// largest first.
 pub(crate) fn mma_rows_plan(
     client: &Client,
     p: &AttnProblem,
     sched: Option<&BlockSchedule>,
     spec: &MmaSpec,
     backward: bool,
+    gathered: bool,
 ) -> Option<MmaPlan> {
     let d = p.head_dim;
-    let rows = sched.map_or(64, |s| p.heads_q / s.sel_heads * s.query_block);
+    let rows = match sched {
+        Some(s) if !gathered => p.heads_q / s.sel_heads * s.query_block,
+        _ => 64,
+    };
     let max_planes = rows.div_ceil(16).clamp(1, 4).min(mma_max_planes(client, spec));
     let max_tile = sched.map_or(64, |s| s.key_block.next_multiple_of(16).clamp(16, 64));
     let limit = mma_smem_limit(client);

@@ -8,11 +8,17 @@
 //!   holds one query block in A fragments and walks the key blocks up to the diagonal:
 //!   `S = Q K^T` on the tensor cores, the masked probabilities' maximum per lane, then over
 //!   the plane and the cube, written once per block pair.
+//! - [`seer_block_max_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal
+//!   where the device reports them; blocks of 16, 32, 48 or 64): the same walk with `S`
+//!   computed by `cmma` into shared memory, then scanned by every unit of the cube.
 //! - [`seer_block_max_scalar_kernel`] (every runtime, any block size): one cube per block
 //!   pair, one unit per query row, f32 dot products; the portable path and the oracle of the
-//!   fragment kernel.
+//!   tensor-core kernels.
 
+use crate::caps::{MmaSpec, mma_spec};
 use crate::fragment::{V2, V8, fast_exp, load_a, product_abt};
+use crate::mma::mma_tile;
+use crate::plan::{MMA_SMEM_SLACK, mma_max_planes, mma_smem_limit};
 use crate::kernels::cube_linear;
 use crate::launch::buf;
 use crate::plan::grid;
@@ -49,9 +55,39 @@ impl BlockMaxProblem {
 /// Block size of the fragment kernel (one key tile, one cube of query rows).
 const FRAGMENT_BLOCK: usize = 64;
 
-/// Whether [`seer_block_max`] takes the fragment kernel here.
-pub fn block_max_uses_fragment(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem) -> bool {
-    p.block == FRAGMENT_BLOCK && crate::caps::fragment_supported(client, dtype, p.head_dim)
+/// Which kernel [`seer_block_max`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockMaxPath {
+    /// [`seer_block_max_fragment_kernel`] (register fragments).
+    Fragment,
+    /// [`seer_block_max_mma_kernel`] (cooperative matrices; f32 inputs multiply in TF32).
+    TensorCore,
+    /// [`seer_block_max_scalar_kernel`].
+    Scalar,
+}
+
+/// The kernel [`seer_block_max`] picks for this device, dtype and problem (16-byte aligned
+/// inputs assumed for the fragment kernel).
+pub fn block_max_path(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem) -> BlockMaxPath {
+    if p.block == FRAGMENT_BLOCK && crate::caps::fragment_supported(client, dtype, p.head_dim) {
+        BlockMaxPath::Fragment
+    } else if mma_block_max_spec(client, dtype, p).is_some() {
+        BlockMaxPath::TensorCore
+    } else {
+        BlockMaxPath::Scalar
+    }
+}
+
+/// The cooperative-matrix spec when that kernel can run `p`: a block of whole planes (16
+/// rows each, at most 4) and Q, K and S tiles within the shared memory budget.
+fn mma_block_max_spec(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem) -> Option<MmaSpec> {
+    let spec = mma_spec(client, dtype, p.head_dim)?;
+    let planes = p.block / 16;
+    if !p.block.is_multiple_of(16) || planes == 0 || planes > mma_max_planes(client, &spec) {
+        return None;
+    }
+    let bytes = spec.op_size * 2 * p.block * (p.head_dim + 8) + 4 * p.block * (p.block + 4) + 4 * (p.block + 4 * p.block) + MMA_SMEM_SLACK;
+    (bytes <= mma_smem_limit(client)).then_some(spec)
 }
 
 /// The block maxima f32 `[batch, heads_q, ceil(seq_q / block), ceil(seq_k / block)]` of the
@@ -75,10 +111,18 @@ pub fn seer_block_max(client: &Client, dtype: AttnDtype, p: &BlockMaxProblem, q:
     if total == 0 {
         return Ok(out);
     }
-    let frag = block_max_uses_fragment(client, dtype, p) && crate::caps::vector_aligned(&[q, k]);
+    let mut path = block_max_path(client, dtype, p);
+    if path == BlockMaxPath::Fragment && !crate::caps::vector_aligned(&[q, k]) {
+        path = if mma_block_max_spec(client, dtype, p).is_some() { BlockMaxPath::TensorCore } else { BlockMaxPath::Scalar };
+    }
+    let frag = path == BlockMaxPath::Fragment;
+    let spec = if path == BlockMaxPath::TensorCore { mma_block_max_spec(client, dtype, p) } else { None };
     match dtype {
         AttnDtype::F16 if frag => launch_fragment::<f16>(client, p, q, k, lse, &out),
         AttnDtype::BF16 if frag => launch_fragment::<bf16>(client, p, q, k, lse, &out),
+        AttnDtype::F16 if spec.is_some() => launch_mma::<f16, f16>(client, p, spec.unwrap(), q, k, lse, &out),
+        AttnDtype::BF16 if spec.is_some() => launch_mma::<bf16, bf16>(client, p, spec.unwrap(), q, k, lse, &out),
+        AttnDtype::F32 if spec.is_some() => launch_mma::<f32, cubecl::tf32>(client, p, spec.unwrap(), q, k, lse, &out),
         AttnDtype::F32 => launch_scalar::<f32>(client, p, q, k, lse, &out),
         AttnDtype::F16 => launch_scalar::<f16>(client, p, q, k, lse, &out),
         AttnDtype::BF16 => launch_scalar::<bf16>(client, p, q, k, lse, &out),
@@ -136,7 +180,33 @@ fn launch_fragment<F: Float + CubeElement>(client: &Client, p: &BlockMaxProblem,
     );
 }
 
-/// Runtime arguments of both kernels (see [`BlockMaxProblem`]).
+fn launch_mma<F: Float + CubeElement, M: Float>(
+    client: &Client,
+    p: &BlockMaxProblem,
+    spec: MmaSpec,
+    q: &Handle,
+    k: &Handle,
+    lse: &Handle,
+    out: &Handle,
+) {
+    let (nq, nk) = p.blocks();
+    let planes = p.block / 16;
+    seer_block_max_mma_kernel::launch::<F, M>(
+        client,
+        grid(client, p.batch * p.heads_q * nq),
+        CubeDim::new_2d(spec.plane as u32, planes as u32),
+        buf(q, p.batch * p.heads_q * p.seq_q * p.head_dim),
+        buf(k, p.batch * p.heads_kv * p.seq_k * p.head_dim),
+        buf(lse, p.batch * p.heads_q * p.seq_q),
+        buf(out, p.batch * p.heads_q * nq * nk),
+        args(p),
+        planes,
+        p.head_dim,
+        spec.mk,
+    );
+}
+
+/// Runtime arguments of the kernels (see [`BlockMaxProblem`]).
 #[derive(CubeLaunch, CubeType)]
 pub struct BlockMaxArgs {
     batch: u32,
@@ -344,6 +414,124 @@ pub fn seer_block_max_fragment_kernel<F: Float>(
                     out[out_base + kb] = max(max(red[0], red[1]), max(red[2], red[3]));
                 }
                 // Every plane is done with this key tile and the reduction slots.
+                sync_cube();
+            }
+        }
+    }
+}
+
+/// One cube per (batch, head, query block) of `16 * planes` rows, the block: Q staged once in
+/// the operand type `M`, then for each key block up to the diagonal `S = Q K^T` by
+/// cooperative matrices (plane `p` computes rows `16 p ..`) into shared memory, which every
+/// unit scans for the masked probabilities' maximum; the cube's maximum is written once per
+/// block pair. Same masks and `-inf` rule as the scalar kernel.
+#[cube(launch)]
+pub fn seer_block_max_mma_kernel<F: Float, M: Float>(
+    q: &[F],
+    k: &[F],
+    lse: &[f32],
+    out: &mut [f32],
+    a: BlockMaxArgs,
+    #[comptime] planes: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] mk: usize,
+) {
+    let bq = comptime!(planes * 16);
+    // Row strides padded by 16 bytes (operands) and 4 f32 (scores), as in `crate::mma`.
+    let ld = comptime!(head_dim + 8);
+    let ls = comptime!(planes * 16 + 4);
+    let u = UNIT_POS as usize;
+    let nu = CUBE_DIM as usize;
+    let pl = UNIT_POS_Y as usize;
+    let cid = cube_linear();
+    let n_cubes = (a.batch * a.heads_q * a.n_qb) as usize;
+
+    let mut q_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
+    let mut k_s = Shared::<[M]>::new_aligned_slice(bq * ld, 32usize);
+    let mut s_s = Shared::<[f32]>::new_aligned_slice(bq * ls, 32usize);
+    let mut lse_s = Shared::<[f32]>::new_slice(bq);
+    let mut red = Shared::<[f32]>::new_slice(comptime!(planes * 64));
+
+    if cid < n_cubes {
+        let qb = cid % a.n_qb as usize;
+        let bh = cid / a.n_qb as usize;
+        let b = bh / a.heads_q as usize;
+        let h = bh % a.heads_q as usize;
+        let hk = h / (a.heads_q / a.heads_kv) as usize;
+        let sq = a.seq_q as usize;
+        let sk = a.seq_k as usize;
+        let t_first = qb * bq;
+        let t_end = min(t_first + bq, sq);
+        let pos_hi = a.pos0 + (t_end - 1) as i32;
+        let qrow0 = (b * a.heads_q as usize + h) * sq;
+        let kv_base = (b * a.heads_kv as usize + hk) * sk;
+
+        let mut idx = u;
+        while idx < bq * head_dim {
+            let r = idx / head_dim;
+            let mut val = 0.0f32;
+            if t_first + r < t_end {
+                val = f32::cast_from(q[(qrow0 + t_first) * head_dim + idx]);
+            }
+            q_s[r * ld + idx % head_dim] = M::cast_from(val);
+            idx += nu;
+        }
+        // Rows past the sequence or without a visible key are skipped by their LSE.
+        let mut r = u;
+        while r < bq {
+            let mut l = comptime!(-3.0e38f32).runtime();
+            if t_first + r < t_end {
+                l = lse[qrow0 + t_first + r];
+            }
+            lse_s[r] = l;
+            r += nu;
+        }
+        let out_base = ((b * a.heads_q as usize + h) * a.n_qb as usize + qb) * a.n_kb as usize;
+
+        for kb in 0..a.n_kb as usize {
+            let j_first = kb * bq;
+            if pos_hi < j_first as i32 {
+                // Past the diagonal: no pair of the block is visible.
+                if u == 0 {
+                    out[out_base + kb] = 0.0f32;
+                }
+            } else {
+                let mut idx2 = u;
+                while idx2 < bq * head_dim {
+                    let r = idx2 / head_dim;
+                    let mut val = 0.0f32;
+                    if j_first + r < sk {
+                        val = f32::cast_from(k[(kv_base + j_first) * head_dim + idx2]);
+                    }
+                    k_s[r * ld + idx2 % head_dim] = M::cast_from(val);
+                    idx2 += nu;
+                }
+                sync_cube();
+                for n in 0..planes {
+                    mma_tile::<M>(&q_s, pl * 16 * ld, ld as u32, &k_s, n * 16 * ld, ld as u32, &mut s_s, pl * 16 * ls + n * 16, ls as u32, head_dim, mk, true, false);
+                }
+                sync_cube();
+                let mut m = 0.0f32;
+                let mut e = u;
+                while e < bq * bq {
+                    let r = e / bq;
+                    let j = j_first + e % bq;
+                    let l = lse_s[r];
+                    if l > -1.0e30f32 && j < sk && j as i32 <= a.pos0 + (t_first + r) as i32 {
+                        m = max(m, f32::exp(s_s[r * ls + e % bq] * a.scale - l));
+                    }
+                    e += nu;
+                }
+                red[u] = m;
+                sync_cube();
+                if u == 0 {
+                    let mut best = 0.0f32;
+                    for x in 0..nu {
+                        best = max(best, red[x]);
+                    }
+                    out[out_base + kb] = best;
+                }
+                // Every unit is done with this key tile, the scores and the reduction slots.
                 sync_cube();
             }
         }

@@ -64,7 +64,7 @@ pub fn fragment_forward_kernel<F: Float>(
     let pl = UNIT_POS_Y as usize;
     let u = pl * 32 + lane;
     let cid = cube_linear();
-    let n_cubes = rows_cube_count(&a, cfg);
+    let n_cubes = rows_cube_count(&a, comptime!(cfg.walk()));
 
     let mut q_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(bq * sr, 16usize);
     // Two stages of K/V: the copies of the next tile run while this one is multiplied.
@@ -74,7 +74,7 @@ pub fn fragment_forward_kernel<F: Float>(
     let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
     if cid < n_cubes {
-        let c = rows_cube(cid, &a, work_off, inv_off, inv_rows, cfg);
+        let c = rows_cube(cid, &a, work_off, inv_off, inv_rows, comptime!(cfg.walk()));
         let b = c.b;
         let g = c.g;
         let r = c.r;

@@ -70,6 +70,28 @@ pub struct FragmentConfig {
     pub pos_causal: bool,
 }
 
+impl FragmentConfig {
+    /// What the query-major cube decode reads of this configuration.
+    pub fn walk(&self) -> RowsWalk {
+        RowsWalk { planes: self.planes, causal: self.causal, windowed: self.windowed, gathered: self.gathered }
+    }
+}
+
+/// Compile-time flags of the query-major cube decode ([`rows_cube`]), shared by the fragment
+/// and cooperative-matrix kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RowsWalk {
+    /// Planes (16 rows each) per cube.
+    pub planes: usize,
+    /// Bottom-right causal mask.
+    pub causal: bool,
+    /// Sliding window.
+    pub windowed: bool,
+    /// One selected key block per cube, with the rows that selected it
+    /// ([`FragmentConfig::gathered`]).
+    pub gathered: bool,
+}
+
 /// The m16n8k16 definition with f32 accumulators.
 #[cube]
 pub(crate) fn mma_def<F: Float>() -> MmaDefinition<F, F, f32> {
@@ -413,7 +435,7 @@ pub(crate) fn masked_score<F: Float>(
 /// Cubes of a query-major fragment pass: `(batch, list group, row group, chunk)`, or
 /// `(batch, list group, tile)` when gathered (`n_chunks` then counts tiles per list).
 #[cube]
-pub(crate) fn rows_cube_count(a: &RowsArgs, #[comptime] cfg: FragmentConfig) -> usize {
+pub(crate) fn rows_cube_count(a: &RowsArgs, #[comptime] cfg: RowsWalk) -> usize {
     let n_gh = (a.heads_q / a.group_heads) as usize;
     let mut n = a.n_batch as usize * n_gh * a.n_row_blocks as usize * a.n_chunks as usize;
     if cfg.gathered {
@@ -458,7 +480,7 @@ pub(crate) fn rows_cube(
     work_off: &[i32],
     inv_off: &[i32],
     inv_rows: &[i32],
-    #[comptime] cfg: FragmentConfig,
+    #[comptime] cfg: RowsWalk,
 ) -> RowsCube {
     let seq_q = a.seq_q as usize;
     let seq_k = a.seq_k as usize;
