@@ -335,6 +335,54 @@ fn rule_offset(score: f32, j: u32, pos: i32, a: &ScoreArgs) -> f32 {
     s
 }
 
+/// The selection blocks `j0 .. j0 + jt` of queries `t_first .. t_end` a score cube is on,
+/// and the compressed tokens `c_lo .. c_hi` staged for them (`busy`: any staged).
+#[derive(CubeType)]
+struct ScoreTile {
+    j0: u32,
+    jt: u32,
+    t_first: usize,
+    t_end: usize,
+    c_lo: u32,
+    c_hi: u32,
+    busy: bool,
+}
+
+/// Each (query, block) of a tensor-core cube's tile: the probabilities of the group's heads
+/// (`p_s`, flat row `tl * g + h` at `stride`, column `i - c_lo`) summed over the heads and
+/// the block's windows through the overlap weights, then the selection rule; written once.
+/// Units `u, u + nu, ..` take the items.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_tile_scores(p_s: &[f32], stride: usize, out: &mut [f32], a: &ScoreArgs, tile: &ScoreTile, b: usize, hk: usize, g: usize, u: usize, nu: usize) {
+    let jt = tile.jt as usize;
+    let n_items = (tile.t_end - tile.t_first) * jt;
+    let mut it = u;
+    while it < n_items {
+        let tl = it / jt;
+        let j = tile.j0 + (it % jt) as u32;
+        let t = tile.t_first + tl;
+        if j < a.n_sel {
+            let pos = a.pos0 + (a.row0 as usize + t) as i32;
+            let mut score = 0.0f32;
+            if tile.busy {
+                let (lo, hi) = block_windows(j, a);
+                for i in lo..min(hi, tile.c_hi) {
+                    let w = overlap_weight(i, j, a);
+                    let col = (i - tile.c_lo) as usize;
+                    let mut sum = 0.0f32;
+                    for h in 0..g {
+                        sum += p_s[(tl * g + h) * stride + col];
+                    }
+                    score += w * sum;
+                }
+            }
+            out[((b * a.heads_kv as usize + hk) * a.rows as usize + t) * a.n_sel as usize + j as usize] = rule_offset(score, j, pos, a);
+        }
+        it += nu;
+    }
+}
+
 /// One unit per output (batch, kv head, row, block).
 #[cube(launch)]
 pub fn nsa_scores_scalar_kernel<F: Float>(q: &[F], k: &[F], lse: &[f32], out: &mut [f32], a: ScoreArgs, head_dim: u32) {
@@ -471,7 +519,6 @@ pub fn nsa_scores_fragment_kernel<F: Float>(
         }
         let mut s_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * kn));
         let kv_base = (b * a.heads_kv as usize + hk) * a.n_cmp as usize;
-        let n_items = per_cube * jt as usize;
 
         let mut j0 = 0u32;
         while j0 < a.n_sel {
@@ -522,32 +569,8 @@ pub fn nsa_scores_fragment_kernel<F: Float>(
                 }
                 sync_cube();
             }
-            // Each (query, block) of the tile: sum over the group's heads and the block's
-            // windows, then the selection rule; written once.
-            let mut it = u;
-            while it < n_items {
-                let tl = it / jt as usize;
-                let j = j0 + (it % jt as usize) as u32;
-                let t = t_first + tl;
-                if t < t_end && j < a.n_sel {
-                    let pos = a.pos0 + (a.row0 as usize + t) as i32;
-                    let mut score = 0.0f32;
-                    if busy {
-                        let (lo, hi) = block_windows(j, &a);
-                        for i in lo..min(hi, c_hi) {
-                            let w = overlap_weight(i, j, &a);
-                            let col = (i - c_lo) as usize;
-                            let mut sum = 0.0f32;
-                            for h in 0..g {
-                                sum += p_s[(tl * g + h) * bq + col];
-                            }
-                            score += w * sum;
-                        }
-                    }
-                    out[((b * a.heads_kv as usize + hk) * a.rows as usize + t) * a.n_sel as usize + j as usize] = rule_offset(score, j, pos, &a);
-                }
-                it += nu;
-            }
+            let tile = ScoreTile { j0, jt, t_first, t_end, c_lo, c_hi, busy };
+            write_tile_scores(&p_s, bq, out, &a, &tile, b, hk, g, u, nu);
             if busy {
                 sync_cube();
             }
@@ -612,7 +635,6 @@ pub fn nsa_scores_mma_kernel<F: Float, M: Float>(
             idx += nu;
         }
         let kv_base = (b * a.heads_kv as usize + hk) * a.n_cmp as usize;
-        let n_items = per_cube * jt as usize;
 
         let mut j0 = 0u32;
         while j0 < a.n_sel {
@@ -665,32 +687,8 @@ pub fn nsa_scores_mma_kernel<F: Float, M: Float>(
                 }
                 sync_cube();
             }
-            // Each (query, block) of the tile: sum over the group's heads and the block's
-            // windows, then the selection rule; written once.
-            let mut it = u;
-            while it < n_items {
-                let tl = it / jt as usize;
-                let j = j0 + (it % jt as usize) as u32;
-                let t = t_first + tl;
-                if t < t_end && j < a.n_sel {
-                    let pos = a.pos0 + (a.row0 as usize + t) as i32;
-                    let mut score = 0.0f32;
-                    if busy {
-                        let (lo, hi) = block_windows(j, &a);
-                        for i in lo..min(hi, c_hi) {
-                            let w = overlap_weight(i, j, &a);
-                            let col = (i - c_lo) as usize;
-                            let mut sum = 0.0f32;
-                            for h in 0..g {
-                                sum += p_s[(tl * g + h) * ls + col];
-                            }
-                            score += w * sum;
-                        }
-                    }
-                    out[((b * a.heads_kv as usize + hk) * a.rows as usize + t) * a.n_sel as usize + j as usize] = rule_offset(score, j, pos, &a);
-                }
-                it += nu;
-            }
+            let tile = ScoreTile { j0, jt, t_first, t_end, c_lo, c_hi, busy };
+            write_tile_scores(&p_s, ls, out, &a, &tile, b, hk, g, u, nu);
             if busy {
                 sync_cube();
             }
