@@ -350,17 +350,19 @@ pub fn piece_index_kernel(counts: &[i32], local: &[i32], first: &mut [i32], tile
     }
 }
 
-/// Sums each key tile's piece partials into the output, one unit per output element.
+/// Sums each key tile's piece partials into the output, one unit per `N` consecutive output
+/// elements of a row (`N = 4` for dK / dV, whose rows are `D` wide: a quarter of the units
+/// and their index arithmetic, and 16-byte loads; `N = 1` for dbias).
 /// Output `[lists, n_heads, seq_k, width]` (dK / dV: one head, `width = D`; dbias:
-/// `Hb / Hkv` heads, width 1); partials `[piece, n_heads, bk, width]`. With gathered keys
-/// slot `j` goes to row `kpos[j]`.
+/// `Hb / Hkv` heads, width 1); partials `[piece, n_heads, bk, width]`; `width` and `n_out`
+/// count vectors of `N`. With gathered keys slot `j` goes to row `kpos[j]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn sum_key_pieces_kernel<F: Float>(
-    parts: &[f32],
+pub fn sum_key_pieces_kernel<F: Float, N: Size>(
+    parts: &[Vector<f32, N>],
     first: &[i32],
     kpos: &[i32],
-    out: &mut [F],
+    out: &mut [Vector<F, N>],
     n_out: u32,
     n_heads: u32,
     seq_k: u32,
@@ -393,7 +395,7 @@ pub fn sum_key_pieces_kernel<F: Float>(
             t0 = kb * kbs + sub * bk;
         }
         let item = l * n_kt as usize + t;
-        let mut acc = 0.0f32;
+        let mut acc = Vector::<f32, N>::cast_from(0.0f32);
         for pc in first[item] as usize..first[item + 1] as usize {
             acc += parts[((pc * n_heads + hl) * bk + (j - t0)) * width + c];
         }
@@ -401,7 +403,12 @@ pub fn sum_key_pieces_kernel<F: Float>(
         if key_pos {
             row = kpos[l * seq_k + j] as usize;
         }
-        out[(lh * seq_k + row) * width + c] = F::cast_from(acc);
+        let mut o = Vector::<F, N>::empty();
+        #[unroll]
+        for x in 0..N::value() {
+            o.insert(x, F::cast_from(acc.extract(x)));
+        }
+        out[(lh * seq_k + row) * width + c] = o;
     }
 }
 
@@ -432,19 +439,21 @@ pub(crate) fn sum_pieces<F: Float + CubeElement>(
     }
     for (parts, out, n_heads, width, parts_len) in outs {
         let n_out = n_lists * n_heads * p.seq_k * width;
-        let (count, dim) = per_unit_launch(client, n_out);
+        let vec = if width % 4 == 0 { 4 } else { 1 };
+        let (count, dim) = per_unit_launch(client, n_out / vec);
         sum_key_pieces_kernel::launch::<F>(
             client,
             count,
             dim,
+            vec,
             buf(parts, parts_len),
             buf(&pieces.first, pieces.n_items + 1),
             buf(kpos_h, kpos_len),
             buf(out, n_out),
-            n_out as u32,
+            (n_out / vec) as u32,
             n_heads as u32,
             p.seq_k as u32,
-            width as u32,
+            (width / vec) as u32,
             shape.n_kt as u32,
             shape.n_sub as u32,
             shape.bk as u32,
