@@ -201,7 +201,7 @@ fn main() {
     };
     let dname = format!("{dtype:?}").to_lowercase();
     let run = |label: &str, method: &str, schedule: Option<&BlockSchedule>, pairs: usize| {
-        let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule, key_positions: None };
+        let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule, key_positions: None, segments: None };
         // Warm-up (kernel compilation).
         let (o, lse) = attention_forward(&client, &p, dtype, &inputs).unwrap();
         let _ = attention_backward(&client, &p, dtype, &inputs, &o, &lse, &d_o).unwrap();

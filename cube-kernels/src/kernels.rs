@@ -276,6 +276,8 @@ pub fn attn_rows_kernel<F: Float>(
     #[comptime] has_thr: bool,
     #[comptime] blocks: bool,
     #[comptime] backward: bool,
+    seg_bounds: &[i32],
+    #[comptime] segmented: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -331,6 +333,12 @@ pub fn attn_rows_kernel<F: Float>(
         if windowed {
             klo = max(klo, cq_lo as i32 + off - w + 1);
         }
+        if segmented {
+            // Packed sequences: the intervals are nondecreasing, so the first and last row
+            // of the cube bound the keys of all of them.
+            klo = max(klo, seg_bounds[2 * cq_lo]);
+            khi = min(khi, seg_bounds[2 * cq_hi + 1]);
+        }
 
         // This unit's row.
         let flat = f0 + u;
@@ -358,6 +366,18 @@ pub fn attn_rows_kernel<F: Float>(
         }
         let mut row_thr = comptime!(NEG_BIG).runtime();
         let mut row_thr_i = 0i32;
+        // Packed sequences: the row's interval `[lo, hi)` as its own causal offset and
+        // window (`j <= i + off` and `j > i + off - w`), so the mask below is the causal +
+        // window one, with no extra comparison per pair.
+        let mut off_r = off;
+        let mut w_r = w;
+        if segmented {
+            // `i` is a valid row even for units past the end (the cube's first row).
+            let seg_lo = seg_bounds[2 * i];
+            let seg_hi = seg_bounds[2 * i + 1];
+            off_r = seg_hi - 1 - i as i32;
+            w_r = seg_hi - seg_lo;
+        }
         let mut m_run = comptime!(NEG_BIG).runtime();
         let mut l_run = 0.0f32;
         let mut lse_row = comptime!(NEG_BIG).runtime();
@@ -415,7 +435,7 @@ pub fn attn_rows_kernel<F: Float>(
                     let j = t0 + kk;
                     let mut keep = false;
                     if row_active && j < t1 {
-                        keep = pair_visible(i, j, off, w, causal, windowed);
+                        keep = pair_visible(i, j, off_r, w_r, causal, windowed);
                         if has_thr && keep {
                             let bj = f32::cast_from(bias[bias_base + j]);
                             keep = key_kept(bj, j, row_thr, row_thr_i);
@@ -585,6 +605,8 @@ pub fn attn_keys_kernel<F: Float>(
     #[comptime] has_bias: bool,
     #[comptime] has_thr: bool,
     #[comptime] blocks: bool,
+    seg_bounds: &[i32],
+    #[comptime] segmented: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -664,6 +686,17 @@ pub fn attn_keys_kernel<F: Float>(
             }
         }
         let mut db_acc = 0.0f32;
+        // Packed sequences: the rows `[lo, hi)` that see this key, as the key's own causal
+        // offset and window (`qi >= lo` is `qi + off_k - j >= 0`, `qi < hi` is
+        // `qi + off_k - j < w_k`), as in the query-major kernel.
+        let mut off_k = off;
+        let mut w_k = w;
+        if segmented && key_valid {
+            let seg_lo = seg_bounds[2 * (seq_q + j)];
+            let seg_hi = seg_bounds[2 * (seq_q + j) + 1];
+            off_k = j as i32 - seg_lo;
+            w_k = seg_hi - seg_lo;
+        }
 
         for hh in 0..group {
             let h = hk * group + hh;
@@ -698,6 +731,10 @@ pub fn attn_keys_kernel<F: Float>(
                 }
                 if windowed {
                     hi = min(hi, (t1 - 1) as i32 - off + w);
+                }
+                if segmented {
+                    lo = max(lo, seg_bounds[2 * (seq_q + t0)]);
+                    hi = min(hi, seg_bounds[2 * (seq_q + t1 - 1) + 1]);
                 }
                 if hi > lo {
                     qa = lo as usize;
@@ -735,7 +772,7 @@ pub fn attn_keys_kernel<F: Float>(
                         let qi = qi_s[x2];
                         if qi >= 0 {
                             let mut keep = lse_s[x2] > NEG_BIG;
-                            keep = keep && pair_visible(qi as usize, j, off, w, causal, windowed);
+                            keep = keep && pair_visible(qi as usize, j, off_k, w_k, causal, windowed);
                             if has_thr && keep {
                                 keep = key_kept(bias_j, j, tv_s[x2], ti_s[x2]);
                             }
@@ -782,7 +819,7 @@ pub fn attn_keys_kernel<F: Float>(
                                 let lse_i = lse_s[x4];
                                 let mut keep = lse_i > NEG_BIG;
                                 keep = keep
-                                    && pair_visible(qi as usize, j, off, w, causal, windowed);
+                                    && pair_visible(qi as usize, j, off_k, w_k, causal, windowed);
                                 if has_thr && keep {
                                     keep = key_kept(bias_j, j, tv_s[x4], ti_s[x4]);
                                 }

@@ -95,6 +95,13 @@ pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
     keys_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), d_o, lse, &delta, grads)
 }
 
+/// The mask arguments of the portable kernels: with packed sequences each row (key) carries
+/// its interval as its own causal offset and window, so both mask flags are on and the
+/// shared `off` / `w` are set wide enough never to bind.
+fn segment_mask(p: &AttnProblem, segmented: bool, off: i32, w: i32, windowed: bool) -> (i32, i32, bool, bool) {
+    if segmented { (p.seq_k as i32, i32::MAX / 4, true, true) } else { (off, w, p.causal, windowed) }
+}
+
 /// With gathered keys ([`AttnInputs::key_positions`]) every walk is that of the non-causal
 /// problem (key rows are not in sequence order); returns that problem and whether the causal
 /// mask then applies to the positions.
@@ -126,13 +133,22 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
     let (off, w, windowed) = mask_params(p);
+    // Packed sequences fold the causal mask and the window into their intervals, and run on
+    // the portable kernels only (so far).
+    let segmented = inputs.segments.is_some();
+    let (off, w, causal, windowed) = segment_mask(p, segmented, off, w, windowed);
+    let seg_dummy = dummy(client, 8);
+    let (seg_h, seg_len) = match inputs.segments {
+        Some(sb) => (&sb.bounds, 2 * (p.seq_q + p.seq_k)),
+        None => (&seg_dummy, 1),
+    };
     // Small row groups gather the rows that selected each key block on both tensor-core
     // paths (see `gather`); the portable kernels take one list per cube.
     let gather_sched = match (inputs.schedule, clean) {
         (Some(s), Some(cs)) if gather::gathers(p, s) => Some((s, cs)),
         _ => None,
     };
-    let mma = mma_spec(client, dtype, d).and_then(|spec| {
+    let mma = mma_spec(client, dtype, d).filter(|_| !segmented).and_then(|spec| {
         mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some(), gather_sched.is_some()).map(|mp| (spec, mp))
     });
     let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
@@ -191,7 +207,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
 
     let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
-    if aligned && fragment_supported(client, dtype, d) {
+    if aligned && !segmented && fragment_supported(client, dtype, d) {
         let mut cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
         cfg.pos_causal = pos_causal;
         let gathered = gather_sched.map(|(s, cs)| {
@@ -340,12 +356,14 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             units,
             d,
             plan.tile_k,
-            p.causal,
+            causal,
             windowed,
             bias.has_bias,
             bias.has_thr,
             inputs.schedule.is_some(),
             bwd.is_some(),
+            buf(seg_h, seg_len),
+            segmented,
         ),
     }
     Ok(())
@@ -415,7 +433,16 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     let rows = p.batch * p.heads_q * p.seq_q;
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
     let (off, w, windowed) = mask_params(p);
+    // Packed sequences: as in `rows_pass`.
+    let segmented = inputs.segments.is_some();
+    let (off, w, causal, windowed) = segment_mask(p, segmented, off, w, windowed);
+    let seg_dummy = dummy(client, 8);
+    let (seg_h, seg_len) = match inputs.segments {
+        Some(sb) => (&sb.bounds, 2 * (p.seq_q + p.seq_k)),
+        None => (&seg_dummy, 1),
+    };
     let mma = mma_spec(client, dtype, d)
+        .filter(|_| !segmented)
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
     let bias = BiasArgs::new(client, p, dtype, inputs);
     let kpos_dummy = dummy(client, 4);
@@ -423,7 +450,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         Some(h) => (h, p.batch * p.heads_kv * p.seq_k),
         None => (&kpos_dummy, 1),
     };
-    let frag = (vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
+    let frag = (!segmented && vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
         .then(|| fragment::FragmentConfig { pos_causal, ..fragment_keys_config(p, inputs, &bias) });
     let units = match (frag, mma) {
         (Some(cfg), _) => 16 * cfg.planes,
@@ -538,7 +565,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     // Both paths take the same runtime arguments and mask flags; only the launch, the cube
     // shape and the tiling constants differ.
     macro_rules! launch {
-        ($kernel:path, $dim:expr, [$($tiling:expr),*]) => {
+        ($kernel:path, $dim:expr, [$($tiling:expr),*], [$($extra:expr),*]) => {
             $kernel(
                 client,
                 grid(client, n_cubes),
@@ -559,11 +586,12 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(&db_parts, n_split * bias.len),
                 KeysShape { n_split, ..args }.arg(),
                 $($tiling,)*
-                p.causal,
+                causal,
                 windowed,
                 bias.has_bias,
                 bias.has_thr,
                 inputs.schedule.is_some(),
+                $($extra,)*
             )
         };
     }
@@ -571,9 +599,15 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         Some((spec, mp)) => launch!(
             mma::mma_keys_kernel::launch::<F, M>,
             CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
-            [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16]
+            [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16],
+            []
         ),
-        None => launch!(kernels::attn_keys_kernel::launch::<F>, CubeDim::new_1d(units as u32), [units, d, plan.tile_q]),
+        None => launch!(
+            kernels::attn_keys_kernel::launch::<F>,
+            CubeDim::new_1d(units as u32),
+            [units, d, plan.tile_q],
+            [buf(seg_h, seg_len), segmented]
+        ),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
     if let Some(dbias) = &grads.dbias {

@@ -71,6 +71,8 @@ mod launch;
 mod plan;
 mod schedule;
 mod validate;
+pub mod varlen;
+pub use varlen::{SegmentBounds, VarlenBounds, varlen_bounds};
 
 pub use caps::{KERNEL_PATH_ENV, KernelPath, describe, kernel_path, supports};
 use launch::{backward_impl, rows_pass};
@@ -181,6 +183,13 @@ pub struct AttnInputs<'a> {
     /// gradient. Needs a block schedule, no window, and the fragment path (CUDA, f16/bf16);
     /// elsewhere an error names this argument.
     pub key_positions: Option<&'a Handle>,
+    /// Packed variable-length sequences ([`varlen`]): the per-row and per-key visibility
+    /// intervals, which then replace the problem's own causal mask and window (fold those
+    /// into the intervals with [`varlen_bounds`]). The batch dimension stays: every batch
+    /// entry and head is packed the same way. Not combined with a block schedule, gathered
+    /// keys or a keep threshold (an error names this argument); runs on the portable
+    /// kernels on every device for now.
+    pub segments: Option<&'a SegmentBounds>,
 }
 
 /// Gradients returned by [`attention_backward`].

@@ -48,6 +48,9 @@ pub struct RefInputs<'a> {
     pub bias: Option<&'a RefBias>,
     /// Optional schedule (`None` = dense).
     pub schedule: Option<&'a RefSchedule>,
+    /// Packed sequences: their row intervals replace the problem's causal mask and window
+    /// (as [`crate::AttnInputs::segments`]).
+    pub segments: Option<&'a crate::VarlenBounds>,
 }
 
 /// Reference gradients.
@@ -66,12 +69,18 @@ pub struct RefGrads {
 /// Whether query `i` of head `h` in batch `b` attends to key `j` (masks, schedule,
 /// threshold), following the crate-level semantics.
 pub fn allowed(p: &AttnProblem, inp: &RefInputs, b: usize, h: usize, i: usize, j: usize) -> bool {
-    let d = i as i64 + p.seq_k as i64 - p.seq_q as i64 - j as i64;
-    if p.causal && d < 0 {
-        return false;
-    }
-    if p.window.is_some_and(|w| d >= w as i64) {
-        return false;
+    if let Some(sg) = inp.segments {
+        if !(sg.row_keys[2 * i] as usize..sg.row_keys[2 * i + 1] as usize).contains(&j) {
+            return false;
+        }
+    } else {
+        let d = i as i64 + p.seq_k as i64 - p.seq_q as i64 - j as i64;
+        if p.causal && d < 0 {
+            return false;
+        }
+        if p.window.is_some_and(|w| d >= w as i64) {
+            return false;
+        }
     }
     if let Some(s) = inp.schedule {
         let hs = h / (p.heads_q / s.sel_heads);
@@ -256,13 +265,13 @@ mod tests {
             key_block: 2,
         };
         let bias = RefBias { values: bias_v.clone(), heads: 2, threshold: Some((tv.clone(), ti.clone())) };
-        let inp = RefInputs { q: &q, k: &k, v: &v, bias: Some(&bias), schedule: Some(&sched) };
+        let inp = RefInputs { q: &q, k: &k, v: &v, bias: Some(&bias), schedule: Some(&sched), segments: None };
         let (o, lse) = forward(&p, &inp, None);
         assert!(lse.contains(&f64::NEG_INFINITY), "want an empty row");
         let g = backward(&p, &inp, &o, &lse, &d_o, None);
         let loss = |q: &[f64], k: &[f64], v: &[f64], b: &[f64]| {
             let bias = RefBias { values: b.to_vec(), heads: 2, threshold: Some((tv.clone(), ti.clone())) };
-            let inp = RefInputs { q, k, v, bias: Some(&bias), schedule: Some(&sched) };
+            let inp = RefInputs { q, k, v, bias: Some(&bias), schedule: Some(&sched), segments: None };
             let (o, _) = forward(&p, &inp, None);
             o.iter().zip(&d_o).map(|(a, b)| a * b).sum::<f64>()
         };

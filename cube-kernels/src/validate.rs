@@ -100,5 +100,20 @@ pub(crate) fn validate(client: &Client, p: &AttnProblem, dtype: AttnDtype, inp: 
         }
         check_size("key_positions", pos, p.batch * p.heads_kv * p.seq_k, 4)?;
     }
+    if let Some(seg) = inp.segments {
+        if seg.seq_q != sq || seg.seq_k != sk {
+            return Err(invalid(
+                "segments",
+                format!("describe {} rows and {} keys, the problem has seq_q = {sq}, seq_k = {sk}", seg.seq_q, seg.seq_k),
+            ));
+        }
+        if inp.schedule.is_some() {
+            return Err(unsupported("segments", "packed sequences with a block schedule are not implemented yet"));
+        }
+        if inp.bias.is_some_and(|b| b.threshold.is_some()) {
+            return Err(unsupported("segments", "packed sequences with a keep threshold are not implemented yet"));
+        }
+        check_size("segments.bounds", &seg.bounds, 2 * (sq + sk), 4)?;
+    }
     Ok(())
 }

@@ -60,6 +60,9 @@ struct Case {
     sel: Option<Sel>,
     /// Quantise the bias to few values (ties for the threshold rule).
     bias_ties: bool,
+    /// Packed sequences `(cu_seqlens_q, cu_seqlens_k)`; the problem's causal flag and window
+    /// then apply within each sequence.
+    varlen: Option<(Vec<usize>, Vec<usize>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -78,7 +81,7 @@ fn prob(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize, causal:
 }
 
 fn case(name: &'static str, p: AttnProblem) -> Case {
-    Case { name, p, bias_per_q_head: None, thr: None, sel: None, bias_ties: false }
+    Case { name, p, bias_per_q_head: None, thr: None, sel: None, bias_ties: false, varlen: None }
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
@@ -115,6 +118,7 @@ struct Data {
     d_o: Vec<f64>,
     bias: Option<RefBias>,
     sched: Option<RefSchedule>,
+    seg: Option<VarlenBounds>,
 }
 
 fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
@@ -227,7 +231,8 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
         }
         RefSchedule { indices, sel_heads: hs, capacity: cap, query_block: qb, key_block: kb }
     });
-    Data { q, k, v, d_o, bias, sched }
+    let seg = c.varlen.as_ref().map(|(cq, ck)| varlen_bounds(cq, ck, p.causal, p.window).expect("cu_seqlens"));
+    Data { q, k, v, d_o, bias, sched, seg }
 }
 
 struct Outputs {
@@ -260,7 +265,16 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
         query_block: s.query_block,
         key_block: s.key_block,
     });
-    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: bias.as_ref(), schedule: sched.as_ref(), key_positions: None };
+    let seg = data.seg.as_ref().map(|b| SegmentBounds::upload(client, b));
+    let inputs = AttnInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        bias: bias.as_ref(),
+        schedule: sched.as_ref(),
+        key_positions: None,
+        segments: seg.as_ref(),
+    };
     let rows = p.batch * p.heads_q * p.seq_q;
     let o = nan_buffer(client, dtype, rows * p.head_dim);
     let lse = nan_buffer(client, AttnDtype::F32, rows);
@@ -325,6 +339,7 @@ fn run_case(c: &Case) {
             v: &data.v,
             bias: data.bias.as_ref(),
             schedule: data.sched.as_ref(),
+            segments: data.seg.as_ref(),
         };
         let (o_ref, lse_ref) = reference::forward(&c.p, &inp, None);
         // Backward reference from the kernel's own o / lse ("use them as given").
@@ -349,7 +364,10 @@ fn run_case(c: &Case) {
             pairs.push(("dbias", db.clone(), dbr.clone(), 3.0));
         }
         // f32 on tensor cores multiplies in TF32: judged like f16/bf16, against a TF32 reference.
-        let tf32 = dtype == AttnDtype::F32 && kernel_path(&client, dtype, c.p.head_dim) == KernelPath::TensorCore;
+        // (Packed sequences run on the portable kernels everywhere.)
+        let tf32 = dtype == AttnDtype::F32
+            && c.varlen.is_none()
+            && kernel_path(&client, dtype, c.p.head_dim) == KernelPath::TensorCore;
         match dtype {
             AttnDtype::F32 if !tf32 => {
                 for (what, got, want, _) in &pairs {
@@ -411,6 +429,91 @@ fn dense_causal_sq_gt_sk_empty_rows() {
 #[test]
 fn dense_single_query_d128() {
     run_case(&case("dense_single_query_d128", prob(1, 2, 1, 1, 100, 128, true, None)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed variable-length sequences
+// ---------------------------------------------------------------------------------------
+
+/// Causal packing of sequences of lengths 7, 0, 33, 1, 19 (an empty one, a single token, one
+/// longer than a tile), GQA, batch 2 packed alike.
+#[test]
+fn varlen_causal_gqa() {
+    let cu = vec![0, 7, 7, 40, 41, 60];
+    let mut c = case("varlen_causal_gqa", prob(2, 4, 2, 60, 60, 64, true, None));
+    c.varlen = Some((cu.clone(), cu));
+    run_case(&c);
+}
+
+/// Different query and key lengths per sequence (bottom-right causal within each, rows
+/// before their sequence's first key see nothing), a window, and a per-key bias.
+#[test]
+fn varlen_causal_window_cross_lengths_bias() {
+    let mut c = case("varlen_causal_window_cross_lengths_bias", prob(1, 2, 1, 30, 41, 40, true, Some(5)));
+    c.varlen = Some((vec![0, 12, 14, 30], vec![0, 5, 20, 41]));
+    c.bias_per_q_head = Some(true);
+    run_case(&c);
+}
+
+/// Non-causal packing: every row sees exactly its own sequence.
+#[test]
+fn varlen_noncausal() {
+    let mut c = case("varlen_noncausal", prob(1, 3, 3, 50, 50, 64, false, None));
+    c.varlen = Some((vec![0, 17, 50], vec![0, 17, 50]));
+    run_case(&c);
+}
+
+/// Packing equals attention over each sequence on its own (the varlen contract), checked
+/// against separate kernel calls rather than the reference.
+#[test]
+fn varlen_equals_separate_sequences() {
+    let client = client();
+    let cu = [0usize, 21, 64, 70];
+    let packed = prob(1, 2, 1, 70, 70, 64, true, None);
+    let mut c = case("varlen_equals_separate_sequences", packed.clone());
+    c.varlen = Some((cu.to_vec(), cu.to_vec()));
+    let dtype = AttnDtype::F32;
+    let data = make_data(&c, dtype, 7);
+    let all = run_kernels(&client, &packed, dtype, &data);
+    let d = packed.head_dim;
+    for s in 0..cu.len() - 1 {
+        let (a, n) = (cu[s], cu[s + 1] - cu[s]);
+        let one = prob(1, 2, 1, n, n, d, true, None);
+        // Slice [1, H, 70, D] tensors to the sequence's rows.
+        let slice = |v: &[f64], heads: usize| -> Vec<f64> {
+            (0..heads).flat_map(|h| v[(h * 70 + a) * d..(h * 70 + a + n) * d].to_vec()).collect()
+        };
+        let part = Data {
+            q: slice(&data.q, 2),
+            k: slice(&data.k, 1),
+            v: slice(&data.v, 1),
+            d_o: slice(&data.d_o, 2),
+            bias: None,
+            sched: None,
+            seg: None,
+        };
+        let sep = run_kernels(&client, &one, dtype, &part);
+        for (w, got, want, heads) in [("o", &all.o, &sep.o, 2), ("dq", &all.dq, &sep.dq, 2), ("dk", &all.dk, &sep.dk, 1), ("dv", &all.dv, &sep.dv, 1)] {
+            let e = rel_err(&slice(got, heads), want);
+            assert!(e < 1e-5, "sequence {s}: packed {w} differs from the separate call by {e:.3e}");
+        }
+    }
+}
+
+/// A block schedule or a keep threshold with packed sequences is refused, naming the argument.
+#[test]
+fn varlen_rejects_unsupported_combinations() {
+    let client = client();
+    let p = prob(1, 2, 1, 16, 16, 32, true, None);
+    let h = upload(&client, AttnDtype::F32, &vec![0.0; 2 * 16 * 32]);
+    let seg = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 16], &[0, 5, 16], true, None).unwrap());
+    let sched = BlockSchedule { indices: upload_i32(&client, &[0; 16]), sel_heads: 1, capacity: 1, query_block: 1, key_block: 16 };
+    let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: Some(&sched), key_positions: None, segments: Some(&seg) };
+    let e = attention_forward(&client, &p, AttnDtype::F32, &inputs).unwrap_err();
+    assert!(e.to_string().contains("segments"), "{e}");
+    let short = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 15], &[0, 5, 15], true, None).unwrap());
+    let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { schedule: None, segments: Some(&short), ..inputs }).unwrap_err();
+    assert!(e.to_string().contains("segments"), "{e}");
 }
 
 #[test]
@@ -599,7 +702,7 @@ fn invalid_arguments_are_errors() {
     let q = z(4 * 8 * 64);
     let k = z(2 * 8 * 64);
     let v = z(2 * 8 * 64);
-    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule: None, key_positions: None };
+    let inputs = AttnInputs { q: &q, k: &k, v: &v, bias: None, schedule: None, key_positions: None, segments: None };
     assert!(attention_forward(&client, &p, AttnDtype::F32, &inputs).is_ok());
 
     let mut bad = p.clone();
@@ -640,7 +743,7 @@ fn unsupported_dtype_is_an_error() {
                 assert!(e.to_string().contains("dtype"), "{e}");
                 let p = prob(1, 1, 1, 4, 4, 8, false, None);
                 let h = upload(&client, AttnDtype::F32, &[0.25; 64]);
-                let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: None };
+                let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: None, segments: None };
                 let err = attention_forward(&client, &p, dtype, &inputs).unwrap_err();
                 assert_eq!(err, e);
             }
@@ -668,3 +771,4 @@ fn adapter_is_lavapipe_when_expected() {
         assert!(supports(&client, AttnDtype::F16).is_ok(), "lavapipe over Vulkan has f16; this adapter does not (GL fallback?)");
     }
 }
+

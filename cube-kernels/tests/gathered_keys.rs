@@ -39,7 +39,7 @@ fn gathered_keys_match_sequence_order() {
             // Sequence order, dense walk.
             let kb_plain = KeyBias { values: upload(&client, dtype, &bias), heads: hkv, threshold: Some((tv.clone(), ti.clone())) };
             let (qh, kh, vh, doh) = (upload(&client, dtype, &q), upload(&client, dtype, &k), upload(&client, dtype, &v), upload(&client, dtype, &d_o));
-            let plain = AttnInputs { q: &qh, k: &kh, v: &vh, bias: Some(&kb_plain), schedule: None, key_positions: None };
+            let plain = AttnInputs { q: &qh, k: &kh, v: &vh, bias: Some(&kb_plain), schedule: None, key_positions: None, segments: None };
             if kernel_path(&client, dtype, d) != KernelPath::Fragment {
                 let last = key_last_rows(&client, &upload_f32(&client, &bias32), &tv, &ti, heads, sq, sk, true).unwrap();
                 let order = key_order(&client, &last, heads, sq, sk, 64, 64, true).unwrap();
@@ -84,7 +84,7 @@ fn gathered_keys_need_a_schedule_and_no_window() {
     let p = AttnProblem { batch: 1, heads_q: 2, heads_kv: 1, seq_q: 8, seq_k: 8, head_dim: 16, scale: 0.25, causal: true, window: None };
     let h = upload_f32(&client, &[0.0; 256]);
     let pos = upload_i32(&client, &[0; 8]);
-    let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: Some(&pos) };
+    let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: Some(&pos), segments: None };
     let e = attention_forward(&client, &p, AttnDtype::F32, &inputs).unwrap_err();
     assert!(e.to_string().contains("key_positions"), "{e}");
     let sched = BlockSchedule { indices: upload_i32(&client, &[0; 8]), sel_heads: 1, capacity: 1, query_block: 8, key_block: 8 };

@@ -25,6 +25,7 @@ pub mod projection;
 pub mod rope;
 pub mod rows;
 pub mod seer;
+pub mod varlen;
 
 pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAttentionConfig, KeyBias, attention};
 pub use block_sparse::{BlockSelection, block_sparse_attention};
@@ -34,6 +35,7 @@ pub use method::{AttentionMethod, AttentionMethodConfig, MethodOutput};
 pub use moba::{MobaAttention, MobaAttentionConfig};
 pub use nsa::{NsaAttention, NsaAttentionConfig};
 pub use seer::{SeerAttention, SeerAttentionConfig, SeerMode};
+pub use varlen::{VarLen, attention_varlen};
 
 /// The attention implementation ops pick on `device`: the CubeCL kernels on Cube devices
 /// (with a GPU feature compiled in), the tensor-op reference elsewhere.

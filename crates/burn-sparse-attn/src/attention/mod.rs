@@ -15,6 +15,7 @@ pub use module::{DenseAttention, DenseAttentionConfig};
 use burn::tensor::{Int, Tensor};
 
 use crate::block_sparse::BlockSelection;
+use crate::varlen::VarLen;
 use crate::error::{Result, param_err, shape_err};
 
 /// Masking and scaling shared by every attention op.
@@ -206,7 +207,7 @@ pub(crate) fn validate_bias(bias: &KeyBias, dims: &AttnDims) -> Result<()> {
 /// Returns the output and the LSE. Runs the CubeCL kernel on Cube devices (when the crate
 /// is built with a GPU feature) and the tensor-op [`reference`] elsewhere.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, opts: &AttentionOptions) -> Result<AttentionOutput> {
-    attention_core(q, k, v, None, None, opts)
+    attention_core(q, k, v, None, None, None, opts)
 }
 
 /// Dense attention with an additive per-key bias (and optionally a per-row keep rule).
@@ -217,7 +218,7 @@ pub fn attention_with_bias(
     bias: &KeyBias,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    attention_core(q, k, v, Some(bias), None, opts)
+    attention_core(q, k, v, Some(bias), None, None, opts)
 }
 
 /// Validates everything, then runs the kernel where one is available and the reference
@@ -228,6 +229,7 @@ pub(crate) fn attention_core(
     v: Tensor<4>,
     bias: Option<&KeyBias>,
     selection: Option<&BlockSelection>,
+    varlen: Option<&VarLen>,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
     let dims = validate_qkv(&q, &k, &v)?;
@@ -238,8 +240,28 @@ pub(crate) fn attention_core(
     if let Some(sel) = selection {
         sel.validate(&dims)?;
     }
-    if let Some(out) = crate::kernel::try_attention(&q, &k, &v, bias, selection, opts, &dims)? {
+    let bounds = match varlen {
+        Some(vl) => {
+            vl.validate(&dims)?;
+            if selection.is_some() {
+                return param_err("varlen", "packed sequences with a block selection are not implemented yet");
+            }
+            if bias.is_some_and(|b| b.keep.is_some()) {
+                return param_err("varlen", "packed sequences with a keep threshold are not implemented yet");
+            }
+            Some(vl.bounds(opts)?)
+        }
+        None => None,
+    };
+    if let Some(out) = crate::kernel::try_attention(&q, &k, &v, bias, selection, bounds.as_ref(), opts, &dims)? {
         return Ok(out);
     }
-    Ok(reference::attention_reference(q, k, v, bias, selection, opts))
+    Ok(match &bounds {
+        Some(b) => {
+            let mask = crate::varlen::varlen_mask(b, &dims, &q.device());
+            let bias_scores = bias.map(|b| reference::expand_key_tensor(b.values.clone(), &dims));
+            reference::masked_attention(q, k, v, Some(mask), bias_scores, opts.scale_for(dims.head_dim), &dims)
+        }
+        None => reference::attention_reference(q, k, v, bias, selection, opts),
+    })
 }

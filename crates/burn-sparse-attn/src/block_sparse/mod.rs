@@ -83,7 +83,7 @@ pub fn block_sparse_attention(
     selection: &BlockSelection,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    attention_core(q, k, v, None, Some(selection), opts)
+    attention_core(q, k, v, None, Some(selection), None, opts)
 }
 
 /// [`block_sparse_attention`] with an additive per-key bias and optional keep rule.
@@ -95,5 +95,5 @@ pub fn block_sparse_attention_with_bias(
     bias: &KeyBias,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    attention_core(q, k, v, Some(bias), Some(selection), opts)
+    attention_core(q, k, v, Some(bias), Some(selection), None, opts)
 }

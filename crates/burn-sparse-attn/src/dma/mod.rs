@@ -139,7 +139,7 @@ pub fn dma_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<3>, 
     if let Some(out) = crate::kernel::try_gathered_dma(&q, &k, &v, &bias, &opts, &dims) {
         return out;
     }
-    attention_core(q, k, v, Some(&bias), None, &opts)
+    attention_core(q, k, v, Some(&bias), None, None, &opts)
 }
 
 /// The keys DMA attends to, as a mask `[b, hb, seq_q, seq_k]` (true = kept): visible to the

@@ -40,6 +40,9 @@ pub struct KernelParams {
     key_block: usize,
     /// The `key_pos` input holds the keys' sequence positions (gathered keys).
     gathered_keys: bool,
+    /// The `key_pos` input holds packed sequences' visibility intervals instead
+    /// ([`sak::SegmentBounds::bounds`]; never together with gathered keys).
+    segments: bool,
 }
 
 impl KernelParams {
@@ -146,6 +149,7 @@ struct Prepared {
     schedule: Option<sak::BlockSchedule>,
     bias_tensor: CubeTensor,
     key_pos: Option<sak::Handle>,
+    segments: Option<sak::SegmentBounds>,
 }
 
 impl Prepared {
@@ -158,6 +162,7 @@ impl Prepared {
             bias: self.bias.as_ref(),
             schedule: self.schedule.as_ref(),
             key_positions: self.key_pos.as_ref(),
+            segments: self.segments.as_ref(),
         }
     }
 }
@@ -190,8 +195,10 @@ fn prepare(
         query_block: p.query_block,
         key_block: p.key_block,
     });
-    let key_pos = p.gathered_keys.then(|| contiguous(key_pos).handle.clone());
-    Prepared { q, k, v, bias: bias_spec, schedule, bias_tensor: bias, key_pos }
+    let key_pos = contiguous(key_pos);
+    let segments = p.segments.then(|| sak::SegmentBounds { bounds: key_pos.handle.clone(), seq_q: p.dims[3], seq_k: p.dims[4] });
+    let key_pos = p.gathered_keys.then(|| key_pos.handle.clone());
+    Prepared { q, k, v, bias: bias_spec, schedule, bias_tensor: bias, key_pos, segments }
 }
 
 impl SparseAttnBackend for CubeBackend {
@@ -391,6 +398,7 @@ pub(crate) fn attention(
     bias: Option<&KeyBias>,
     selection: Option<&BlockSelection>,
     key_pos: Option<&Tensor<3, Int>>,
+    segments: Option<&sak::VarlenBounds>,
     opts: &AttentionOptions,
     dims: &AttnDims,
 ) -> Result<AttentionOutput> {
@@ -440,10 +448,16 @@ pub(crate) fn attention(
         query_block,
         key_block,
         gathered_keys: key_pos.is_some(),
+        segments: segments.is_some(),
     };
-    let key_pos = match key_pos {
-        Some(kp) => kp.clone().cast(DType::I32).into_dispatch(),
-        None => int_placeholder().into_dispatch(),
+    let key_pos = match (key_pos, segments) {
+        (Some(kp), _) => kp.clone().cast(DType::I32).into_dispatch(),
+        (None, Some(sb)) => {
+            let packed: Vec<i32> = sb.packed();
+            let n = packed.len();
+            Tensor::<1, Int>::from_data(burn::tensor::TensorData::new(packed, [n]), &device).cast(DType::I32).into_dispatch()
+        }
+        (None, None) => int_placeholder().into_dispatch(),
     };
     let (o, lse) = <Dispatch as SparseAttnBackend>::sparse_attn_forward(
         q.clone().into_dispatch(),

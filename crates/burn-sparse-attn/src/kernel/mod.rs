@@ -55,6 +55,7 @@ pub(crate) fn try_attention(
     v: &Tensor<4>,
     bias: Option<&KeyBias>,
     selection: Option<&BlockSelection>,
+    segments: Option<&sparse_attn_kernels::VarlenBounds>,
     opts: &AttentionOptions,
     dims: &AttnDims,
 ) -> Result<Option<AttentionOutput>> {
@@ -63,7 +64,7 @@ pub(crate) fn try_attention(
     }
     #[cfg(feature = "cube")]
     {
-        return ext::attention(q, k, v, bias, selection, None, opts, dims).map(Some);
+        return ext::attention(q, k, v, bias, selection, None, segments, opts, dims).map(Some);
     }
     #[allow(unreachable_code)]
     Ok(None)
@@ -145,7 +146,7 @@ pub(crate) fn try_gathered_dma(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, bias
         }
         let (perm, lists) = key_order::key_order(&bias.values, &keep.value, &keep.index, dims.seq_q, GATHER_TILE, GATHER_TILE, opts.causal);
         let selection = BlockSelection::per_query_block(lists, GATHER_TILE, GATHER_TILE);
-        return Some(ext::attention(q, k, v, Some(bias), Some(&selection), Some(&perm), opts, dims));
+        return Some(ext::attention(q, k, v, Some(bias), Some(&selection), Some(&perm), None, opts, dims));
     }
     #[allow(unreachable_code)]
     None
