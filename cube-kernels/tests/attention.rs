@@ -493,9 +493,12 @@ fn varlen_equals_separate_sequences() {
             seg: None,
         };
         let sep = run_kernels(&client, &one, dtype, &part);
+        // The packed call runs the portable kernels; the separate one multiplies in TF32
+        // where tensor cores take f32 (CUDA), which moves the results by about 1e-4.
+        let tol = if kernel_path(&client, dtype, d) == KernelPath::TensorCore { 2e-3 } else { 1e-5 };
         for (w, got, want, heads) in [("o", &all.o, &sep.o, 2), ("dq", &all.dq, &sep.dq, 2), ("dk", &all.dk, &sep.dk, 1), ("dv", &all.dv, &sep.dv, 1)] {
             let e = rel_err(&slice(got, heads), want);
-            assert!(e < 1e-5, "sequence {s}: packed {w} differs from the separate call by {e:.3e}");
+            assert!(e < tol, "sequence {s}: packed {w} differs from the separate call by {e:.3e}");
         }
     }
 }
