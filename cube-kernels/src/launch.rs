@@ -95,11 +95,36 @@ pub(crate) fn backward_impl<F: Float + CubeElement, M: Float>(
     keys_pass::<F, M>(client, p, dtype, inputs, clean.as_ref(), d_o, lse, &delta, grads)
 }
 
-/// The mask arguments of the portable kernels: with packed sequences each row (key) carries
-/// its interval as its own causal offset and window, so both mask flags are on and the
-/// shared `off` / `w` are set wide enough never to bind.
-fn segment_mask(p: &AttnProblem, segmented: bool, off: i32, w: i32, windowed: bool) -> (i32, i32, bool, bool) {
-    if segmented { (p.seq_k as i32, i32::MAX / 4, true, true) } else { (off, w, p.causal, windowed) }
+/// The mask arguments of both passes, and the packed-sequence intervals (or a placeholder).
+/// With packed sequences each row (key) carries its interval as its own causal offset and
+/// window in the portable kernels, so both mask flags are on and the shared `off` / `w` are
+/// set wide enough never to bind.
+pub(crate) struct SegmentArgs {
+    pub(crate) bounds: Handle,
+    pub(crate) len: usize,
+    pub(crate) segmented: bool,
+    pub(crate) off: i32,
+    pub(crate) w: i32,
+    pub(crate) causal: bool,
+    pub(crate) windowed: bool,
+}
+
+impl SegmentArgs {
+    fn new(client: &Client, p: &AttnProblem, inputs: &AttnInputs) -> Self {
+        let (off, w, windowed) = mask_params(p);
+        match inputs.segments {
+            Some(sb) => Self {
+                bounds: sb.bounds.clone(),
+                len: 2 * (p.seq_q + p.seq_k),
+                segmented: true,
+                off: p.seq_k as i32,
+                w: i32::MAX / 4,
+                causal: true,
+                windowed: true,
+            },
+            None => Self { bounds: dummy(client, 8), len: 1, segmented: false, off, w, causal: p.causal, windowed },
+        }
+    }
 }
 
 /// With gathered keys ([`AttnInputs::key_positions`]) every walk is that of the non-causal
@@ -132,16 +157,9 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
     let es = dtype.size();
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
-    let (off, w, windowed) = mask_params(p);
-    // Packed sequences fold the causal mask and the window into their intervals, and run on
-    // the portable kernels only (so far).
-    let segmented = inputs.segments.is_some();
-    let (off, w, causal, windowed) = segment_mask(p, segmented, off, w, windowed);
-    let seg_dummy = dummy(client, 8);
-    let (seg_h, seg_len) = match inputs.segments {
-        Some(sb) => (&sb.bounds, 2 * (p.seq_q + p.seq_k)),
-        None => (&seg_dummy, 1),
-    };
+    // Packed sequences run on the portable kernels only (so far).
+    let seg = SegmentArgs::new(client, p, inputs);
+    let (off, w, causal, windowed, segmented) = (seg.off, seg.w, seg.causal, seg.windowed, seg.segmented);
     // Small row groups gather the rows that selected each key block on both tensor-core
     // paths (see `gather`); the portable kernels take one list per cube.
     let gather_sched = match (inputs.schedule, clean) {
@@ -362,7 +380,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             bias.has_thr,
             inputs.schedule.is_some(),
             bwd.is_some(),
-            buf(seg_h, seg_len),
+            buf(&seg.bounds, seg.len),
             segmented,
         ),
     }
@@ -432,15 +450,9 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     let d = p.head_dim;
     let rows = p.batch * p.heads_q * p.seq_q;
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
-    let (off, w, windowed) = mask_params(p);
-    // Packed sequences: as in `rows_pass`.
-    let segmented = inputs.segments.is_some();
-    let (off, w, causal, windowed) = segment_mask(p, segmented, off, w, windowed);
-    let seg_dummy = dummy(client, 8);
-    let (seg_h, seg_len) = match inputs.segments {
-        Some(sb) => (&sb.bounds, 2 * (p.seq_q + p.seq_k)),
-        None => (&seg_dummy, 1),
-    };
+    // Packed sequences run on the portable kernels only (so far).
+    let seg = SegmentArgs::new(client, p, inputs);
+    let (off, w, causal, windowed, segmented) = (seg.off, seg.w, seg.causal, seg.windowed, seg.segmented);
     let mma = mma_spec(client, dtype, d)
         .filter(|_| !segmented)
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
@@ -606,7 +618,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             kernels::attn_keys_kernel::launch::<F>,
             CubeDim::new_1d(units as u32),
             [units, d, plan.tile_q],
-            [buf(seg_h, seg_len), segmented]
+            [buf(&seg.bounds, seg.len), segmented]
         ),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];

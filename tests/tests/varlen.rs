@@ -4,6 +4,7 @@
 
 use burn::tensor::Tensor;
 use burn_sparse_attn::attention::{AttentionOptions, attention};
+use burn_sparse_attn::DenseAttentionConfig;
 use burn_sparse_attn::varlen::{VarLen, attention_varlen};
 use sparse_attn_tests::*;
 
@@ -96,4 +97,27 @@ fn bad_boundaries_name_their_argument() {
     assert!(VarLen::new(vec![0, 6, 4]).unwrap_err().to_string().contains("must not decrease"));
     assert!(VarLen::new(vec![2, 6]).unwrap_err().to_string().contains("start at 0"));
     assert!(VarLen::cross(vec![0, 3], vec![0, 1, 3]).unwrap_err().to_string().contains("cu_seqlens_k"));
+}
+
+/// The dense layer on a packed batch equals the layer on each sequence alone (RoPE positions
+/// restart per sequence), and a wrong total is an error naming `varlen`.
+#[test]
+fn dense_layer_on_packed_batch_equals_separate_sequences() {
+    let device = dev();
+    let layer = DenseAttentionConfig::new(16, 4).with_n_kv_heads(Some(2)).with_window(Some(6)).init(&device).unwrap();
+    let cu = vec![0, 4, 11, 11, 20];
+    let x = Rng::new(3).randn([1, 20, 16], 1.0, &device).cast(burn::tensor::DType::F32);
+    let packed = values(layer.forward_varlen(x.clone(), &VarLen::new(cu.clone()).unwrap()).unwrap());
+    for s in 0..cu.len() - 1 {
+        let (a, b) = (cu[s], cu[s + 1]);
+        if a == b {
+            continue;
+        }
+        let one = values(layer.forward(x.clone().slice([0..1, a..b, 0..16])).unwrap());
+        assert_close(&format!("sequence {s}"), &packed[a * 16..b * 16], &one, 1e-5, 1e-6);
+    }
+    let e = layer.forward_varlen(x.clone(), &VarLen::new(vec![0, 4, 19]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("varlen"), "{e}");
+    let e = layer.forward_varlen(x, &VarLen::cross(vec![0, 4, 20], vec![0, 5, 20]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("varlen"), "{e}");
 }

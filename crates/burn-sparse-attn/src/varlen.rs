@@ -80,6 +80,17 @@ impl VarLen {
         self.cu_seqlens_k[self.cu_seqlens_k.len() - 1]
     }
 
+    /// Each query row's position within its own sequence (`0, 1, ..` from every sequence
+    /// start): the positions RoPE takes in a packed batch.
+    pub fn positions_q(&self) -> Vec<usize> {
+        self.cu_seqlens_q.windows(2).flat_map(|w| 0..w[1] - w[0]).collect()
+    }
+
+    /// As [`Self::positions_q`] for the keys.
+    pub fn positions_k(&self) -> Vec<usize> {
+        self.cu_seqlens_k.windows(2).flat_map(|w| 0..w[1] - w[0]).collect()
+    }
+
     /// Checks the totals against a problem's lengths.
     pub(crate) fn validate(&self, dims: &AttnDims) -> Result<()> {
         if self.total_q() != dims.seq_q {
@@ -134,5 +145,6 @@ mod tests {
         assert!(e.contains("start at 0"), "{e}");
         let v = VarLen::new(vec![0, 2, 7]).unwrap();
         assert_eq!((v.num_sequences(), v.total_q(), v.total_k()), (2, 7, 7));
+        assert_eq!(v.positions_q(), vec![0, 1, 0, 1, 2, 3, 4]);
     }
 }

@@ -4,7 +4,9 @@ use burn::tensor::{Device, Tensor};
 
 use super::{AttentionOptions, attention};
 
+use crate::error::shape_err;
 use crate::projection::{HeadLayout, QkvProjection};
+use crate::varlen::{VarLen, attention_varlen};
 
 /// Configuration of [`DenseAttention`], the causal softmax-attention baseline.
 #[derive(Config, Debug)]
@@ -51,5 +53,24 @@ impl DenseAttention {
         let (q, k, v) = self.proj.qkv(x)?;
         let opts = AttentionOptions { causal: true, window: (self.window > 0).then_some(self.window), scale: None };
         Ok(self.proj.merge(attention(q, k, v, &opts)?.output))
+    }
+
+    /// [`Self::forward`] on a packed batch: `x: [batch, total, d_model]` holds the sequences
+    /// of `varlen` back to back (the same boundaries for queries and keys); each token
+    /// attends within its own sequence, and RoPE positions restart at every sequence start,
+    /// so the result equals running [`Self::forward`] on each sequence alone.
+    pub fn forward_varlen(&self, x: Tensor<3>, varlen: &VarLen) -> crate::error::Result<Tensor<3>> {
+        let s = x.dims()[1];
+        if varlen.cu_seqlens_q() != varlen.cu_seqlens_k() {
+            return shape_err("varlen", "a self-attention layer needs the same boundaries for queries and keys (VarLen::new)");
+        }
+        if varlen.total_q() != s {
+            return shape_err("varlen", format!("covers {} tokens, x has {s}", varlen.total_q()));
+        }
+        let (q, k, v) = self.proj.project(x)?;
+        let pos = varlen.positions_q();
+        let (q, k) = (self.proj.rope_at(q, &pos)?, self.proj.rope_at(k, &pos)?);
+        let opts = AttentionOptions { causal: true, window: (self.window > 0).then_some(self.window), scale: None };
+        Ok(self.proj.merge(attention_varlen(q, k, v, varlen, &opts)?.output))
     }
 }
