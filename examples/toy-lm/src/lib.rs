@@ -1,5 +1,5 @@
 //! Library side of the `toy-lm` example: configuration, data, model, training loop,
-//! comparison, plotting and generation. `src/main.rs` is the command-line front end.
+//! comparison, plotting, progress display and generation. `src/main.rs` is the command-line front end.
 
 pub mod compare;
 pub mod config;
@@ -8,6 +8,7 @@ pub mod device;
 pub mod generate;
 pub mod model;
 pub mod plot;
+pub mod progress;
 pub mod train;
 
 /// Error type of the example: any error, with a readable message.

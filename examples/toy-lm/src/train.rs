@@ -387,6 +387,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     let mut last_gate = None;
     let mut peak_pool: Option<u64> = None;
     let want_gate_loss = model.has_gates();
+    let progress = crate::progress::Progress::new(if label.is_empty() { "train" } else { &label }, start, t.steps);
     for step in start..t.steps {
         let t0 = Instant::now();
         let batch = data.train_batch(step);
@@ -404,6 +405,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         let lm = lm_loss.into_scalar::<f32>();
         last_gate = out.gate_loss.map(|g| g.into_scalar::<f32>());
         if !lm.is_finite() {
+            progress.finish();
             return Err(format!("{prefix}loss is {lm} at step {step}; lower --lr or --grad-clip").into());
         }
         losses.push(lm);
@@ -419,20 +421,21 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
             peak_pool = Some(peak_pool.unwrap_or(0).max(usage.bytes_reserved));
         }
         let done = step + 1;
+        progress.step(done, &format!("loss {lm:.4}"));
         if done % t.log_every.max(1) == 0 || done == t.steps || done == start + 1 {
             let gate = last_gate.map(|g| format!(" | gate loss {g:.4}")).unwrap_or_default();
-            println!(
+            progress.line(&format!(
                 "{prefix}step {done:>5}/{} | loss {lm:.4}{gate} | lr {lr:.2e} | grad norm {grad_norm:.3} | {:.0} tok/s | {:.1}s",
                 t.steps,
                 steps_timed as f64 * tokens_per_step / train_secs.max(1e-9),
                 wall.elapsed().as_secs_f64()
-            );
+            ));
         }
         let eval_now = done == t.steps || (t.eval_every > 0 && done % t.eval_every == 0);
         if eval_now {
             (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
             let what = if data.task() == Task::Lm { "next-byte accuracy" } else { "answer accuracy" };
-            println!("{prefix}validation @ {done}: loss {val_loss:.4} | {what} {:.1}%", 100.0 * val_acc);
+            progress.line(&format!("{prefix}validation @ {done}: loss {val_loss:.4} | {what} {:.1}%", 100.0 * val_acc));
         }
         if done == t.steps || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) {
             let state = TrainState {
@@ -448,6 +451,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
             save_checkpoint(&ckpt_dir, &model, &optim, &state, cfg)?;
         }
     }
+    progress.finish();
     if start >= t.steps {
         println!("{prefix}already at step {start} of {}; evaluating only", t.steps);
         (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
