@@ -1,18 +1,18 @@
 //! `compare`: trains every chosen attention method under the same budget and writes
-//! `results.md`, `results.json`, `loss.png`, `command.txt` and `config.toml`.
+//! `results.md`, `results.json`, `loss.svg`, `speed.svg`, `command.txt` and `config.toml`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
 use crate::config::{Method, RunConfig, SeerModeOption, Task};
-use crate::plot::{Series, line_chart};
+use crate::plot::{LossCurves, Speed, loss_chart, speed_chart};
 use crate::train::{RunOptions, TrainOutcome, train};
 
-/// What `compare` writes to `results.json`.
-#[derive(Debug, Serialize)]
+/// What `compare` writes to `results.json` (and `plot` reads back).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CompareResults {
     /// The exact command line.
     pub command: String,
@@ -21,6 +21,7 @@ pub struct CompareResults {
     /// Device description.
     pub device: String,
     /// Float precision of the models (`--dtype`).
+    #[serde(default)]
     pub dtype: String,
     /// Task name.
     pub task: String,
@@ -139,7 +140,12 @@ pub fn compare(base: &RunConfig, opts: &CompareOptions) -> AppResult<CompareResu
     Ok(results)
 }
 
-/// Writes `results.md`, `results.json` and `loss.png`.
+/// The figures, written next to the results.
+pub const LOSS_FIGURE: &str = "loss.svg";
+/// See [`LOSS_FIGURE`].
+pub const SPEED_FIGURE: &str = "speed.svg";
+
+/// Writes `results.md`, `results.json`, `loss.svg` and `speed.svg`.
 pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> AppResult<()> {
     let task = base.data.task;
     let table = markdown_table(task, &results.runs);
@@ -190,11 +196,36 @@ pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> 
         base.dma.window,
         base.model.dense_last_layers,
     ));
-    md.push_str("\nCommand: see `command.txt`; full configuration: `config.toml`; curves: `loss.png`.\n\n![training loss](loss.png)\n");
+    md.push_str(&format!(
+        "\nCommand: see `command.txt`; full configuration: `config.toml`; figures: `{LOSS_FIGURE}`, `{SPEED_FIGURE}`.\n\n![training and validation loss]({LOSS_FIGURE})\n\n![training tokens/s]({SPEED_FIGURE})\n"
+    ));
     std::fs::write(out.join("results.md"), md)?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(results)?)?;
-    let series: Vec<Series> = results.runs.iter().map(|r| Series { label: r.label.clone(), values: r.losses.clone() }).collect();
-    let title = format!("training loss ({} task, context {})", task.name(), base.train.seq_len);
-    line_chart(&out.join("loss.png"), &title, "step", "loss", &series)?;
-    Ok(())
+    write_figures(results, out)
+}
+
+/// Draws `loss.svg` (training and validation loss per method) and `speed.svg` (tokens/s per
+/// method) into `out`. Results of older versions, without a validation history, show their
+/// final validation loss as one dot.
+pub fn write_figures(results: &CompareResults, out: &Path) -> AppResult<()> {
+    let curves: Vec<LossCurves> = results
+        .runs
+        .iter()
+        .map(|r| {
+            let mut val: Vec<(usize, f32)> = r.val_curve.iter().map(|p| (p.step, p.loss)).collect();
+            if val.is_empty() && r.val_loss.is_finite() {
+                val.push((r.steps, r.val_loss));
+            }
+            LossCurves { label: r.label.clone(), train: r.losses.clone(), val }
+        })
+        .collect();
+    let dtype = if results.dtype.is_empty() { String::new() } else { format!(", {}", results.dtype) };
+    let title = format!("{} task, context {}, batch {}{dtype}", results.task, results.seq_len, results.batch);
+    loss_chart(&out.join(LOSS_FIGURE), &format!("loss: {title}"), &curves)?;
+    let speeds: Vec<Speed> = results
+        .runs
+        .iter()
+        .map(|r| Speed { label: r.label.clone(), tokens_per_sec: r.tokens_per_sec, median_tokens_per_sec: r.median_tokens_per_sec })
+        .collect();
+    speed_chart(&out.join(SPEED_FIGURE), &format!("training speed on {}: {title}", results.backend), &speeds)
 }

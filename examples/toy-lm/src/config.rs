@@ -1,11 +1,10 @@
-//! Run configuration: defaults, TOML files and command-line overrides.
+//! Run configuration: defaults, TOML files and single-field overrides.
 //!
 //! One [`RunConfig`] describes a run completely (it is written next to every checkpoint and
 //! every comparison as `config.toml`). Values come, in increasing priority, from the defaults
 //! below, a TOML file (`--config file.toml`, any subset of the sections) and command-line
-//! flags. A flag names a field: `--d-model 128` (sections `model`, `train`, `data` need no
-//! prefix), `--moba-block-size 64` or `--moba.block-size 64` (method sections take their name
-//! as a prefix), `--text a.txt b.txt` (lists take several values).
+//! flags (defined in [`crate::cli`]: one typed flag per field, plus the generic
+//! `--set section.key=value`, which goes through [`RunConfig::set`]).
 //!
 //! The method sections mirror the fields of the library's configs (`MobaAttentionConfig`,
 //! `NsaAttentionConfig`, `SeerAttentionConfig`, `DmaAttentionConfig`, `DenseAttentionConfig`);
@@ -14,14 +13,13 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
 
 /// An attention method, as named on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Causal softmax attention (the baseline).
@@ -51,16 +49,6 @@ impl Method {
             Method::Dma => "dma",
         }
     }
-
-    /// Parses a comma-separated list such as `dense,nsa,moba`.
-    pub fn parse_list(s: &str) -> AppResult<Vec<Method>> {
-        let list: AppResult<Vec<Method>> = s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::parse).collect();
-        let list = list?;
-        if list.is_empty() {
-            return Err("the method list is empty".into());
-        }
-        Ok(list)
-    }
 }
 
 impl fmt::Display for Method {
@@ -69,19 +57,8 @@ impl fmt::Display for Method {
     }
 }
 
-impl FromStr for Method {
-    type Err = Box<dyn std::error::Error + Send + Sync>;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| format!("unknown attention method `{s}` (expected one of dense, nsa, moba, seer, dma)").into())
-    }
-}
-
 /// The training data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     /// Byte-level language modelling on text files (or the default offline corpus).
@@ -104,7 +81,7 @@ impl Task {
 }
 
 /// SeerAttention's mode (mirrors `burn_sparse_attn::SeerMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SeerModeOption {
     /// Gates trained on a frozen dense model (`--init-from` a dense checkpoint); output is dense.
@@ -416,10 +393,10 @@ pub struct RunConfig {
     pub dma: DmaOptions,
 }
 
-/// Sections whose fields are addressed without a prefix on the command line.
-const PLAIN_SECTIONS: [&str; 3] = ["model", "train", "data"];
-/// Sections addressed as `--<section>-<field>` or `--<section>.<field>`.
-const METHOD_SECTIONS: [&str; 5] = ["dense", "moba", "nsa", "seer", "dma"];
+/// Sections whose fields are flags without a prefix (`--d-model`, `--steps`, `--task`).
+pub const PLAIN_SECTIONS: [&str; 3] = ["model", "train", "data"];
+/// Sections whose fields are flags prefixed by the section (`--moba-block-size`).
+pub const METHOD_SECTIONS: [&str; 5] = ["dense", "moba", "nsa", "seer", "dma"];
 
 impl RunConfig {
     /// Reads a TOML file (any subset of the sections; missing fields keep their defaults).
@@ -448,124 +425,103 @@ impl RunConfig {
         label
     }
 
-    /// Applies command-line overrides `(flag without dashes, values)` and validates the result.
-    pub fn with_overrides(&self, overrides: &[(String, Vec<String>)]) -> AppResult<Self> {
-        let mut table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
-        let defaults = toml::Table::try_from(RunConfig::default()).map_err(|e| e.to_string())?;
-        for (flag, values) in overrides {
-            let (section, key) = resolve_flag(flag, &defaults)?;
-            let known = defaults.get(section).and_then(|s| s.get(&key));
-            let section_table = table
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .expect("sections are tables");
-            if values.len() == 1 && values[0] == "none" && known.is_none() {
-                section_table.remove(&key);
-                continue;
+    /// Every field as `(section, key, default value)`: sections in the order of
+    /// `print-config`, keys sorted.
+    pub fn default_fields() -> Vec<(&'static str, String, toml::Value)> {
+        let defaults = toml::Table::try_from(RunConfig::default()).expect("a RunConfig always serialises");
+        let mut out = Vec::new();
+        for section in PLAIN_SECTIONS.into_iter().chain(METHOD_SECTIONS) {
+            if let Some(fields) = defaults.get(section).and_then(toml::Value::as_table) {
+                out.extend(fields.iter().map(|(k, v)| (section, k.clone(), v.clone())));
             }
-            let value = convert_value(flag, values, known)?;
-            section_table.insert(key, value);
         }
-        let cfg: RunConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("invalid option: {e}"))?;
-        cfg.validate()?;
-        Ok(cfg)
+        out
+    }
+
+    /// This configuration with one field set from its command-line text: `path` is
+    /// `section.key` (`nsa.top_n`; `-` and `_` are the same in the key), `raw` is read as the
+    /// field's type (a list takes comma-separated items or a TOML array such as `["a,b.txt"]`).
+    /// Not validated across fields (see [`RunConfig::validate`]).
+    pub fn set(&self, path: &str, raw: &str) -> Result<RunConfig, String> {
+        let (section, key) = path.split_once('.').ok_or_else(|| format!("`{path}` is not SECTION.KEY (e.g. nsa.top_n)"))?;
+        let key = key.replace('-', "_");
+        let fields = Self::default_fields();
+        if !fields.iter().any(|(s, _, _)| *s == section) {
+            let sections: Vec<&str> = PLAIN_SECTIONS.into_iter().chain(METHOD_SECTIONS).collect();
+            return Err(format!("no section `{section}` (sections: {})", sections.join(", ")));
+        }
+        let Some((_, _, like)) = fields.iter().find(|(s, k, _)| *s == section && *k == key) else {
+            let keys: Vec<&str> = fields.iter().filter(|(s, _, _)| *s == section).map(|(_, k, _)| k.as_str()).collect();
+            return Err(format!("no field `{key}` in [{section}] (fields: {})", keys.join(", ")));
+        };
+        let value = value_like(raw, like).map_err(|what| format!("{section}.{key} takes {what}, not `{raw}`"))?;
+        let mut table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
+        table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("sections are tables")
+            .insert(key.clone(), value);
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("{section}.{key}: {}", e.message().trim()))
     }
 
     /// Checks the cross-field rules that serde cannot.
     pub fn validate(&self) -> AppResult<()> {
         let m = &self.model;
         if m.layers == 0 || m.d_model == 0 || m.heads == 0 {
-            return Err("model.layers, model.d_model and model.heads must be at least 1".into());
+            return Err("model.layers, model.d_model and model.heads (--layers, --d-model, --heads) must be at least 1".into());
         }
         if !m.layer_attention.is_empty() && m.layer_attention.len() != m.layers {
-            return Err(format!("model.layer_attention lists {} methods for {} layers", m.layer_attention.len(), m.layers).into());
+            return Err(format!(
+                "model.layer_attention (--layer-attention) lists {} methods for {} layers (--layers)",
+                m.layer_attention.len(),
+                m.layers
+            )
+            .into());
         }
         if m.dense_first_layers + m.dense_last_layers > m.layers {
-            return Err("dense_first_layers + dense_last_layers exceeds the number of layers".into());
+            return Err("model.dense_first_layers + model.dense_last_layers (--dense-first-layers, --dense-last-layers) exceeds model.layers (--layers)".into());
         }
         let t = &self.train;
         if t.steps == 0 || t.batch == 0 || t.seq_len < 2 {
-            return Err("train.steps and train.batch must be at least 1 and train.seq_len at least 2".into());
+            return Err("train.steps and train.batch (--steps, --batch) must be at least 1 and train.seq_len (--seq-len) at least 2".into());
         }
         if t.lr.is_nan() || t.lr <= 0.0 || !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            return Err("train.lr must be positive and train.min_lr_ratio in [0, 1]".into());
+            return Err("train.lr (--lr) must be positive and train.min_lr_ratio (--min-lr-ratio) in [0, 1]".into());
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) || self.data.val_fraction <= 0.0 {
-            return Err("data.val_fraction must be in (0, 1)".into());
+            return Err("data.val_fraction (--val-fraction) must be in (0, 1)".into());
         }
         Ok(())
     }
 }
 
-/// Maps a flag (`d-model`, `moba-block-size`, `nsa.top-n`, `model.layers`) to (section, key).
-fn resolve_flag(flag: &str, defaults: &toml::Table) -> AppResult<(&'static str, String)> {
-    let normalised = flag.replace('-', "_");
-    if let Some((section, key)) = normalised.split_once('.') {
-        let section = PLAIN_SECTIONS
-            .iter()
-            .chain(METHOD_SECTIONS.iter())
-            .find(|s| **s == section)
-            .ok_or_else(|| format!("unknown option --{flag}: no section `{section}`"))?;
-        return Ok((section, key.to_string()));
-    }
-    for section in PLAIN_SECTIONS {
-        if defaults.get(section).and_then(|s| s.get(&normalised)).is_some() {
-            return Ok((section, normalised));
+/// `raw` read as a TOML value of the same type as `like`; on failure, what was expected.
+fn value_like(raw: &str, like: &toml::Value) -> Result<toml::Value, &'static str> {
+    let raw = raw.trim();
+    Ok(match like {
+        toml::Value::Integer(_) => toml::Value::Integer(raw.parse().map_err(|_| "a whole number")?),
+        toml::Value::Float(_) => toml::Value::Float(raw.parse().map_err(|_| "a number")?),
+        toml::Value::Boolean(_) => toml::Value::Boolean(raw.parse().map_err(|_| "true or false")?),
+        toml::Value::Array(_) if raw.starts_with('[') => {
+            match toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")) {
+                Some(v @ toml::Value::Array(_)) => v,
+                _ => return Err("a TOML array"),
+            }
         }
-    }
-    for section in METHOD_SECTIONS {
-        if let Some(key) = normalised.strip_prefix(section).and_then(|k| k.strip_prefix('_')) {
-            return Ok((section, key.to_string()));
+        toml::Value::Array(items) => {
+            // Lists of strings (paths, method names) when the default is empty.
+            let element = items.first().cloned().unwrap_or(toml::Value::String(String::new()));
+            let list = raw.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| value_like(v, &element));
+            toml::Value::Array(list.collect::<Result<_, _>>()?)
         }
-    }
-    Err(format!("unknown option --{flag} (run `toy-lm help`, or `toy-lm print-config` for every field)").into())
-}
-
-/// Turns command-line strings into a TOML value of the field's type.
-fn convert_value(flag: &str, values: &[String], known: Option<&toml::Value>) -> AppResult<toml::Value> {
-    let scalar = |raw: &str, like: Option<&toml::Value>| -> AppResult<toml::Value> {
-        let bad = |what: &str| format!("--{flag}: `{raw}` is not {what}");
-        Ok(match like {
-            Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
-            Some(toml::Value::Integer(_)) => toml::Value::Integer(raw.parse().map_err(|_| bad("an integer"))?),
-            Some(toml::Value::Float(_)) => toml::Value::Float(raw.parse().map_err(|_| bad("a number"))?),
-            Some(toml::Value::Boolean(_)) => toml::Value::Boolean(raw.parse().map_err(|_| bad("true or false"))?),
-            _ => match toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")) {
-                Some(v) => v,
-                None => toml::Value::String(raw.to_string()),
-            },
-        })
-    };
-    match known {
-        Some(toml::Value::Array(items)) => {
-            // Lists: several values, or one comma-separated value for non-path lists.
-            let element = items.first();
-            let is_paths = flag == "text" || flag.ends_with(".text");
-            let raw: Vec<&str> = if is_paths {
-                values.iter().map(String::as_str).collect()
-            } else {
-                values.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|v| !v.is_empty()).collect()
-            };
-            let like = element.cloned().or(Some(toml::Value::String(String::new())));
-            Ok(toml::Value::Array(raw.into_iter().map(|r| scalar(r, like.as_ref())).collect::<AppResult<_>>()?))
-        }
-        _ => match values {
-            [] if matches!(known, Some(toml::Value::Boolean(_))) => Ok(toml::Value::Boolean(true)),
-            [one] => scalar(one, known),
-            [] => Err(format!("--{flag} needs a value").into()),
-            _ => Err(format!("--{flag} takes one value, got {}", values.len()).into()),
-        },
-    }
+        _ => toml::Value::String(raw.to_string()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ov(pairs: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect())).collect()
-    }
 
     #[test]
     fn defaults_round_trip_through_toml() {
@@ -575,40 +531,39 @@ mod tests {
     }
 
     #[test]
-    fn flags_reach_every_section() {
-        let cfg = RunConfig::default()
-            .with_overrides(&ov(&[
-                ("d-model", &["32"]),
-                ("attention", &["moba"]),
-                ("dense-last-layers", &["1"]),
-                ("moba-block-size", &["16"]),
-                ("nsa.top-n", &["2"]),
-                ("seer-mode", &["distill"]),
-                ("lr", &["1e-3"]),
-                ("tie-embeddings", &[]),
-                ("text", &["a.txt", "b,c.txt"]),
-                ("layer-attention", &["moba,dense"]),
-            ]))
-            .unwrap();
+    fn set_reaches_every_section_and_type() {
+        let cfg = RunConfig::default();
+        let cfg = cfg.set("model.d_model", "32").unwrap();
+        let cfg = cfg.set("model.attention", "moba").unwrap();
+        let cfg = cfg.set("moba.block-size", "16").unwrap();
+        let cfg = cfg.set("nsa.shared_kv", "true").unwrap();
+        let cfg = cfg.set("seer.mode", "distill").unwrap();
+        let cfg = cfg.set("train.lr", "1e-3").unwrap();
+        let cfg = cfg.set("data.needle_depth", "0.5").unwrap();
+        let cfg = cfg.set("data.text", r#"["a.txt", "b,c.txt"]"#).unwrap();
+        let cfg = cfg.set("model.layer_attention", "moba, dense").unwrap();
         assert_eq!(cfg.model.d_model, 32);
         assert_eq!(cfg.model.attention, Method::Moba);
-        assert_eq!(cfg.model.dense_last_layers, 1);
         assert_eq!(cfg.moba.block_size, 16);
-        assert_eq!(cfg.nsa.top_n, 2);
+        assert!(cfg.nsa.shared_kv);
         assert_eq!(cfg.seer.mode, SeerModeOption::Distill);
         assert_eq!(cfg.train.lr, 1e-3);
+        assert_eq!(cfg.data.needle_depth, 0.5);
         assert_eq!(cfg.data.text, vec!["a.txt".to_string(), "b,c.txt".to_string()]);
         assert_eq!(cfg.model.layer_methods(), vec![Method::Moba, Method::Dense]);
     }
 
     #[test]
-    fn unknown_flags_and_bad_values_are_named() {
-        let err = RunConfig::default().with_overrides(&ov(&[("bogus", &["1"])])).unwrap_err().to_string();
-        assert!(err.contains("--bogus"), "{err}");
-        let err = RunConfig::default().with_overrides(&ov(&[("moba-blok", &["1"])])).unwrap_err().to_string();
-        assert!(err.contains("blok"), "{err}");
-        let err = RunConfig::default().with_overrides(&ov(&[("steps", &["many"])])).unwrap_err().to_string();
-        assert!(err.contains("--steps"), "{err}");
+    fn set_names_what_is_wrong() {
+        let cfg = RunConfig::default();
+        let err = |path: &str, raw: &str| cfg.set(path, raw).unwrap_err();
+        assert!(err("steps", "1").contains("SECTION.KEY"), "{}", err("steps", "1"));
+        assert!(err("modle.layers", "1").contains("no section `modle`"));
+        assert!(err("moba.blok", "1").contains("no field `blok` in [moba]"));
+        assert!(err("train.steps", "many").contains("train.steps takes a whole number"));
+        assert!(err("train.steps", "-3").contains("train.steps"), "{}", err("train.steps", "-3"));
+        assert!(err("model.attention", "foo").contains("foo"), "{}", err("model.attention", "foo"));
+        assert!(err("nsa.shared_kv", "yes").contains("true or false"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Library side of the `toy-lm` example: configuration, data, model, training loop,
-//! comparison, plotting, progress display and generation. `src/main.rs` is the command-line front end.
+//! comparison, plotting, progress display, generation and the command-line definition
+//! ([`cli`]). `src/main.rs` runs the parsed commands.
 
+pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod data;

@@ -1,135 +1,74 @@
-//! A minimal line chart rendered to PNG (training-loss curves of `compare`).
+//! The figures of `compare`, drawn with `plotters` as SVG: `loss.svg` (training and validation
+//! loss per method) and `speed.svg` (training tokens/s per method).
 //!
-//! Drawn by hand on an RGB buffer with a built-in 5x7 font, so the example needs no font
-//! files and no plotting dependency; only the `png` encoder.
+//! SVG leaves the text to the viewer, so nothing here needs font files or system fonts. The
+//! baseline (dense attention) is drawn last, thicker and in black, so it always shows on top of
+//! the other curves.
 
 use std::path::Path;
 
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
 use crate::AppResult;
 
-/// One curve: a label and its y value at x = 1, 2, ...
+/// One method's curves.
 #[derive(Debug, Clone)]
-pub struct Series {
+pub struct LossCurves {
+    /// Legend text (`dense`, `moba+dense1`, ...).
+    pub label: String,
+    /// Training loss at steps 1, 2, ... (non-finite values are skipped).
+    pub train: Vec<f32>,
+    /// Validation loss as `(step, loss)`.
+    pub val: Vec<(usize, f32)>,
+}
+
+/// One method's throughput.
+#[derive(Debug, Clone)]
+pub struct Speed {
     /// Legend text.
     pub label: String,
-    /// Values (non-finite ones are skipped).
-    pub values: Vec<f32>,
+    /// Steady-state tokens/s (total time of the timed steps).
+    pub tokens_per_sec: f64,
+    /// Tokens/s of the median step; 0 when unknown.
+    pub median_tokens_per_sec: f64,
 }
 
-const PALETTE: [[u8; 3]; 8] =
-    [[31, 119, 180], [214, 39, 40], [44, 160, 44], [255, 127, 14], [148, 103, 189], [140, 86, 75], [227, 119, 194], [23, 190, 207]];
+/// The label drawn as the baseline.
+pub const BASELINE: &str = "dense";
 
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
-}
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+const BASELINE_COLOR: RGBColor = RGBColor(17, 17, 17);
+const FONT: &str = "sans-serif";
 
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        Self { w, h, px: vec![255; w * h * 3] }
-    }
-
-    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
-            let i = (y as usize * self.w + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: [u8; 3]) {
-        for y in y0..=y1 {
-            for x in x0..=x1 {
-                self.set(x, y, c);
+/// Colour and line width of each label: the baseline black and thick, the others from the
+/// palette in order.
+fn styles<'a>(labels: impl Iterator<Item = &'a str>) -> Vec<(RGBColor, u32)> {
+    let mut next = 0;
+    labels
+        .map(|label| {
+            if label == BASELINE {
+                (BASELINE_COLOR, 4)
+            } else {
+                next += 1;
+                (PALETTE[(next - 1) % PALETTE.len()], 2)
             }
-        }
-    }
-
-    /// Bresenham line of the given thickness.
-    fn line(&mut self, (x0, y0): (f64, f64), (x1, y1): (f64, f64), thick: i64, c: [u8; 3]) {
-        let (mut x, mut y) = (x0.round() as i64, y0.round() as i64);
-        let (xe, ye) = (x1.round() as i64, y1.round() as i64);
-        let (dx, dy) = ((xe - x).abs(), -(ye - y).abs());
-        let (sx, sy) = (if x < xe { 1 } else { -1 }, if y < ye { 1 } else { -1 });
-        let mut err = dx + dy;
-        let r = thick / 2;
-        loop {
-            self.rect(x - r, y - r, x - r + thick - 1, y - r + thick - 1, c);
-            if x == xe && y == ye {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Text with the 5x7 font scaled by `s`; returns the width drawn.
-    fn text(&mut self, x: i64, y: i64, s: i64, text: &str, c: [u8; 3]) -> i64 {
-        let mut cx = x;
-        for ch in text.chars() {
-            let rows = glyph(ch);
-            for (ry, bits) in rows.iter().enumerate() {
-                for rx in 0..5 {
-                    if bits & (0x10 >> rx) != 0 {
-                        self.rect(cx + rx * s, y + ry as i64 * s, cx + rx * s + s - 1, y + ry as i64 * s + s - 1, c);
-                    }
-                }
-            }
-            cx += 6 * s;
-        }
-        cx - x
-    }
-
-    fn save_png(&self, path: &Path) -> AppResult<()> {
-        let file = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.w as u32, self.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(&self.px).map_err(|e| e.to_string())?;
-        writer.finish().map_err(|e| e.to_string())?;
-        Ok(())
-    }
+        })
+        .collect()
 }
 
-fn text_width(text: &str, s: i64) -> i64 {
-    text.chars().count() as i64 * 6 * s
-}
-
-/// "Nice" tick values covering `[lo, hi]`.
-fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
-    let span = (hi - lo).max(1e-9);
-    let raw = span / target as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| span / s <= target as f64).unwrap_or(10.0 * mag);
-    let mut v = (lo / step).ceil() * step;
-    let mut out = Vec::new();
-    while v <= hi + step * 1e-6 {
-        out.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
-        v += step;
-    }
-    out
-}
-
-fn fmt_tick(v: f64, step: f64) -> String {
-    if step >= 1.0 {
-        format!("{v:.0}")
-    } else if step >= 0.1 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-/// Centred moving average over `2 * half + 1` points (shorter at the ends): smooths noisy
-/// per-step losses without the lag of an exponential average.
+/// Centred moving average over `2 * half + 1` points (fewer at the ends), skipping non-finite
+/// values: smooths noisy per-step losses without the lag of an exponential average.
 pub fn smooth(values: &[f32], half: usize) -> Vec<f32> {
     (0..values.len())
         .map(|i| {
@@ -140,150 +79,253 @@ pub fn smooth(values: &[f32], half: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Draws the curves (raw values thin and light, a smoothed copy bold) with axes, grid and a
-/// legend, and writes a PNG.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> AppResult<()> {
-    let (w, h) = (960usize, 600usize);
-    let (left, right, top, bottom) = (90i64, 190i64, 50i64, 70i64);
-    let (pw, ph) = (w as i64 - left - right, h as i64 - top - bottom);
-    let mut c = Canvas::new(w, h);
-    let n = series.iter().map(|s| s.values.len()).max().unwrap_or(0).max(2);
-    let finite = series.iter().flat_map(|s| s.values.iter().copied()).filter(|v| v.is_finite());
-    let (mut lo, mut hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v as f64), b.max(v as f64)));
+/// Runs of consecutive finite points of `values` (x = 1, 2, ...), as separate polylines.
+fn finite_runs(values: &[f32]) -> Vec<Vec<(f64, f64)>> {
+    let mut runs = vec![Vec::new()];
+    for (i, v) in values.iter().enumerate() {
+        if v.is_finite() {
+            runs.last_mut().expect("never empty").push((i as f64 + 1.0, *v as f64));
+        } else if !runs.last().expect("never empty").is_empty() {
+            runs.push(Vec::new());
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    runs
+}
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> String {
+    format!("drawing the figure: {e:?}")
+}
+
+/// Renders `draw` on an SVG canvas of `size` and writes it to `path`.
+fn write_svg(path: &Path, size: (u32, u32), draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>) -> AppResult<()> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        draw(&root)?;
+        root.present().map_err(draw_err)?;
+    }
+    std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()).into())
+}
+
+/// Loss curves: per method, the training loss per step (faint), its moving average (solid) and
+/// the validation loss (dots joined by dashes), on one pair of axes; the baseline last.
+pub fn loss_chart(path: &Path, title: &str, curves: &[LossCurves]) -> AppResult<()> {
+    let steps = curves.iter().map(|c| c.train.len()).chain(curves.iter().flat_map(|c| c.val.iter().map(|p| p.0))).max().unwrap_or(0).max(2);
+    let values = curves.iter().flat_map(|c| c.train.iter().copied().chain(c.val.iter().map(|p| p.1)));
+    let (mut lo, mut hi) =
+        values.filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v as f64), b.max(v as f64)));
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
     }
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let (lo, hi) = ((lo - pad).max(0.0), hi + pad);
-    let map = |i: f64, v: f64| -> (f64, f64) {
-        (left as f64 + (i - 1.0) / (n as f64 - 1.0) * pw as f64, top as f64 + (hi - v) / (hi - lo) * ph as f64)
-    };
-    let (grid, axis, ink) = ([225, 225, 225], [60, 60, 60], [20, 20, 20]);
-    let yt = ticks(lo, hi, 8);
-    let ystep = if yt.len() > 1 { yt[1] - yt[0] } else { 1.0 };
-    for v in &yt {
-        let (_, y) = map(1.0, *v);
-        c.line((left as f64, y), ((left + pw) as f64, y), 1, grid);
-        let label = fmt_tick(*v, ystep);
-        c.text(left - 10 - text_width(&label, 2), y as i64 - 7, 2, &label, ink);
-    }
-    let xt = ticks(1.0, n as f64, 8);
-    for v in &xt {
-        let (x, _) = map(*v, lo);
-        c.line((x, top as f64), (x, (top + ph) as f64), 1, grid);
-        let label = format!("{v:.0}");
-        c.text(x as i64 - text_width(&label, 2) / 2, top + ph + 10, 2, &label, ink);
-    }
-    c.line((left as f64, top as f64), (left as f64, (top + ph) as f64), 2, axis);
-    c.line((left as f64, (top + ph) as f64), ((left + pw) as f64, (top + ph) as f64), 2, axis);
-    c.text(left + (pw - text_width(title, 2)) / 2, 16, 2, title, ink);
-    c.text(left + (pw - text_width(x_label, 2)) / 2, h as i64 - 28, 2, x_label, ink);
-    c.text(8, top - 30, 2, y_label, ink);
-    for (si, s) in series.iter().enumerate() {
-        let color = PALETTE[si % PALETTE.len()];
-        let light = color.map(|v| (v as u16 + 2 * 255).div_ceil(3) as u8);
-        let smooth = smooth(&s.values, (s.values.len() / 40).max(1));
-        for (vals, thick, col) in [(&s.values, 1, light), (&smooth, 3, color)] {
-            let mut prev: Option<(f64, f64)> = None;
-            for (i, v) in vals.iter().enumerate() {
-                if !v.is_finite() {
-                    prev = None;
-                    continue;
-                }
-                let p = map(i as f64 + 1.0, *v as f64);
-                if let Some(q) = prev {
-                    c.line(q, p, thick, col);
-                }
-                prev = Some(p);
-            }
+    let styles = styles(curves.iter().map(|c| c.label.as_str()));
+    // The baseline after every other method, so that nothing covers it.
+    let mut order: Vec<usize> = (0..curves.len()).collect();
+    order.sort_by_key(|&i| curves[i].label == BASELINE);
+
+    write_svg(path, (960, 600), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(60)
+            .build_cartesian_2d(1f64..steps as f64, lo..hi)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 16))
+            .light_line_style(RGBColor(238, 238, 238))
+            .bold_line_style(RGBColor(215, 215, 215))
+            // Whole steps only: no more labels than steps.
+            .x_labels(steps.min(10))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .max_light_lines(4)
+            .draw()
+            .map_err(draw_err)?;
+        // Legend entries first, in the methods' order (the series themselves are unlabelled).
+        for (c, &(color, width)) in curves.iter().zip(&styles) {
+            chart.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>()).map_err(draw_err)?.label(c.label.clone()).legend(
+                move |(x, y)| {
+                    EmptyElement::at((x, y))
+                        + PathElement::new(vec![(0, 0), (22, 0)], color.stroke_width(width))
+                        + Circle::new((11, 0), 4, color.filled())
+                },
+            );
         }
-        let ly = top + 10 + si as i64 * 26;
-        let lx = left + pw + 16;
-        c.rect(lx, ly + 5, lx + 24, ly + 8, color);
-        c.text(lx + 32, ly, 2, &s.label, ink);
-    }
-    c.save_png(path)
+        let grey = RGBColor(110, 110, 110);
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(draw_err)?
+            .label("train loss (smoothed; faint: each step)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], grey.stroke_width(2)));
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(draw_err)?
+            .label("validation loss")
+            .legend(move |(x, y)| EmptyElement::at((x, y)) + Circle::new((11, 0), 4, grey.filled()));
+
+        for &i in &order {
+            let (c, (color, width)) = (&curves[i], styles[i]);
+            for run in finite_runs(&c.train) {
+                chart.draw_series(LineSeries::new(run, color.mix(0.22).stroke_width(1))).map_err(draw_err)?;
+            }
+            for run in finite_runs(&smooth(&c.train, (c.train.len() / 40).max(1))) {
+                chart.draw_series(LineSeries::new(run, color.stroke_width(width))).map_err(draw_err)?;
+            }
+            let val: Vec<(f64, f64)> = c.val.iter().filter(|p| p.1.is_finite()).map(|&(s, l)| (s as f64, l as f64)).collect();
+            if val.len() > 1 {
+                chart.draw_series(DashedLineSeries::new(val.clone(), 6, 4, color.stroke_width(width.div_ceil(2)))).map_err(draw_err)?;
+            }
+            let radius = if c.label == BASELINE { 6 } else { 4 };
+            chart
+                .draw_series(
+                    val.iter().map(|&p| Circle::new(p, radius, ShapeStyle { color: color.to_rgba(), filled: true, stroke_width: 1 })),
+                )
+                .map_err(draw_err)?;
+            chart.draw_series(val.iter().map(|&p| Circle::new(p, radius, WHITE.stroke_width(1)))).map_err(draw_err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 15))
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()
+            .map_err(draw_err)
+    })
 }
 
-/// Rows of a 5x7 glyph (bit 4 is the leftmost column). Lower case is drawn as upper case.
-fn glyph(ch: char) -> [u8; 7] {
-    match ch.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '[' => [0x0E, 0x08, 0x08, 0x08, 0x08, 0x08, 0x0E],
-        ']' => [0x0E, 0x02, 0x02, 0x02, 0x02, 0x02, 0x0E],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        ' ' => [0; 7],
-        _ => [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F],
-    }
+/// Tokens/s per method as horizontal bars (steady state) with a dot at the median step's
+/// rate, each labelled with its rate relative to the baseline; methods top to bottom.
+pub fn speed_chart(path: &Path, title: &str, speeds: &[Speed]) -> AppResult<()> {
+    let n = speeds.len().max(1);
+    let max = speeds.iter().flat_map(|s| [s.tokens_per_sec, s.median_tokens_per_sec]).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+    let max = if max > 0.0 { max } else { 1.0 };
+    let baseline = speeds.iter().find(|s| s.label == BASELINE).map(|s| s.tokens_per_sec).filter(|v| *v > 0.0);
+    let styles = styles(speeds.iter().map(|s| s.label.as_str()));
+    let height = 110 + 46 * n as u32;
+    write_svg(path, (760, height), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(8)
+            .build_cartesian_2d(0f64..max * 1.55, 0f64..n as f64)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(0)
+            .x_desc("training tokens/s (bar: steady state; dot: median step)")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(RGBColor(240, 240, 240))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .max_light_lines(4)
+            .x_label_formatter(&|x| if *x >= 1e3 { format!("{:.0}k", x / 1e3) } else { format!("{x:.0}") })
+            .draw()
+            .map_err(draw_err)?;
+        for (i, (s, &(color, _))) in speeds.iter().zip(&styles).enumerate() {
+            let y = (n - 1 - i) as f64;
+            let (y0, y1) = (y + 0.2, y + 0.8);
+            let fill = if s.label == BASELINE { color.filled() } else { color.mix(0.85).filled() };
+            chart.draw_series(std::iter::once(Rectangle::new([(0.0, y0), (s.tokens_per_sec.max(0.0), y1)], fill))).map_err(draw_err)?;
+            if s.median_tokens_per_sec > 0.0 {
+                let dot = (s.median_tokens_per_sec, y + 0.5);
+                chart.draw_series([Circle::new(dot, 5, WHITE.filled()), Circle::new(dot, 5, BLACK.stroke_width(2))]).map_err(draw_err)?;
+            }
+            let rate = if s.tokens_per_sec >= 1e4 { format!("{:.1}k", s.tokens_per_sec / 1e3) } else { format!("{:.0}", s.tokens_per_sec) };
+            let relative = match baseline {
+                Some(b) if s.label != BASELINE => format!(", {:.2}x {BASELINE}", s.tokens_per_sec / b),
+                _ => String::new(),
+            };
+            let x = s.tokens_per_sec.max(s.median_tokens_per_sec).max(0.0) + max * 0.03;
+            let text = Text::new(
+                format!("{}: {rate} tok/s{relative}", s.label),
+                (x, y + 0.5),
+                (FONT, 15).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center)),
+            );
+            chart.draw_series(std::iter::once(text)).map_err(draw_err)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn ticks_are_round_and_cover_the_range() {
-        let t = ticks(1.3, 5.6, 6);
-        assert!(t.first().unwrap() >= &1.3 && t.last().unwrap() <= &5.6);
-        assert!(t.len() >= 3 && t.len() <= 7, "{t:?}");
-        let step = t[1] - t[0];
-        assert!([0.5, 1.0].contains(&step), "{t:?}");
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("toy-lm-plot-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn curve(label: &str, scale: f32) -> LossCurves {
+        let train: Vec<f32> = (0..60).map(|i| scale * 5.0 / (1.0 + i as f32 * 0.1)).collect();
+        LossCurves { label: label.into(), val: vec![(30, train[29] + 0.1), (60, train[59] + 0.1)], train }
     }
 
     #[test]
-    fn chart_is_a_png() {
-        let dir = std::env::temp_dir().join(format!("toy-lm-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("loss.png");
-        let s = Series { label: "dense".into(), values: (0..50).map(|i| 5.0 / (1.0 + i as f32 * 0.1)).collect() };
-        line_chart(&path, "loss", "step", "loss", &[s]).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(&bytes[1..4], b"PNG");
+    fn loss_chart_is_an_svg_with_every_label_and_the_baseline_last() {
+        let dir = tmp("loss");
+        let path = dir.join("loss.svg");
+        let mut gappy = curve("moba", 1.1);
+        gappy.train[10] = f32::NAN;
+        loss_chart(&path, "training loss", &[curve("dense", 1.0), curve("nsa", 0.9), gappy]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", &svg[..100.min(svg.len())]);
+        for needle in ["training loss", "dense", "nsa", "moba", "validation loss", "step"] {
+            assert!(svg.contains(needle), "`{needle}` missing");
+        }
+        // The data lines (legend samples and ticks have two points) in drawing order: the
+        // baseline's (#111111) come after every other method's.
+        let strokes: Vec<&str> = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|p| p.split("points=\"").nth(1).is_some_and(|pts| pts.split('"').next().unwrap_or("").split_whitespace().count() > 5))
+            .filter_map(|p| p.split("stroke=\"").nth(1).and_then(|s| s.get(..7)))
+            .collect();
+        let first_black = strokes.iter().position(|s| *s == "#111111").expect("baseline drawn");
+        assert!(first_black > 0 && strokes[first_black..].iter().all(|s| *s == "#111111"), "{strokes:?}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn speed_chart_labels_each_method_relative_to_dense() {
+        let dir = tmp("speed");
+        let path = dir.join("speed.svg");
+        let speeds = [
+            Speed { label: "dense".into(), tokens_per_sec: 20000.0, median_tokens_per_sec: 21000.0 },
+            Speed { label: "moba".into(), tokens_per_sec: 30000.0, median_tokens_per_sec: 0.0 },
+        ];
+        speed_chart(&path, "speed", &speeds).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("dense: 20.0k tok/s") && svg.contains("moba: 30.0k tok/s, 1.50x dense"), "{svg}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn empty_and_degenerate_inputs_still_draw() {
+        let dir = tmp("empty");
+        loss_chart(&dir.join("a.svg"), "none", &[]).unwrap();
+        loss_chart(&dir.join("b.svg"), "one", &[LossCurves { label: "dense".into(), train: vec![f32::NAN], val: vec![] }]).unwrap();
+        speed_chart(&dir.join("c.svg"), "none", &[]).unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn smoothing_keeps_length_and_skips_gaps() {
+        let s = smooth(&[1.0, f32::NAN, 3.0, 5.0], 1);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[0], 1.0);
+        assert_eq!(s[1], 2.0);
+        assert_eq!(finite_runs(&[1.0, f32::NAN, 2.0, 3.0]).len(), 2);
     }
 }

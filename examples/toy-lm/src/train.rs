@@ -58,6 +58,9 @@ pub struct TrainOutcome {
     pub final_train_loss: f32,
     /// Validation loss at the end.
     pub val_loss: f32,
+    /// Every validation of the run (every `eval_every` steps and at the end).
+    #[serde(default)]
+    pub val_curve: Vec<ValPoint>,
     /// Validation accuracy: on answer tokens for `mqar`/`needle`, next-byte for `lm`.
     pub val_accuracy: f32,
     /// Gate loss of the last step (SeerAttention only).
@@ -83,6 +86,17 @@ pub struct TrainOutcome {
     pub checkpoint: PathBuf,
 }
 
+/// One validation: after how many steps, its loss and accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ValPoint {
+    /// Steps done when it ran.
+    pub step: usize,
+    /// Validation loss.
+    pub loss: f32,
+    /// Validation accuracy (answer tokens for `mqar`/`needle`, next byte for `lm`).
+    pub accuracy: f32,
+}
+
 /// `state.json` of a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainState {
@@ -96,6 +110,9 @@ pub struct TrainState {
     pub val_loss: Option<f32>,
     /// Last validation accuracy.
     pub val_accuracy: Option<f32>,
+    /// Every validation so far.
+    #[serde(default)]
+    pub val_curve: Vec<ValPoint>,
     /// Seed of the run.
     pub seed: u64,
     /// Whether `optimizer.bpk` holds the AdamW moments.
@@ -344,6 +361,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         .init();
     let mut start = 0;
     let mut losses = Vec::new();
+    let mut val_curve: Vec<ValPoint> = Vec::new();
     if let Some(init) = &opts.init_from {
         let (applied, missing) = load_weights(&mut model, init, true)?;
         println!("{prefix}init-from {}: {applied} tensors loaded, {} left at initialisation", init.display(), missing.len());
@@ -365,6 +383,8 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         start = state.step;
         losses = state.losses;
         losses.truncate(start);
+        val_curve = state.val_curve;
+        val_curve.retain(|p| p.step <= start);
         println!("{prefix}resumed from {} at step {start}", dir.display());
     }
     let params = model.num_params();
@@ -434,6 +454,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         let eval_now = done == t.steps || (t.eval_every > 0 && done % t.eval_every == 0);
         if eval_now {
             (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
+            val_curve.push(ValPoint { step: done, loss: val_loss, accuracy: val_acc });
             let what = if data.task() == Task::Lm { "next-byte accuracy" } else { "answer accuracy" };
             progress.line(&format!("{prefix}validation @ {done}: loss {val_loss:.4} | {what} {:.1}%", 100.0 * val_acc));
         }
@@ -444,6 +465,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
                 losses: losses.clone(),
                 val_loss: val_loss.is_finite().then_some(val_loss),
                 val_accuracy: val_acc.is_finite().then_some(val_acc),
+                val_curve: val_curve.clone(),
                 seed: t.seed,
                 has_optimizer_state: true,
                 param_ids: param_ids(&model),
@@ -455,6 +477,9 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     if start >= t.steps {
         println!("{prefix}already at step {start} of {}; evaluating only", t.steps);
         (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
+        if val_curve.last().is_none_or(|p| p.step != start) {
+            val_curve.push(ValPoint { step: start, loss: val_loss, accuracy: val_acc });
+        }
     }
     let tail = &losses[losses.len().saturating_sub(10)..];
     let (peak_memory_bytes, peak_memory_kind) = match peak_pool {
@@ -469,6 +494,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         final_train_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
         losses,
         val_loss,
+        val_curve,
         val_accuracy: val_acc,
         final_gate_loss: last_gate,
         tokens_per_sec: if train_secs > 0.0 { steps_timed as f64 * tokens_per_step / train_secs } else { 0.0 },

@@ -13,7 +13,6 @@ use toy_lm::config::{Method, RunConfig, SeerModeOption, Task};
 use toy_lm::model::ToyLm;
 use toy_lm::train::{RunOptions, TrainState, load_state, load_weights, median, save_checkpoint, train};
 
-
 /// The device RNG is global: tests that seed it and build models run one at a time, or
 /// their initialisations interleave.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -115,6 +114,7 @@ fn checkpoint_round_trip_restores_parameters() {
         losses: vec![1.0; 7],
         val_loss: None,
         val_accuracy: None,
+        val_curve: Vec::new(),
         seed: 1,
         has_optimizer_state: true,
         param_ids: Default::default(),
@@ -155,6 +155,8 @@ fn resume_continues_the_same_run() {
     assert_eq!(load_state(&resumed.checkpoint).unwrap().step, 6);
     assert_eq!(resumed.losses.len(), 6);
     assert_eq!(&resumed.losses[..3], &first.losses[..]);
+    // The validation history carries over too (eval_every 0: one validation per call, at its end).
+    assert_eq!(resumed.val_curve.iter().map(|p| p.step).collect::<Vec<_>>(), vec![3, 6]);
     // Same data stream, same weights and AdamW moments: the resumed steps match.
     for (i, (a, b)) in resumed.losses.iter().zip(&full.losses).enumerate() {
         assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "step {i}: resumed {a} vs uninterrupted {b}");
