@@ -10,6 +10,7 @@
 
 use cubecl::prelude::*;
 use crate::args::{KeysArgs, RowsArgs};
+use crate::key_pieces::{head_walk, key_tile};
 
 /// Finite stand-in for -inf inside kernels. WGSL has no infinity literal, and its
 /// arithmetic on infinities is indeterminate, so masked scores and the initial running max
@@ -91,8 +92,10 @@ pub(crate) fn slot_query(
 ) -> i32 {
     let mut qi = comptime!(-1i32).runtime();
     if blocks {
-        let rr = inv_rows[rows_base + slot / qb] as usize;
-        let qq = rr * qb + slot % qb;
+        // `qa` skips the slots a walk leaves out at its start (see `key_pieces::head_walk`).
+        let sl = qa + slot;
+        let rr = inv_rows[rows_base + sl / qb] as usize;
+        let qq = rr * qb + sl % qb;
         if qq < seq_q {
             qi = qq as i32;
         }
@@ -655,16 +658,7 @@ pub fn attn_keys_kernel<F: Float>(
         let g_b = heads_q / heads_b;
 
         // The cube's keys [t0, t1).
-        let mut kb = 0usize;
-        let mut t0 = t * units;
-        let mut t1 = min(t0 + units, seq_k);
-        if blocks {
-            kb = t / n_sub;
-            let sub = t % n_sub;
-            let b_end = min((kb + 1) * key_block, seq_k);
-            t0 = min(kb * key_block + sub * units, b_end);
-            t1 = min(t0 + units, b_end);
-        }
+        let (kb, t0, t1) = key_tile(t, n_sub, units, key_block, seq_k, blocks);
         let j = t0 + u;
         let key_valid = j < t1;
         let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
@@ -707,37 +701,23 @@ pub fn attn_keys_kernel<F: Float>(
                 bias_j = f32::cast_from(bias[bias_base + j]);
             }
             // Query slots of this head: dense: queries [qa, qa + n_slots);
-            // blocks: n_entries rows of the inverted list, query_block slots each.
-            let mut qa = 0usize;
-            let mut n_slots = 0usize;
-            let mut rows_base = 0usize;
+            // blocks: rows of the inverted list, query_block slots each, from slot qa.
             let mut spc = tile_q.runtime();
-            if blocks {
-                let s = h / g_sel;
-                let bs = b * heads_s + s;
-                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
-                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
-                rows_base = bs * n_rb * cap + o0;
-                n_slots = (o1 - o0) * qb;
-                if qb <= tile_q {
-                    spc = (tile_q / qb) * qb;
-                }
-            } else if t0 < t1 {
-                // Queries that can see some key of [t0, t1).
-                let mut lo = 0i32;
-                let mut hi = seq_q as i32;
-                if causal {
-                    lo = max(lo, t0 as i32 - off);
-                }
-                if windowed {
-                    hi = min(hi, (t1 - 1) as i32 - off + w);
-                }
-                if segmented {
-                    lo = max(lo, seg_bounds[2 * (seq_q + t0)]);
-                    hi = min(hi, seg_bounds[2 * (seq_q + t1 - 1) + 1]);
-                }
+            if blocks && qb <= tile_q {
+                spc = (tile_q / qb) * qb;
+            }
+            let bs = b * heads_s + h / g_sel;
+            let (rows_base, qa_w, n_slots_w) =
+                head_walk(inv_off, inv_rows, bs, kb, n_kt / n_sub, n_rb, cap, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
+            let mut qa = qa_w;
+            let mut n_slots = n_slots_w;
+            if segmented && n_slots > 0 {
+                // Packed sequences (no schedule): only the rows of the tile's sequences.
+                let lo = max(qa as i32, seg_bounds[2 * (seq_q + t0)]);
+                let hi = min((qa + n_slots) as i32, seg_bounds[2 * (seq_q + t1 - 1) + 1]);
+                qa = max(lo, 0i32) as usize;
+                n_slots = 0usize;
                 if hi > lo {
-                    qa = lo as usize;
                     n_slots = (hi - lo) as usize;
                 }
             }

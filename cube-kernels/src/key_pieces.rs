@@ -13,10 +13,13 @@
 //! `per_piece` is set so that the pass has about [`TARGET_PIECES`] pieces. Piece `z` of `n`
 //! takes chunks `[C z / n, C (z + 1) / n)` of the tile's concatenated walk (`C` chunks). Each
 //! piece writes f32 partial dK / dV / dbias for its own tile; [`sum_key_pieces_kernel`] then
-//! adds a tile's pieces in order, so the result is deterministic and no atomics are used.
+//! adds a tile's pieces in order, so the result is deterministic and no atomics are used. A
+//! tile cut into one piece only (most tiles of short walks, such as MoBA's) writes its
+//! gradients directly, and the sum skips it.
 //! The partial memory is `(tiles + TARGET_PIECES) x tile keys x D` f32 for dK and for dV.
 
-use crate::kernels::unit_linear;
+use crate::args::{KeysArgs, KeysShape};
+use crate::kernels::{cube_linear, unit_linear};
 use crate::launch::buf;
 use crate::plan::per_unit_launch;
 use crate::schedule::{CleanSchedule, Inverted};
@@ -81,6 +84,7 @@ pub(crate) fn plan_pieces(
     p: &AttnProblem,
     shape: &KeyWalkShape,
     sched: Option<(&CleanSchedule, &Inverted)>,
+    args: &KeysShape,
     bias_heads: usize,
     has_bias: bool,
     causal: bool,
@@ -117,33 +121,29 @@ pub(crate) fn plan_pieces(
     let first = client.empty((n_items + 1) * 4);
     let tile_of = client.empty(max_pieces.max(1) * 4);
     let dummy = crate::launch::dummy(client, 4);
-    let (inv_off, inv_off_len) = match sched {
-        Some((cs, inv)) => (&inv.offsets, p.batch * shape.heads_s * (cs.nkb + 1)),
-        None => (&dummy, 1),
+    let (inv_off, inv_off_len, inv_rows, inv_rows_len) = match sched {
+        Some((cs, inv)) => (
+            &inv.offsets,
+            p.batch * shape.heads_s * (cs.nkb + 1),
+            &inv.rows,
+            p.batch * shape.heads_s * cs.n_rows * shape.cap,
+        ),
+        None => (&dummy, 1, &dummy, 1),
     };
-    let (off, w, windowed) = crate::plan::mask_params(p);
+    let (_, _, windowed) = crate::plan::mask_params(p);
     let (count, dim) = per_unit_launch(client, n_items);
     count_chunks_kernel::launch(
         client,
         count,
         dim,
         buf(inv_off, inv_off_len),
+        buf(inv_rows, inv_rows_len),
         buf(&counts, n_items),
         n_items as u32,
-        p.heads_q as u32,
-        p.heads_kv as u32,
-        p.seq_q as u32,
-        p.seq_k as u32,
-        shape.heads_s as u32,
-        shape.query_block as u32,
-        shape.key_block as u32,
-        shape.n_sub as u32,
-        shape.n_kt as u32,
         shape.bk as u32,
         spc as u32,
         per_piece as u32,
-        off,
-        w,
+        args.arg(),
         blocks,
         causal,
         windowed,
@@ -185,13 +185,20 @@ pub(crate) fn plan_pieces(
 }
 
 /// The walk of query head `h` over key tile `t0..t1` (block `kb` of list `bs` under a
-/// schedule): the offset of its rows in `inv_rows`, its first query (dense walks), and its
-/// number of row slots. Shared by the planner and the key-major kernel so both count the
-/// same chunks.
+/// schedule): the offset of its rows in `inv_rows`, its first slot (dense walks: its first
+/// query; block walks: the first slot of the block's rows that can see the tile), and its
+/// number of slots. Shared by the planner and the key-major kernels so all count the same
+/// chunks.
+///
+/// Block walks skip the rows the masks hide from the whole tile: the inverted rows are
+/// ascending, so under a causal mask the rows before query `t0 - off` are a prefix (for
+/// MoBA's own block, about half of the block's rows for its first sub-tiles) and under a
+/// window the rows after `t1 - 1 - off + w - 1` a suffix.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_walk(
     inv_off: &[i32],
+    inv_rows: &[i32],
     bs: usize,
     kb: usize,
     n_kb: usize,
@@ -214,9 +221,53 @@ pub(crate) fn head_walk(
         // A sub-tile past the end of a short last block has no keys: nothing to walk.
         if t0 < t1 {
             let o0 = inv_off[bs * (n_kb + 1) + kb] as usize;
-        let o1 = inv_off[bs * (n_kb + 1) + kb + 1] as usize;
+            let o1 = inv_off[bs * (n_kb + 1) + kb + 1] as usize;
             rows_base = bs * n_rb * cap + o0;
-            n_slots = (o1 - o0) * qb;
+            let n_e = o1 - o0;
+            let mut s_lo = 0usize;
+            let mut s_hi = n_e * qb;
+            if causal && n_e > 0 {
+                // First entry whose last query reaches `t0 - off`, then the first slot in it.
+                let first_q = t0 as i32 - off;
+                let mut lo = 0usize;
+                let mut hi = n_e;
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if inv_rows[rows_base + mid] * qb as i32 + qb as i32 - 1 < first_q {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                s_lo = lo * qb;
+                if lo < n_e {
+                    let q_e = inv_rows[rows_base + lo] * qb as i32;
+                    s_lo += max(first_q - q_e, 0i32) as usize;
+                }
+            }
+            if windowed && n_e > 0 {
+                // One past the last slot whose query is at most `t1 - 1 - off + w - 1`.
+                let last_q = (t1 - 1) as i32 - off + w - 1;
+                let mut lo = 0usize;
+                let mut hi = n_e;
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if inv_rows[rows_base + mid] * qb as i32 <= last_q {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                s_hi = lo * qb;
+                if lo > 0 {
+                    let q_e = inv_rows[rows_base + lo - 1] * qb as i32;
+                    s_hi = (lo - 1) * qb + min(last_q - q_e + 1, qb as i32) as usize;
+                }
+            }
+            if s_hi > s_lo {
+                qa = s_lo;
+                n_slots = s_hi - s_lo;
+            }
         }
     } else if t0 < t1 {
         let mut lo = 0i32;
@@ -257,71 +308,75 @@ pub(crate) fn key_tile(t: usize, n_sub: usize, bk: usize, key_block: usize, seq_
 #[allow(clippy::too_many_arguments)]
 pub fn count_chunks_kernel(
     inv_off: &[i32],
+    inv_rows: &[i32],
     counts: &mut [i32],
     n_items: u32,
-    heads_q: u32,
-    heads_kv: u32,
-    seq_q: u32,
-    seq_k: u32,
-    heads_s: u32,
-    query_block: u32,
-    key_block: u32,
-    n_sub: u32,
-    n_kt: u32,
     bk: u32,
     spc: u32,
     per_piece: u32,
-    off: i32,
-    w: i32,
+    a: KeysArgs,
     #[comptime] blocks: bool,
     #[comptime] causal: bool,
     #[comptime] windowed: bool,
 ) {
     let item = unit_linear();
     if item < n_items as usize {
-        let n_kt = n_kt as usize;
-        let heads_kv = heads_kv as usize;
-        let n_sub = n_sub as usize;
+        let n_kt = a.n_key_tiles as usize;
+        let heads_kv = a.heads_kv as usize;
+        let n_sub = a.n_sub as usize;
         let t = item % n_kt;
         let hk = (item / n_kt) % heads_kv;
         let b = item / (n_kt * heads_kv);
-        let (kb, t0, t1) = key_tile(t, n_sub, bk as usize, key_block as usize, seq_k as usize, blocks);
-        let chunks = walk_chunks(inv_off, b, hk, kb, t0, t1, heads_q as usize, heads_kv, heads_s as usize, n_kt / n_sub, seq_q as usize, query_block as usize, spc as usize, off, w, blocks, causal, windowed);
+        let (kb, t0, t1) = key_tile(t, n_sub, bk as usize, a.key_block as usize, a.seq_k as usize, blocks);
+        let chunks = walk_chunks(inv_off, inv_rows, &a, b, hk, kb, t0, t1, spc as usize, blocks, causal, windowed);
         counts[item] = max(chunks.div_ceil(per_piece as usize), 1) as i32;
     }
 }
 
-/// The row chunks of a key tile's walk over all query heads of kv head `hk`. Lists are
-/// only read through `inv_off`, so the row-list arguments of [`head_walk`] do not matter.
+/// The row chunks of a key tile's walk over all query heads of kv head `hk`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn walk_chunks(
     inv_off: &[i32],
+    inv_rows: &[i32],
+    a: &KeysArgs,
     b: usize,
     hk: usize,
     kb: usize,
     t0: usize,
     t1: usize,
-    heads_q: usize,
-    heads_kv: usize,
-    heads_s: usize,
-    n_kb: usize,
-    seq_q: usize,
-    qb: usize,
     spc: usize,
-    off: i32,
-    w: i32,
     #[comptime] blocks: bool,
     #[comptime] causal: bool,
     #[comptime] windowed: bool,
 ) -> usize {
-    let group = heads_q / heads_kv;
+    let heads_q = a.heads_q as usize;
+    let heads_s = a.heads_s as usize;
+    let group = heads_q / a.heads_kv as usize;
     let g_sel = heads_q / heads_s;
+    let n_kb = a.n_key_tiles as usize / a.n_sub as usize;
     let mut chunks = 0usize;
     for hh in 0..group {
         let h = hk * group + hh;
         let bs = b * heads_s + h / g_sel;
-        let (_rb, _qa, n_slots) = head_walk(inv_off, bs, kb, n_kb, 0usize, 0usize, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
+        let (_rb, _qa, n_slots) = head_walk(
+            inv_off,
+            inv_rows,
+            bs,
+            kb,
+            n_kb,
+            a.n_row_blocks as usize,
+            a.cap as usize,
+            a.query_block as usize,
+            t0,
+            t1,
+            a.seq_q as usize,
+            a.off,
+            a.w,
+            blocks,
+            causal,
+            windowed,
+        );
         chunks += n_slots.div_ceil(spc);
     }
     chunks
@@ -350,12 +405,15 @@ pub fn piece_index_kernel(counts: &[i32], local: &[i32], first: &mut [i32], tile
     }
 }
 
-/// Sums each key tile's piece partials into the output, one unit per `N` consecutive output
-/// elements of a row (`N = 4` for dK / dV, whose rows are `D` wide: a quarter of the units
-/// and their index arithmetic, and 16-byte loads; `N = 1` for dbias).
+/// Sums the piece partials of key tiles cut into more than one piece into the output (a
+/// single piece writes its tile itself). One cube per key tile: a tile of one piece costs
+/// its cube one read of `first`, so a pass whose tiles are all single pieces (short walks,
+/// such as MoBA's, and dense tiles) pays almost nothing here; the cube's units take `N`
+/// consecutive output elements of a key row each (`N = 4` for dK / dV, whose rows are `D`
+/// wide: 16-byte loads; `N = 1` for dbias).
 /// Output `[lists, n_heads, seq_k, width]` (dK / dV: one head, `width = D`; dbias:
-/// `Hb / Hkv` heads, width 1); partials `[piece, n_heads, bk, width]`; `width` and `n_out`
-/// count vectors of `N`. With gathered keys slot `j` goes to row `kpos[j]`.
+/// `Hb / Hkv` heads, width 1); partials `[piece, n_heads, bk, width]`; `width` counts
+/// vectors of `N`. With gathered keys slot `j` goes to row `kpos[j]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn sum_key_pieces_kernel<F: Float, N: Size>(
@@ -363,7 +421,7 @@ pub fn sum_key_pieces_kernel<F: Float, N: Size>(
     first: &[i32],
     kpos: &[i32],
     out: &mut [Vector<F, N>],
-    n_out: u32,
+    n_items: u32,
     n_heads: u32,
     seq_k: u32,
     width: u32,
@@ -374,41 +432,44 @@ pub fn sum_key_pieces_kernel<F: Float, N: Size>(
     #[comptime] blocks: bool,
     #[comptime] key_pos: bool,
 ) {
-    let e = unit_linear();
-    if e < n_out as usize {
-        let width = width as usize;
-        let seq_k = seq_k as usize;
-        let n_heads = n_heads as usize;
-        let bk = bk as usize;
-        let c = e % width;
-        let j = (e / width) % seq_k;
-        let lh = e / (width * seq_k);
-        let l = lh / n_heads;
-        let hl = lh % n_heads;
-        let mut t = j / bk;
-        let mut t0 = t * bk;
-        if blocks {
-            let kbs = key_block as usize;
-            let kb = j / kbs;
-            let sub = (j - kb * kbs) / bk;
-            t = kb * n_sub as usize + sub;
-            t0 = kb * kbs + sub * bk;
+    let item = cube_linear();
+    if item < n_items as usize {
+        let p0 = first[item] as usize;
+        let p1 = first[item + 1] as usize;
+        if p1 - p0 > 1 {
+            let width = width as usize;
+            let seq_k = seq_k as usize;
+            let n_heads = n_heads as usize;
+            let bk = bk as usize;
+            let n_kt = n_kt as usize;
+            let l = item / n_kt;
+            let (_kb, t0, t1) = key_tile(item % n_kt, n_sub as usize, bk, key_block as usize, seq_k, blocks);
+            let per_tile = n_heads * bk * width;
+            let mut e = UNIT_POS as usize;
+            while e < per_tile {
+                let c = e % width;
+                let r = (e / width) % bk;
+                let hl = e / (width * bk);
+                let j = t0 + r;
+                if j < t1 {
+                    let mut acc = Vector::<f32, N>::cast_from(0.0f32);
+                    for pc in p0..p1 {
+                        acc += parts[((pc * n_heads + hl) * bk + r) * width + c];
+                    }
+                    let mut row = j;
+                    if key_pos {
+                        row = kpos[l * seq_k + j] as usize;
+                    }
+                    let mut o = Vector::<F, N>::empty();
+                    #[unroll]
+                    for x in 0..N::value() {
+                        o.insert(x, F::cast_from(acc.extract(x)));
+                    }
+                    out[((l * n_heads + hl) * seq_k + row) * width + c] = o;
+                }
+                e += CUBE_DIM as usize;
+            }
         }
-        let item = l * n_kt as usize + t;
-        let mut acc = Vector::<f32, N>::cast_from(0.0f32);
-        for pc in first[item] as usize..first[item + 1] as usize {
-            acc += parts[((pc * n_heads + hl) * bk + (j - t0)) * width + c];
-        }
-        let mut row = j;
-        if key_pos {
-            row = kpos[l * seq_k + j] as usize;
-        }
-        let mut o = Vector::<F, N>::empty();
-        #[unroll]
-        for x in 0..N::value() {
-            o.insert(x, F::cast_from(acc.extract(x)));
-        }
-        out[(lh * seq_k + row) * width + c] = o;
     }
 }
 
@@ -440,17 +501,17 @@ pub(crate) fn sum_pieces<F: Float + CubeElement>(
     for (parts, out, n_heads, width, parts_len) in outs {
         let n_out = n_lists * n_heads * p.seq_k * width;
         let vec = if width % 4 == 0 { 4 } else { 1 };
-        let (count, dim) = per_unit_launch(client, n_out / vec);
+        let units = 256.min(client.properties().hardware.max_units_per_cube as usize).max(1);
         sum_key_pieces_kernel::launch::<F>(
             client,
-            count,
-            dim,
+            crate::plan::grid(client, pieces.n_items),
+            CubeDim::new_1d(units as u32),
             vec,
             buf(parts, parts_len),
             buf(&pieces.first, pieces.n_items + 1),
             buf(kpos_h, kpos_len),
             buf(out, n_out),
-            (n_out / vec) as u32,
+            pieces.n_items as u32,
             n_heads as u32,
             p.seq_k as u32,
             (width / vec) as u32,

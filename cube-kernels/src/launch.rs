@@ -540,7 +540,12 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             (Some(s), Some(cs)) => Some((cs, cs.inverted(client, p, s))),
             _ => None,
         };
-        let pieces = key_pieces::plan_pieces(client, p, &shape, sched, bias.heads, bias.has_bias, p.causal);
+        let pieces = key_pieces::plan_pieces(client, p, &shape, sched, &args, bias.heads, bias.has_bias, p.causal);
+        let db_dummy = dummy(client, 4);
+        let (db_out, db_len) = match &grads.dbias {
+            Some(h) => (h, p.batch * bias.heads * p.seq_k),
+            None => (&db_dummy, 1),
+        };
         let part = pieces.max_pieces * shape.bk;
         fragment::dkdv::fragment_dkdv_kernel::launch::<F>(
             client,
@@ -563,6 +568,9 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             buf(&pieces.dk, part * d),
             buf(&pieces.dv, part * d),
             buf(&pieces.db, if bias.has_bias { part * (bias.heads / p.heads_kv) } else { 1 }),
+            buf(&grads.dk, kv_len),
+            buf(&grads.dv, kv_len),
+            buf(db_out, db_len),
             args.arg(),
             cfg,
         );

@@ -21,6 +21,7 @@
 
 use crate::fragment::{RowsWalk, flat_row, list_slot, rows_cube, rows_cube_count};
 use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
+use crate::key_pieces::{head_walk, key_tile};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 use crate::args::{KeysArgs, RowsArgs};
@@ -637,16 +638,7 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
         let g_sel = heads_q / heads_s;
         let g_b = heads_q / heads_b;
 
-        let mut kb = 0usize;
-        let mut t0 = t * bk;
-        let mut t1 = min(t0 + bk, seq_k);
-        if blocks {
-            kb = t / n_sub;
-            let sub = t % n_sub;
-            let b_end = min((kb + 1) * key_block, seq_k);
-            t0 = min(kb * key_block + sub * bk, b_end);
-            t1 = min(t0 + bk, b_end);
-        }
+        let (kb, t0, t1) = key_tile(t, n_sub, bk, key_block, seq_k, blocks);
         let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
 
         let mut idx = u;
@@ -683,34 +675,13 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
             if has_bias && key_valid {
                 bias_j = f32::cast_from(bias[bias_base + j]);
             }
-            let mut qa = 0usize;
-            let mut n_slots = 0usize;
-            let mut rows_base = 0usize;
             let mut spc = tile_q.runtime();
-            if blocks {
-                let s = h / g_sel;
-                let bs = b * heads_s + s;
-                let o0 = inv_off[bs * (n_kt / n_sub + 1) + kb] as usize;
-                let o1 = inv_off[bs * (n_kt / n_sub + 1) + kb + 1] as usize;
-                rows_base = bs * n_rb * cap + o0;
-                n_slots = (o1 - o0) * qb;
-                if qb <= tile_q {
-                    spc = (tile_q / qb) * qb;
-                }
-            } else if t0 < t1 {
-                let mut lo = 0i32;
-                let mut hi = seq_q as i32;
-                if causal {
-                    lo = max(lo, t0 as i32 - off);
-                }
-                if windowed {
-                    hi = min(hi, (t1 - 1) as i32 - off + w);
-                }
-                if hi > lo {
-                    qa = lo as usize;
-                    n_slots = (hi - lo) as usize;
-                }
+            if blocks && qb <= tile_q {
+                spc = (tile_q / qb) * qb;
             }
+            let bs = b * heads_s + h / g_sel;
+            let (rows_base, qa, n_slots) =
+                head_walk(inv_off, inv_rows, bs, kb, n_kt / n_sub, n_rb, cap, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
             let n_ch = n_slots.div_ceil(spc);
             let mut ch = z;
             while ch < n_ch {

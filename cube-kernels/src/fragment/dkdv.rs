@@ -38,6 +38,9 @@ pub fn fragment_dkdv_kernel<F: Float>(
     dk: &mut [Vector<f32, V2>],
     dv: &mut [Vector<f32, V2>],
     dbias: &mut [f32],
+    dk_out: &mut [Vector<F, V2>],
+    dv_out: &mut [Vector<F, V2>],
+    db_out: &mut [F],
     a: KeysArgs,
     #[comptime] cfg: FragmentConfig,
 ) {
@@ -93,6 +96,7 @@ pub fn fragment_dkdv_kernel<F: Float>(
         let item = tile_of[cid] as usize;
         let z = cid - first[item] as usize;
         let n_pieces = first[item + 1] as usize - first[item] as usize;
+        let single = n_pieces == 1;
         let t = item % n_kt;
         let hk = (item / n_kt) % heads_kv;
         let b = item / (n_kt * heads_kv);
@@ -108,9 +112,7 @@ pub fn fragment_dkdv_kernel<F: Float>(
         // This piece's share of the tile's walk: chunks `c_lo..c_hi` of the walks of the
         // group's heads, concatenated in head order.
         let n_kb = n_kt / n_sub;
-        let n_chunks = walk_chunks(
-            inv_off, b, hk, kb, t0, t1, heads_q, heads_kv, heads_s, n_kb, seq_q, qb, spc, off, w, cfg.blocks, cfg.causal, cfg.windowed,
-        );
+        let n_chunks = walk_chunks(inv_off, inv_rows, &a, b, hk, kb, t0, t1, spc, cfg.blocks, cfg.causal, cfg.windowed);
         let c_lo = n_chunks * z / n_pieces;
         let c_hi = n_chunks * (z + 1) / n_pieces;
         let mut c_base = 0usize;
@@ -190,7 +192,7 @@ pub fn fragment_dkdv_kernel<F: Float>(
             }
             let bs = b * heads_s + h / g_sel;
             let (rows_base, qa, n_slots) =
-                head_walk(inv_off, bs, kb, n_kb, n_rb, cap, qb, t0, t1, seq_q, off, w, cfg.blocks, cfg.causal, cfg.windowed);
+                head_walk(inv_off, inv_rows, bs, kb, n_kb, n_rb, cap, qb, t0, t1, seq_q, off, w, cfg.blocks, cfg.causal, cfg.windowed);
             let n_ch = n_slots.div_ceil(spc);
             // This head's chunks inside the piece's range.
             let mut ch = min(n_ch, select(c_lo > c_base, c_lo - c_base, 0usize));
@@ -329,11 +331,21 @@ pub fn fragment_dkdv_kernel<F: Float>(
                 let s1 = quad_sum(db1);
                 let db_base = (cid * nbh + hb - hk * nbh) * bk + pl * 16 + quad;
                 if tq == 0 {
-                    if kok0 {
-                        dbias[db_base] = s0;
-                    }
-                    if kok1 {
-                        dbias[db_base + 8] = s1;
+                    if single {
+                        let out_base = (b * heads_b + hb) * seq_k;
+                        if kok0 {
+                            db_out[out_base + jp0] = F::cast_from(s0);
+                        }
+                        if kok1 {
+                            db_out[out_base + jp1] = F::cast_from(s1);
+                        }
+                    } else {
+                        if kok0 {
+                            dbias[db_base] = s0;
+                        }
+                        if kok1 {
+                            dbias[db_base + 8] = s1;
+                        }
                     }
                 }
                 db0 = 0.0f32;
@@ -341,20 +353,39 @@ pub fn fragment_dkdv_kernel<F: Float>(
             }
         }
 
-        // f32 partial sums of this piece, by key slot, in pairs of elements.
-        let part_base = (cid * bk + pl * 16 + quad) * head_dim;
-        #[unroll]
-        for n in 0..dn {
-            let c = n * 8 + tq * 2;
-            if kok0 {
-                let at = (part_base + c) / 2;
-                dk[at] = dk_acc[2 * n];
-                dv[at] = dv_acc[2 * n];
+        if single {
+            // The tile's only piece: its sums are the gradients (the summing kernel skips
+            // such tiles), written to the key's row in pairs of elements.
+            let row0 = (kv_base + jp0) * head_dim;
+            let row1 = (kv_base + jp1) * head_dim;
+            #[unroll]
+            for n in 0..dn {
+                let c = n * 8 + tq * 2;
+                if kok0 {
+                    dk_out[(row0 + c) / 2] = to_storage::<F>(dk_acc[2 * n]);
+                    dv_out[(row0 + c) / 2] = to_storage::<F>(dv_acc[2 * n]);
+                }
+                if kok1 {
+                    dk_out[(row1 + c) / 2] = to_storage::<F>(dk_acc[2 * n + 1]);
+                    dv_out[(row1 + c) / 2] = to_storage::<F>(dv_acc[2 * n + 1]);
+                }
             }
-            if kok1 {
-                let at = (part_base + 8 * head_dim + c) / 2;
-                dk[at] = dk_acc[2 * n + 1];
-                dv[at] = dv_acc[2 * n + 1];
+        } else {
+            // f32 partial sums of this piece, by key slot, in pairs of elements.
+            let part_base = (cid * bk + pl * 16 + quad) * head_dim;
+            #[unroll]
+            for n in 0..dn {
+                let c = n * 8 + tq * 2;
+                if kok0 {
+                    let at = (part_base + c) / 2;
+                    dk[at] = dk_acc[2 * n];
+                    dv[at] = dv_acc[2 * n];
+                }
+                if kok1 {
+                    let at = (part_base + 8 * head_dim + c) / 2;
+                    dk[at] = dk_acc[2 * n + 1];
+                    dv[at] = dv_acc[2 * n + 1];
+                }
             }
         }
     }
@@ -444,4 +475,15 @@ fn stage_rows<F: Float>(
             copy_vec_async::<F>(d_o, gi, do_s, at, valid);
         }
     }
+}
+
+/// Two f32 accumulators as two storage elements.
+#[cube]
+fn to_storage<F: Float>(x: Vector<f32, V2>) -> Vector<F, V2> {
+    let mut o = Vector::<F, V2>::empty();
+    #[unroll]
+    for i in 0..2usize {
+        o.insert(i, F::cast_from(x.extract(i)));
+    }
+    o
 }
