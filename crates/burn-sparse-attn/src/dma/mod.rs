@@ -8,8 +8,10 @@
 //! are broken towards the more recent key (published code leaves tie order to `torch.topk`).
 
 mod module;
+mod pairwise;
 
 pub use module::{DmaAttention, DmaAttentionConfig};
+pub use pairwise::{dma_attention_pairwise, dma_keep_mask_pairwise};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
