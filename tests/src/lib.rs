@@ -229,6 +229,19 @@ pub fn naive_attention(
     visible: &dyn Fn(usize, usize, usize, usize) -> bool,
     bias: &dyn Fn(usize, usize, usize) -> f64,
 ) -> (Vec<f64>, Vec<f64>) {
+    naive_attention_pair_bias(dims, q, k, v, scale, visible, &|b, h, _i, j| bias(b, h, j))
+}
+
+/// [`naive_attention`] with a bias per (query, key): `bias(b, h, i, j)`.
+pub fn naive_attention_pair_bias(
+    dims: &Dims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    scale: f64,
+    visible: &dyn Fn(usize, usize, usize, usize) -> bool,
+    bias: &dyn Fn(usize, usize, usize, usize) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
     let Dims { b: nb, hq, sq, sk, d, .. } = *dims;
     let mut out = vec![0.0; nb * hq * sq * d];
     let mut lse = vec![f64::NEG_INFINITY; nb * hq * sq];
@@ -244,7 +257,7 @@ pub fn naive_attention(
                     }
                     let ko = dims.ki(b, hk, j);
                     let dot: f64 = (0..d).map(|t| q[qo + t] * k[ko + t]).sum();
-                    s.push((j, dot * scale + bias(b, h, j)));
+                    s.push((j, dot * scale + bias(b, h, i, j)));
                 }
                 if s.is_empty() {
                     continue;

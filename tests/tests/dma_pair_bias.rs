@@ -77,61 +77,21 @@ fn output_and_lse_match_naive_attention() {
             let row = &bias[(r * d.sq + i) * d.sk..(r * d.sq + i + 1) * d.sk];
             naive_keep_row(row, &|j| naive_visible(&d, causal, None, i, j), window)
         };
-        let (want, want_lse) = naive_pair_bias_attention(&d, &q, &k, &v, &bias, hb, &|b, h, i, j| {
-            naive_visible(&d, causal, None, i, j) && kept(b, h, i)[j]
-        });
+        let (want, want_lse) = naive_attention_pair_bias(
+            &d,
+            &q,
+            &k,
+            &v,
+            default_scale(d.d),
+            &|b, h, i, j| naive_visible(&d, causal, None, i, j) && kept(b, h, i)[j],
+            &|b, h, i, j| bias[(bh(b, h) * d.sq + i) * d.sk + j],
+        );
         assert_close("output", &values(out.output), &want, 1e-12, 1e-12);
         let lse = values(out.lse);
         for (x, (g, w)) in lse.iter().zip(&want_lse).enumerate() {
             assert!((g == w) || (g - w).abs() <= 1e-12 * (1.0 + w.abs()), "lse[{x}]: {g} vs {w}");
         }
     }
-}
-
-/// Plain-loop attention with a per-pair bias `[b, hb, sq, sk]`.
-fn naive_pair_bias_attention(
-    d: &Dims,
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    bias: &[f64],
-    hb: usize,
-    visible: &dyn Fn(usize, usize, usize, usize) -> bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let scale = default_scale(d.d);
-    let mut out = vec![0.0; d.b * d.hq * d.sq * d.d];
-    let mut lse = vec![f64::NEG_INFINITY; d.b * d.hq * d.sq];
-    for b in 0..d.b {
-        for h in 0..d.hq {
-            let hk = d.kv_head(h);
-            let r = b * hb + h / (d.hq / hb);
-            for i in 0..d.sq {
-                let qo = d.qi(b, h, i);
-                let s: Vec<(usize, f64)> = (0..d.sk)
-                    .filter(|&j| visible(b, h, i, j))
-                    .map(|j| {
-                        let ko = d.ki(b, hk, j);
-                        let dot: f64 = (0..d.d).map(|t| q[qo + t] * k[ko + t]).sum();
-                        (j, dot * scale + bias[(r * d.sq + i) * d.sk + j])
-                    })
-                    .collect();
-                if s.is_empty() {
-                    continue;
-                }
-                let m = s.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
-                let l: f64 = s.iter().map(|x| (x.1 - m).exp()).sum();
-                lse[(b * d.hq + h) * d.sq + i] = m + l.ln();
-                for &(j, sc) in &s {
-                    let p = (sc - m).exp() / l;
-                    let vo = d.ki(b, hk, j);
-                    for t in 0..d.d {
-                        out[qo + t] += p * v[vo + t];
-                    }
-                }
-            }
-        }
-    }
-    (out, lse)
 }
 
 #[test]
