@@ -1,7 +1,9 @@
 //! The command line (clap, derive API): `compare`, `train`, `generate`, `print-config` and
 //! `plot`, with generated `--help`.
 //!
-//! Every field of [`RunConfig`] is a typed flag of `compare`, `train` and `print-config`:
+//! Every field of [`RunConfig`] is a typed flag of `compare`, `train` and `print-config`
+//! (except a few fields of the library's layer configs: `rope`, NSA's `compressor` and
+//! `forced_*`, Seer's gate pools and `gate_kv_head_keys`, reached by `--set`):
 //! fields of `[model]`, `[train]` and `[data]` take no prefix (`--d-model 128`, `--lr 1e-3`,
 //! `--task mqar`), method sections take their name (`--moba-top-k 2`, `--seer-mode distill`);
 //! `--section.field VALUE` (`--nsa.top-n 2`) is accepted as an alias of each, and
@@ -17,7 +19,9 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::config::{METHOD_SECTIONS, Method, RunConfig, SeerModeOption, Task};
+use burn_sparse_attn::SeerMode;
+
+use crate::config::{METHOD_SECTIONS, Method, RunConfig, Task};
 use crate::device::{compiled_backends, parse_dtype};
 use crate::train::{CONFIG_FILE, MODEL_FILE};
 
@@ -313,9 +317,9 @@ pub struct DataFlags {
 #[derive(Debug, Clone, Default, Args)]
 #[command(next_help_heading = "Attention methods ([dense], [moba], [nsa], [seer], [dma])")]
 pub struct MethodFlags {
-    /// Dense: sliding window; 0 means full causal attention
-    #[arg(long, value_name = "N")]
-    pub dense_window: Option<usize>,
+    /// Dense: sliding window; `none` (or 0) for none, full causal attention [default: none]
+    #[arg(long, value_name = "N|none", value_parser = count_or_none)]
+    pub dense_window: Option<CountOrNone>,
     /// MoBA: keys per block
     #[arg(long, value_name = "N")]
     pub moba_block_size: Option<usize>,
@@ -328,9 +332,10 @@ pub struct MethodFlags {
     /// NSA: compression stride
     #[arg(long, value_name = "N")]
     pub nsa_compress_stride: Option<usize>,
-    /// NSA: hidden width of the compression MLPs; 0 means 4 x head_dim
-    #[arg(long, value_name = "N")]
-    pub nsa_compress_hidden: Option<usize>,
+    /// NSA: hidden width of the compression MLPs; `none` (or 0) for the library's default,
+    /// 4 x head_dim [default: none]
+    #[arg(long, value_name = "N|none", value_parser = count_or_none)]
+    pub nsa_compress_hidden: Option<CountOrNone>,
     /// NSA: selection block
     #[arg(long, value_name = "N")]
     pub nsa_select_block: Option<usize>,
@@ -346,18 +351,20 @@ pub struct MethodFlags {
     /// SeerAttention: sparse (train everything, block-sparse output) or distill (train the
     /// gates of a frozen dense model: train --init-from a dense checkpoint; compare does this
     /// from its dense run)
-    #[arg(long, value_name = "MODE", ignore_case = true)]
-    pub seer_mode: Option<SeerModeOption>,
+    #[arg(long, value_name = "MODE", ignore_case = true, value_parser = seer_mode_parser())]
+    pub seer_mode: Option<SeerMode>,
     /// SeerAttention: tokens per gate block
     #[arg(long, value_name = "N")]
     pub seer_block_size: Option<usize>,
     /// SeerAttention: gate hidden width
     #[arg(long, value_name = "N")]
     pub seer_gate_hidden: Option<usize>,
-    /// SeerAttention: key blocks kept per query block; 0 selects by --seer-threshold
-    #[arg(long, value_name = "N")]
-    pub seer_top_k: Option<usize>,
-    /// SeerAttention: keep blocks whose gate probability exceeds this (when --seer-top-k is 0)
+    /// SeerAttention: key blocks kept per query block; `none` (or 0) selects by
+    /// --seer-threshold instead
+    #[arg(long, value_name = "N|none", value_parser = count_or_none)]
+    pub seer_top_k: Option<CountOrNone>,
+    /// SeerAttention: keep blocks whose gate probability exceeds this (when --seer-top-k is
+    /// none)
     #[arg(long, value_name = "X")]
     pub seer_threshold: Option<f64>,
     /// SeerAttention: fraction of leading query blocks left out of the gate loss
@@ -368,11 +375,34 @@ pub struct MethodFlags {
     pub dma_window: Option<usize>,
 }
 
+/// The value of a flag that sets an `Option` field of the configuration: a whole number, or
+/// `none` (`0` too, its meaning before the field was an `Option`) for `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountOrNone(pub Option<usize>);
+
+impl From<CountOrNone> for Option<usize> {
+    fn from(v: CountOrNone) -> Self {
+        v.0
+    }
+}
+
+fn count_or_none(s: &str) -> Result<CountOrNone, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(CountOrNone(None));
+    }
+    let n: usize = s.trim().parse().map_err(|_| "expected a whole number or `none`".to_string())?;
+    Ok(CountOrNone((n > 0).then_some(n)))
+}
+
+fn seer_mode_parser() -> impl TypedValueParser<Value = SeerMode> {
+    PossibleValuesParser::new(["sparse", "distill"]).map(|s| if s.eq_ignore_ascii_case("distill") { SeerMode::Distill } else { SeerMode::Sparse })
+}
+
 /// Copies every `Some` flag into the configuration field it names.
 macro_rules! apply_flags {
     ($cfg:ident, $flags:expr, { $($flag:ident => $section:ident . $field:ident),* $(,)? }) => {
         $(if let Some(v) = &$flags.$flag {
-            $cfg.$section.$field = v.clone();
+            $cfg.$section.$field = v.clone().into();
         })*
     };
 }
@@ -458,7 +488,7 @@ pub fn usage_error(subcommand: &str, message: impl std::fmt::Display) -> clap::E
 
 /// The configuration field a typed flag sets, by the flag's argument id (its field name in
 /// the structs above): `d_model` is `[model] d_model`, `nsa_top_n` is `[nsa] top_n`.
-pub fn config_field_of(arg_id: &str) -> Option<(&'static str, String, toml::Value)> {
+pub fn config_field_of(arg_id: &str) -> Option<(&'static str, String, Option<toml::Value>)> {
     RunConfig::default_fields().into_iter().find(|(section, key, _)| flag_id(section, key) == arg_id)
 }
 
@@ -484,7 +514,7 @@ fn annotate_config_flags(cmd: clap::Command) -> clap::Command {
             return arg;
         };
         let arg = arg.alias(format!("{section}.{}", key.replace('_', "-")));
-        match (default_text(&default), arg.get_help().map(ToString::to_string)) {
+        match (default.as_ref().and_then(default_text), arg.get_help().map(ToString::to_string)) {
             (Some(d), Some(help)) => arg.help(format!("{help} [default: {d}]")),
             _ => arg,
         }
@@ -511,9 +541,12 @@ fn finish_command(cmd: clap::Command) -> clap::Command {
     // Set after the subcommands, whose derive would otherwise take the enum's doc comment.
     let cmd =
         cmd.about("Byte-level LM pretraining with the sparse attention layers of burn-sparse-attn (dense, NSA, MoBA, SeerAttention, DMA)");
-    let config_note = "Configuration precedence: defaults < --config FILE < --set < flags. Every field \
-         printed by `toy-lm print-config` is a flag (fields of [model], [train] and [data] without \
-         prefix, method sections with it: --moba-top-k 2); --section.field VALUE works too.";
+    let config_note = "Configuration precedence: defaults < --config FILE < --set < flags. The method \
+         sections hold the library's layer configs (MobaAttentionConfig, ...), whose shape (d_model, \
+         heads, kv_heads, rope_theta) comes from [model]. Fields printed by `toy-lm print-config` are \
+         flags (fields of [model], [train] and [data] without prefix, method sections with it: \
+         --moba-top-k 2; --section.field VALUE works too) or reached by --set; optional fields take \
+         `none` (the library's default).";
     ["compare", "train", "print-config"]
         .into_iter()
         .fold(cmd, |cmd, name| cmd.mut_subcommand(name, |sub| annotate_config_flags(sub).after_help(config_note)))
@@ -635,13 +668,14 @@ mod tests {
         assert_eq!((cfg.model.layers, cfg.model.d_model, cfg.model.heads, cfg.model.kv_heads), (2, 512, 8, 2));
         assert_eq!((cfg.train.batch, cfg.train.steps, cfg.train.seq_len, cfg.train.eval_every), (1, 8, 16384, 0));
         assert_eq!((cfg.moba.block_size, cfg.moba.top_k, cfg.nsa.top_n, cfg.nsa.window, cfg.dma.window), (512, 3, 16, 512, 2048));
+        assert_eq!((cfg.seer.block_size, cfg.seer.top_k), (64, Some(16)));
         assert_eq!((cfg.model.rope_theta, cfg.train.beta1, cfg.train.beta2), (500000.0, 0.8, 0.99));
 
         let cfg = config_of(&["train", "--attention", "moba", "--dense-last-layers", "1", "--text", "Cargo.toml", "src/lib.rs"]);
         assert_eq!(cfg.model.attention, Method::Moba);
         assert_eq!(cfg.data.text, vec!["Cargo.toml".to_string(), "src/lib.rs".to_string()]);
         let cfg = config_of(&["train", "--attention", "seer", "--seer-mode", "distill", "--nsa.top-n", "2", "--model.layers=3"]);
-        assert_eq!((cfg.seer.mode, cfg.nsa.top_n, cfg.model.layers), (SeerModeOption::Distill, 2, 3));
+        assert_eq!((cfg.seer.mode, cfg.nsa.top_n, cfg.model.layers), (SeerMode::Distill, 2, 3));
         let cfg =
             config_of(&["compare", "--task", "mqar", "--mqar-pairs", "8", "--needle-depth", "-1", "--tie-embeddings", "--layers", "3"]);
         assert_eq!((cfg.data.task, cfg.data.mqar_pairs, cfg.data.needle_depth), (Task::Mqar, 8, -1.0));
@@ -663,31 +697,92 @@ mod tests {
         assert_eq!((g.prompt.join(" ").as_str(), g.tokens, g.top_k, g.temperature), ("pub fn", 5, 3, 0.8));
     }
 
-    /// Every field of `print-config` is a typed flag (named by [`flag_id`]) and a `--set` key,
-    /// and each actually sets its field.
+    /// Fields of the library configs that have no typed flag (set them with `--set` or in
+    /// the TOML file).
+    const SET_ONLY: [&str; 11] = [
+        "dense.rope",
+        "moba.rope",
+        "nsa.compressor",
+        "nsa.forced_initial",
+        "nsa.forced_local",
+        "nsa.rope",
+        "seer.gate_k_pool",
+        "seer.gate_kv_head_keys",
+        "seer.gate_q_pool",
+        "seer.rope",
+        "dma.rope",
+    ];
+
+    /// Every field of `print-config` is a `--set` key and, except [`SET_ONLY`], a typed flag
+    /// (named by [`flag_id`]), and each actually sets its field.
     #[test]
     fn every_config_field_is_reachable_by_flag_and_by_set() {
         let text = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
         let defaults = toml::Table::try_from(RunConfig::default()).unwrap();
+        let mut cmd = Cli::command();
+        let print_config = cmd.find_subcommand_mut("print-config").unwrap();
+        let mut set_only = Vec::new();
         for (section, key, default) in RunConfig::default_fields() {
             let value = match (&default, key.as_str()) {
-                (toml::Value::Integer(i), _) => (i + 1).to_string(),
-                (toml::Value::Float(f), _) => ((f + 0.2).abs() / 2.0).to_string(),
-                (toml::Value::Boolean(b), _) => (!b).to_string(),
+                (None, _) => "5".into(),
+                (Some(toml::Value::Integer(i)), _) => (i + 1).to_string(),
+                (Some(toml::Value::Float(f)), _) => ((f + 0.2).abs() / 2.0).to_string(),
+                (Some(toml::Value::Boolean(b)), _) => (!b).to_string(),
                 (_, "attention") => "nsa".into(),
                 (_, "task") => "mqar".into(),
                 (_, "mode") => "distill".into(),
                 (_, "text") => text.into(),
                 (_, "layer_attention") => "nsa,dense".into(),
+                (_, "compressor") => "head-linear".into(),
+                (_, "gate_q_pool") => "Max".into(),
+                (_, "gate_k_pool") => "avg,min".into(),
                 other => panic!("no test value for {section}.{key} = {other:?}"),
             };
-            let flag = format!("--{}", flag_id(section, &key).replace('_', "-"));
+            let id = flag_id(section, &key);
+            let flag = format!("--{}", id.replace('_', "-"));
             let set = format!("{section}.{key}={value}");
-            for args in [vec!["print-config", flag.as_str(), value.as_str()], vec!["print-config", "--set", set.as_str()]] {
+            let mut ways = vec![vec!["print-config", "--set", set.as_str()]];
+            if print_config.get_arguments().any(|a| a.get_id().as_str() == id) {
+                ways.push(vec!["print-config", flag.as_str(), value.as_str()]);
+            } else {
+                set_only.push(format!("{section}.{key}"));
+            }
+            for args in ways {
                 let cfg = toml::Table::try_from(config_of(&args)).unwrap();
-                assert_ne!(cfg[section][&key], defaults[section][&key], "{args:?} left {section}.{key} at its default");
+                assert_ne!(cfg[section].get(&key), defaults[section].get(&key), "{args:?} left {section}.{key} at its default");
             }
         }
+        assert_eq!(set_only, SET_ONLY, "fields without a typed flag");
+    }
+
+    /// The flags of `Option` fields take `none`, and `0` (their old spelling of it).
+    #[test]
+    fn optional_flags_take_none_and_zero() {
+        let cfg = config_of(&["print-config", "--seer-top-k", "4", "--nsa-compress-hidden", "48", "--dense-window", "32"]);
+        assert_eq!((cfg.seer.top_k, cfg.nsa.compress_hidden, cfg.dense.window), (Some(4), Some(48), Some(32)));
+        let cfg = config_of(&["print-config", "--seer-top-k", "0", "--nsa-compress-hidden", "none", "--dense-window", "0"]);
+        assert_eq!((cfg.seer.top_k, cfg.nsa.compress_hidden, cfg.dense.window), (None, None, None));
+        let (kind, text) = error_of(&["compare", "--seer-top-k", "some"]);
+        assert_eq!(kind, ErrorKind::ValueValidation);
+        assert!(text.contains("--seer-top-k") && text.contains("`none`"), "{text}");
+    }
+
+    /// `print-config` output read back by `--config` is the same configuration, with `Option`
+    /// fields set and unset.
+    #[test]
+    fn print_config_round_trips_through_config() {
+        let dir = std::env::temp_dir().join(format!("toy-lm-cli-roundtrip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for flags in [
+            &["--d-model", "48", "--heads", "3", "--seer-mode", "distill", "--nsa-compress-hidden", "40"][..],
+            &["--seer-top-k", "0", "--dense-window", "16", "--set", "nsa.compressor=MeanPos", "--set", "seer.gate_q_pool=Max"],
+        ] {
+            let cfg = config_of(&[&["print-config"], flags].concat());
+            let file = dir.join("printed.toml");
+            std::fs::write(&file, cfg.to_toml()).unwrap();
+            assert_eq!(config_of(&["print-config", "--config", file.to_str().unwrap()]), cfg, "{flags:?}");
+        }
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn_sparse_attn::SeerMode;
 use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
-use crate::config::{Method, RunConfig, SeerModeOption, Task};
+use crate::config::{Method, RunConfig, Task};
 use crate::plot::{LossCurves, Speed, loss_chart, speed_chart};
 use crate::train::{RunOptions, TrainOutcome, train};
 
@@ -102,7 +103,7 @@ pub fn compare(base: &RunConfig, opts: &CompareOptions) -> AppResult<CompareResu
         cfg.model.layer_attention.clear();
         let label = cfg.label();
         println!("\n=== {label}: {} steps, batch {}, seq {} ===", cfg.train.steps, cfg.train.batch, cfg.train.seq_len);
-        let init_from = if method == Method::Seer && cfg.seer.mode == SeerModeOption::Distill {
+        let init_from = if method == Method::Seer && cfg.seer.mode == SeerMode::Distill {
             if dense_checkpoint.is_none() {
                 println!("[{label}] note: seer distill without a dense run first: put `dense` before `seer` in --methods");
             }
@@ -188,10 +189,13 @@ pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> 
         base.nsa.top_n,
         base.nsa.window,
         base.seer.block_size,
-        if base.seer.top_k > 0 { format!("top-k {}", base.seer.top_k) } else { format!("threshold {}", base.seer.threshold) },
+        match base.seer.top_k {
+            Some(k) => format!("top-k {k}"),
+            None => format!("threshold {}", base.seer.threshold),
+        },
         match base.seer.mode {
-            SeerModeOption::Sparse => "sparse",
-            SeerModeOption::Distill => "distill",
+            SeerMode::Sparse => "sparse",
+            SeerMode::Distill => "distill",
         },
         base.dma.window,
         base.model.dense_last_layers,

@@ -6,14 +6,23 @@
 //! flags (defined in [`crate::cli`]: one typed flag per field, plus the generic
 //! `--set section.key=value`, which goes through [`RunConfig::set`]).
 //!
-//! The method sections mirror the fields of the library's configs (`MobaAttentionConfig`,
-//! `NsaAttentionConfig`, `SeerAttentionConfig`, `DmaAttentionConfig`, `DenseAttentionConfig`);
-//! their defaults are chosen so that every method is actually sparse at the default context of
-//! 256 tokens (see [`MobaOptions`] and friends), unlike the library defaults, which target 8k+.
+//! The method sections `[dense]`, `[moba]`, `[nsa]`, `[seer]` and `[dma]` hold the library's
+//! own layer configs (`DenseAttentionConfig`, `MobaAttentionConfig`, `NsaAttentionConfig`,
+//! `SeerAttentionConfig`, `DmaAttentionConfig`) in a [`LayerConfig`], without their shape
+//! fields: every layer takes `d_model`, heads, kv heads and the RoPE base from `[model]`, filled
+//! in by [`RunConfig::attention_config`]. Their defaults are chosen so that every method is
+//! actually sparse at the default context of 256 tokens (see [`MethodConfig::toy`]), unlike the
+//! library defaults, which target 8k+. Optional settings are `Option`s: left out of a section,
+//! they take the library's default.
 
 use std::fmt;
 use std::path::Path;
 
+use burn_sparse_attn::{
+    AttentionMethodConfig, DenseAttentionConfig, DmaAttentionConfig, MobaAttentionConfig, NsaAttentionConfig, SeerAttentionConfig,
+    SeerMode,
+};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
@@ -78,16 +87,6 @@ impl Task {
             Task::Needle => "needle",
         }
     }
-}
-
-/// SeerAttention's mode (mirrors `burn_sparse_attn::SeerMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SeerModeOption {
-    /// Gates trained on a frozen dense model (`--init-from` a dense checkpoint); output is dense.
-    Distill,
-    /// Output is block-sparse over the gate's selection; everything trains.
-    Sparse,
 }
 
 /// Model shape.
@@ -278,96 +277,215 @@ impl Default for DataConfig {
     }
 }
 
-/// `DenseAttentionConfig` fields.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DenseOptions {
-    /// Sliding window; 0 means none (full causal attention).
-    pub window: usize,
+/// The fields of a library layer config that come from `[model]`, not from the method
+/// sections: every layer gets the model's `d_model`, `heads` (as `n_heads`), `kv_heads` (as
+/// `n_kv_heads`) and `rope_theta`, and the library's default `head_dim` (`d_model / heads`).
+pub const SHAPE_FIELDS: [&str; 5] = ["d_model", "n_heads", "n_kv_heads", "head_dim", "rope_theta"];
+
+/// A library layer config that a method section holds (see [`LayerConfig`]).
+pub trait MethodConfig: Serialize + DeserializeOwned + Clone + fmt::Debug {
+    /// The method this config builds.
+    const METHOD: Method;
+    /// Its `Option` fields (beyond the shape): left out of a section they are `None`, the
+    /// library's default, even where the example's default is `Some`.
+    const OPTIONAL: &'static [&'static str];
+    /// The example's default (shape fields are placeholders): sparse at context 256.
+    fn toy() -> Self;
+    /// The library's enum of configs, holding this one.
+    fn into_method(self) -> AttentionMethodConfig;
 }
 
-/// `MobaAttentionConfig` fields. Toy default: 8 blocks of 32 at context 256, 3 attended
-/// (own block included), i.e. at most 96 of 256 keys (library default: 512 / 3 at 8k).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MobaOptions {
-    /// Keys per block.
-    pub block_size: usize,
-    /// Blocks per query, own block included.
-    pub top_k: usize,
-}
-
-impl Default for MobaOptions {
-    fn default() -> Self {
-        Self { block_size: 32, top_k: 3 }
+impl MethodConfig for DenseAttentionConfig {
+    const METHOD: Method = Method::Dense;
+    const OPTIONAL: &'static [&'static str] = &["window"];
+    /// The library default: full causal attention, no window.
+    fn toy() -> Self {
+        DenseAttentionConfig::new(0, 0)
+    }
+    fn into_method(self) -> AttentionMethodConfig {
+        AttentionMethodConfig::Dense(self)
     }
 }
 
-/// `NsaAttentionConfig` fields. Toy default: compression 16 / stride 8, selection blocks of 32
-/// with 4 selected, window 64 (library default: 32 / 16, 64, 16, 512 at 64k).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NsaOptions {
-    /// Compression window `l`.
-    pub compress_block: usize,
-    /// Compression stride `d`.
-    pub compress_stride: usize,
-    /// Hidden width of the compression MLPs; 0 means the library default (`4 * head_dim`).
-    pub compress_hidden: usize,
-    /// Selection block `l'`.
-    pub select_block: usize,
-    /// Selected blocks per query (forced first and recent blocks included).
-    pub top_n: usize,
-    /// Sliding-window branch size.
-    pub window: usize,
-    /// One k/v projection for all three branches.
-    pub shared_kv: bool,
-}
-
-impl Default for NsaOptions {
-    fn default() -> Self {
-        Self { compress_block: 16, compress_stride: 8, compress_hidden: 0, select_block: 32, top_n: 4, window: 64, shared_kv: false }
+impl MethodConfig for MobaAttentionConfig {
+    const METHOD: Method = Method::Moba;
+    const OPTIONAL: &'static [&'static str] = &[];
+    /// 8 blocks of 32 at context 256, 3 attended (own block included), i.e. at most 96 of 256
+    /// keys (library default: 512 / 3, for 8k).
+    fn toy() -> Self {
+        MobaAttentionConfig::new(0, 0).with_block_size(32).with_top_k(3)
+    }
+    fn into_method(self) -> AttentionMethodConfig {
+        AttentionMethodConfig::Moba(self)
     }
 }
 
-/// `SeerAttentionConfig` fields. Toy default: gate blocks of 32 (8 per 256-token sequence),
-/// top-3 key blocks per query block, gate width 32 (library default: 64, threshold 1e-3, 128).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SeerOptions {
-    /// Tokens per gate block.
-    pub block_size: usize,
-    /// Gate hidden width.
-    pub gate_hidden: usize,
-    /// Keep blocks whose gate probability exceeds this (used when `top_k` is 0).
-    pub threshold: f64,
-    /// Keep this many key blocks per query block; 0 selects by `threshold` instead.
-    pub top_k: usize,
-    /// Fraction of leading query blocks left out of the gate loss.
-    pub loss_skip_fraction: f64,
-    /// `sparse` (train everything, sparse output) or `distill` (train the gates of a frozen
-    /// dense model given by `--init-from`).
-    pub mode: SeerModeOption,
-}
-
-impl Default for SeerOptions {
-    fn default() -> Self {
-        Self { block_size: 32, gate_hidden: 32, threshold: 1e-3, top_k: 3, loss_skip_fraction: 0.25, mode: SeerModeOption::Sparse }
+impl MethodConfig for NsaAttentionConfig {
+    const METHOD: Method = Method::Nsa;
+    const OPTIONAL: &'static [&'static str] = &["compress_hidden"];
+    /// Compression 16 / stride 8, selection blocks of 32 with 4 selected, window 64, the
+    /// library's compression MLP width (`4 * head_dim`) (library default: 32 / 16, 64, 16, 512,
+    /// for 64k).
+    fn toy() -> Self {
+        NsaAttentionConfig::new(0, 0)
+            .with_compress_block(16)
+            .with_compress_stride(8)
+            .with_select_block(32)
+            .with_top_n(4)
+            .with_window(64)
+    }
+    fn into_method(self) -> AttentionMethodConfig {
+        AttentionMethodConfig::Nsa(self)
     }
 }
 
-/// `DmaAttentionConfig` fields. Toy default: keep 64 of up to 256 visible keys per query
-/// (library default: 2048).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DmaOptions {
-    /// Keys kept per query.
-    pub window: usize,
+impl MethodConfig for SeerAttentionConfig {
+    const METHOD: Method = Method::Seer;
+    const OPTIONAL: &'static [&'static str] = &["top_k"];
+    /// Gate blocks of 32 (8 per 256-token sequence), top-3 key blocks per query block, gate
+    /// width 32 (library default: 64, threshold 1e-3, 128).
+    fn toy() -> Self {
+        SeerAttentionConfig::new(0, 0).with_block_size(32).with_gate_hidden(32).with_top_k(Some(3))
+    }
+    fn into_method(self) -> AttentionMethodConfig {
+        AttentionMethodConfig::Seer(self)
+    }
 }
 
-impl Default for DmaOptions {
+impl MethodConfig for DmaAttentionConfig {
+    const METHOD: Method = Method::Dma;
+    const OPTIONAL: &'static [&'static str] = &[];
+    /// Keep 64 of up to 256 visible keys per query (library default: 2048).
+    fn toy() -> Self {
+        DmaAttentionConfig::new(0, 0).with_window(64)
+    }
+    fn into_method(self) -> AttentionMethodConfig {
+        AttentionMethodConfig::Dma(self)
+    }
+}
+
+/// A method section (`[moba]`, `[nsa]`, ...): the library's own layer config
+/// (`MobaAttentionConfig`, ...), read and written without its shape fields
+/// ([`SHAPE_FIELDS`]), which [`RunConfig::attention_config`] fills from `[model]`; inside a
+/// `LayerConfig` they are placeholders. It dereferences to the library config
+/// (`cfg.moba.block_size`).
+///
+/// In TOML, a field left out keeps the example's default ([`MethodConfig::toy`]), except
+/// the `Option` fields ([`MethodConfig::OPTIONAL`]: `dense.window`, `nsa.compress_hidden`,
+/// `seer.top_k`), where leaving it out means `None`, the library's default. Enum values are
+/// the library's variant names (`mode = "Distill"`; `distill` and `mean-pos` are read too).
+/// For files written before the sections held the library configs, `0` in an `Option` field
+/// reads as `None`, as it meant then.
+#[derive(Clone, Debug)]
+pub struct LayerConfig<C>(pub C);
+
+impl<C: MethodConfig> Default for LayerConfig<C> {
     fn default() -> Self {
-        Self { window: 64 }
+        Self(C::toy())
+    }
+}
+
+impl<C> std::ops::Deref for LayerConfig<C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        &self.0
+    }
+}
+
+impl<C> std::ops::DerefMut for LayerConfig<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.0
+    }
+}
+
+impl<C: MethodConfig> LayerConfig<C> {
+    /// The method-specific fields as a TOML table (no shape fields; `None` fields left out).
+    pub fn to_table(&self) -> toml::Table {
+        let mut table = toml::Table::try_from(&self.0).expect("a library layer config always serialises");
+        for key in SHAPE_FIELDS {
+            table.remove(key);
+        }
+        table
+    }
+
+    /// The section read from `given` (see the type's documentation for absent fields).
+    pub fn from_table(given: toml::Table) -> Result<Self, String> {
+        let section = C::METHOD.name();
+        let mut merged = Self::default().to_table();
+        let mut known: Vec<String> = merged.keys().cloned().collect();
+        known.extend(C::OPTIONAL.iter().map(|k| k.to_string()));
+        known.sort();
+        known.dedup();
+        for key in C::OPTIONAL {
+            merged.remove(*key);
+        }
+        for (key, value) in given {
+            if SHAPE_FIELDS.contains(&key.as_str()) {
+                return Err(format!(
+                    "`{key}` is not set in [{section}]: every attention layer takes its shape from [model] (d_model, heads, kv_heads, rope_theta)"
+                ));
+            }
+            if !known.contains(&key) {
+                return Err(format!("unknown field `{key}` in [{section}], expected one of {}", known.join(", ")));
+            }
+            if C::OPTIONAL.contains(&key.as_str()) && value == toml::Value::Integer(0) {
+                continue;
+            }
+            let value = match (value, merged.get(&key)) {
+                (v, Some(toml::Value::String(_))) | (v @ toml::Value::Array(_), Some(toml::Value::Array(_))) => variant_names(v),
+                (v, _) => v,
+            };
+            merged.insert(key, value);
+        }
+        merged.insert("d_model".into(), toml::Value::Integer(0));
+        merged.insert("n_heads".into(), toml::Value::Integer(0));
+        merged.insert("rope_theta".into(), toml::Value::Float(10000.0));
+        toml::Value::Table(merged).try_into().map(LayerConfig).map_err(|e: toml::de::Error| format!("[{section}] {}", e.message().trim()))
+    }
+
+    /// The library config with the shape of `model` filled in.
+    pub fn with_shape(&self, model: &ModelConfig) -> C {
+        let mut table = self.to_table();
+        table.insert("d_model".into(), toml::Value::Integer(model.d_model as i64));
+        table.insert("n_heads".into(), toml::Value::Integer(model.heads as i64));
+        table.insert("n_kv_heads".into(), toml::Value::Integer(model.kv_heads() as i64));
+        table.insert("rope_theta".into(), toml::Value::Float(model.rope_theta));
+        toml::Value::Table(table).try_into().expect("a library layer config reads back what it wrote")
+    }
+}
+
+/// `distill`, `mean-pos`, `mean_pos` as the library's variant names `Distill`, `MeanPos`
+/// (strings, and the strings of a list); other values unchanged.
+fn variant_names(value: toml::Value) -> toml::Value {
+    match value {
+        toml::Value::String(s) => toml::Value::String(
+            s.split(['-', '_'])
+                .map(|part| {
+                    let mut chars = part.chars();
+                    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+                })
+                .collect(),
+        ),
+        toml::Value::Array(items) => toml::Value::Array(items.into_iter().map(variant_names).collect()),
+        other => other,
+    }
+}
+
+impl<C: MethodConfig> PartialEq for LayerConfig<C> {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_table() == other.to_table()
+    }
+}
+
+impl<C: MethodConfig> Serialize for LayerConfig<C> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_table().serialize(serializer)
+    }
+}
+
+impl<'de, C: MethodConfig> Deserialize<'de> for LayerConfig<C> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::from_table(toml::Table::deserialize(deserializer)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -381,16 +499,16 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Data.
     pub data: DataConfig,
-    /// Dense attention options.
-    pub dense: DenseOptions,
-    /// MoBA options.
-    pub moba: MobaOptions,
-    /// NSA options.
-    pub nsa: NsaOptions,
-    /// SeerAttention options.
-    pub seer: SeerOptions,
-    /// Dynamic-mask attention options.
-    pub dma: DmaOptions,
+    /// Dense attention layers (the library's `DenseAttentionConfig`, shape from `[model]`).
+    pub dense: LayerConfig<DenseAttentionConfig>,
+    /// MoBA layers (`MobaAttentionConfig`).
+    pub moba: LayerConfig<MobaAttentionConfig>,
+    /// NSA layers (`NsaAttentionConfig`).
+    pub nsa: LayerConfig<NsaAttentionConfig>,
+    /// SeerAttention layers (`SeerAttentionConfig`).
+    pub seer: LayerConfig<SeerAttentionConfig>,
+    /// Dynamic-mask attention layers (`DmaAttentionConfig`).
+    pub dma: LayerConfig<DmaAttentionConfig>,
 }
 
 /// Sections whose fields are flags without a prefix (`--d-model`, `--steps`, `--task`).
@@ -419,21 +537,60 @@ impl RunConfig {
     /// SeerAttention in distillation mode.
     pub fn label(&self) -> String {
         let mut label = self.model.attention_label();
-        if self.seer.mode == SeerModeOption::Distill && self.model.layer_methods().contains(&Method::Seer) {
+        if self.seer.mode == SeerMode::Distill && self.model.layer_methods().contains(&Method::Seer) {
             label.push_str("-distill");
         }
         label
     }
 
+    /// The library config of `method`'s attention layers: its section, with the shape of
+    /// `[model]` (the one place where the shape fields are filled in).
+    pub fn attention_config(&self, method: Method) -> AttentionMethodConfig {
+        let m = &self.model;
+        match method {
+            Method::Dense => self.dense.with_shape(m).into_method(),
+            Method::Moba => self.moba.with_shape(m).into_method(),
+            Method::Nsa => self.nsa.with_shape(m).into_method(),
+            Method::Seer => self.seer.with_shape(m).into_method(),
+            Method::Dma => self.dma.with_shape(m).into_method(),
+        }
+    }
+
+    /// The `Option` fields of the method sections, as `(section, key)`: whole numbers, `None`
+    /// (the library's default) when left out.
+    pub fn optional_fields() -> Vec<(&'static str, &'static str)> {
+        let of = |section: Method, keys: &'static [&'static str]| keys.iter().map(move |k| (section.name(), *k));
+        of(Method::Dense, DenseAttentionConfig::OPTIONAL)
+            .chain(of(Method::Moba, MobaAttentionConfig::OPTIONAL))
+            .chain(of(Method::Nsa, NsaAttentionConfig::OPTIONAL))
+            .chain(of(Method::Seer, SeerAttentionConfig::OPTIONAL))
+            .chain(of(Method::Dma, DmaAttentionConfig::OPTIONAL))
+            .collect()
+    }
+
+    /// Whether `section.key` is an `Option` field.
+    pub fn is_optional(section: &str, key: &str) -> bool {
+        Self::optional_fields().iter().any(|(s, k)| *s == section && *k == key)
+    }
+
     /// Every field as `(section, key, default value)`: sections in the order of
-    /// `print-config`, keys sorted.
-    pub fn default_fields() -> Vec<(&'static str, String, toml::Value)> {
+    /// `print-config`, keys sorted; the default is `None` for an `Option` field that is unset
+    /// by default (see [`RunConfig::optional_fields`]).
+    pub fn default_fields() -> Vec<(&'static str, String, Option<toml::Value>)> {
         let defaults = toml::Table::try_from(RunConfig::default()).expect("a RunConfig always serialises");
         let mut out = Vec::new();
         for section in PLAIN_SECTIONS.into_iter().chain(METHOD_SECTIONS) {
-            if let Some(fields) = defaults.get(section).and_then(toml::Value::as_table) {
-                out.extend(fields.iter().map(|(k, v)| (section, k.clone(), v.clone())));
+            let mut fields: Vec<(&'static str, String, Option<toml::Value>)> = Vec::new();
+            if let Some(table) = defaults.get(section).and_then(toml::Value::as_table) {
+                fields.extend(table.iter().map(|(k, v)| (section, k.clone(), Some(v.clone()))));
             }
+            for (s, key) in Self::optional_fields() {
+                if s == section && !fields.iter().any(|(_, k, _)| k == key) {
+                    fields.push((section, key.to_string(), None));
+                }
+            }
+            fields.sort_by(|a, b| a.1.cmp(&b.1));
+            out.extend(fields);
         }
         out
     }
@@ -441,7 +598,8 @@ impl RunConfig {
     /// This configuration with one field set from its command-line text: `path` is
     /// `section.key` (`nsa.top_n`; `-` and `_` are the same in the key), `raw` is read as the
     /// field's type (a list takes comma-separated items or a TOML array such as `["a,b.txt"]`).
-    /// Not validated across fields (see [`RunConfig::validate`]).
+    /// An `Option` field takes `none` for `None` (the library's default; `0`, its old spelling,
+    /// too). Not validated across fields (see [`RunConfig::validate`]).
     pub fn set(&self, path: &str, raw: &str) -> Result<RunConfig, String> {
         let (section, key) = path.split_once('.').ok_or_else(|| format!("`{path}` is not SECTION.KEY (e.g. nsa.top_n)"))?;
         let key = key.replace('-', "_");
@@ -454,14 +612,27 @@ impl RunConfig {
             let keys: Vec<&str> = fields.iter().filter(|(s, _, _)| *s == section).map(|(_, k, _)| k.as_str()).collect();
             return Err(format!("no field `{key}` in [{section}] (fields: {})", keys.join(", ")));
         };
-        let value = value_like(raw, like).map_err(|what| format!("{section}.{key} takes {what}, not `{raw}`"))?;
+        let optional = Self::is_optional(section, &key);
+        let value = if optional && (raw.trim().eq_ignore_ascii_case("none") || raw.trim() == "0") {
+            None
+        } else {
+            let like = like.clone().unwrap_or(toml::Value::Integer(0));
+            let what = |what: &str| {
+                let none = if optional { " or none" } else { "" };
+                format!("{section}.{key} takes {what}{none}, not `{raw}`")
+            };
+            Some(value_like(raw, &like).map_err(what)?)
+        };
         let mut table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
-        table
+        let fields = table
             .entry(section.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
-            .expect("sections are tables")
-            .insert(key.clone(), value);
+            .expect("sections are tables");
+        match value {
+            Some(value) => fields.insert(key.clone(), value),
+            None => fields.remove(&key),
+        };
         toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("{section}.{key}: {}", e.message().trim()))
     }
 
@@ -546,7 +717,7 @@ mod tests {
         assert_eq!(cfg.model.attention, Method::Moba);
         assert_eq!(cfg.moba.block_size, 16);
         assert!(cfg.nsa.shared_kv);
-        assert_eq!(cfg.seer.mode, SeerModeOption::Distill);
+        assert_eq!(cfg.seer.mode, SeerMode::Distill);
         assert_eq!(cfg.train.lr, 1e-3);
         assert_eq!(cfg.data.needle_depth, 0.5);
         assert_eq!(cfg.data.text, vec!["a.txt".to_string(), "b,c.txt".to_string()]);
@@ -564,6 +735,56 @@ mod tests {
         assert!(err("train.steps", "-3").contains("train.steps"), "{}", err("train.steps", "-3"));
         assert!(err("model.attention", "foo").contains("foo"), "{}", err("model.attention", "foo"));
         assert!(err("nsa.shared_kv", "yes").contains("true or false"));
+    }
+
+    /// A section that leaves an `Option` field out gets `None`, the library's default, while
+    /// its other missing fields keep the example's defaults; a missing section keeps them all.
+    #[test]
+    fn optional_fields_left_out_are_the_library_default() {
+        let cfg: RunConfig = toml::from_str("[seer]\nblock_size = 16\n[nsa]\ntop_n = 2\n[dense]\nrope = true\n").unwrap();
+        assert_eq!(cfg.seer.top_k, None, "seer.top_k absent: select by threshold");
+        assert_eq!(cfg.seer.top_k, SeerAttentionConfig::new(1, 1).top_k);
+        assert_eq!((cfg.seer.block_size, cfg.seer.gate_hidden), (16, 32), "other fields keep the toy defaults");
+        assert_eq!(cfg.nsa.compress_hidden, None);
+        assert_eq!((cfg.nsa.top_n, cfg.nsa.window), (2, 64));
+        assert_eq!(cfg.dense.window, None);
+        let defaults: RunConfig = toml::from_str("").unwrap();
+        assert_eq!(defaults, RunConfig::default());
+        assert_eq!(defaults.seer.top_k, Some(3), "toy default when the section is absent");
+        // Files written when these fields were `0 = None` sentinels read as None.
+        let old: RunConfig = toml::from_str("[seer]\ntop_k = 0\nmode = \"distill\"\n[nsa]\ncompress_hidden = 0\n").unwrap();
+        assert_eq!((old.seer.top_k, old.seer.mode, old.nsa.compress_hidden), (None, SeerMode::Distill, None));
+    }
+
+    /// The layers get `[model]`'s shape; a method section cannot set it, nor an unknown field.
+    #[test]
+    fn layers_take_the_model_shape() {
+        let mut cfg = RunConfig::default().set("model.rope_theta", "500000").unwrap();
+        cfg.model.kv_heads = 2;
+        cfg.nsa.compress_hidden = Some(24);
+        let AttentionMethodConfig::Nsa(nsa) = cfg.attention_config(Method::Nsa) else { panic!("nsa") };
+        assert_eq!((nsa.d_model, nsa.n_heads, nsa.n_kv_heads, nsa.head_dim, nsa.rope_theta), (64, 4, Some(2), None, 500000.0));
+        assert_eq!((nsa.compress_block, nsa.compress_hidden, nsa.top_n), (16, Some(24), 4));
+        let AttentionMethodConfig::Seer(seer) = cfg.attention_config(Method::Seer) else { panic!("seer") };
+        assert_eq!((seer.d_model, seer.top_k, seer.mode), (64, Some(3), SeerMode::Sparse));
+        for (text, needle) in [("[moba]\nd_model = 8\n", "from [model]"), ("[moba]\nblok = 8\n", "unknown field `blok`")] {
+            let err = toml::from_str::<RunConfig>(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn set_takes_none_for_optional_fields() {
+        let cfg = RunConfig::default().set("nsa.compress_hidden", "48").unwrap().set("dense.window", "32").unwrap();
+        assert_eq!((cfg.nsa.compress_hidden, cfg.dense.window), (Some(48), Some(32)));
+        let cfg = cfg.set("nsa.compress_hidden", "none").unwrap().set("dense.window", "0").unwrap().set("seer.top_k", "None").unwrap();
+        assert_eq!((cfg.nsa.compress_hidden, cfg.dense.window, cfg.seer.top_k), (None, None, None));
+        let back: RunConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(RunConfig::default().set("seer.top_k", "many").unwrap_err().contains("a whole number or none"));
+        let cfg = RunConfig::default().set("nsa.compressor", "mean-pos").unwrap().set("seer.gate_k_pool", "max,avg").unwrap();
+        assert_eq!(cfg.nsa.compressor, burn_sparse_attn::nsa::CompressorKind::MeanPos);
+        assert_eq!(cfg.seer.gate_k_pool.len(), 2);
     }
 
     #[test]

@@ -8,14 +8,11 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, SwiGlu, SwiGluConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor};
-use burn_sparse_attn::{
-    AttentionMethod, AttentionMethodConfig, DenseAttentionConfig, DmaAttentionConfig, MobaAttentionConfig, NsaAttentionConfig,
-    SeerAttentionConfig, SeerMode,
-};
+use burn_sparse_attn::AttentionMethod;
 use burn_sparse_attn::rows::{grouped_linear, linear_rows, scale_columns};
 
 use crate::AppResult;
-use crate::config::{Method, RunConfig, SeerModeOption};
+use crate::config::RunConfig;
 use crate::data::VOCAB_SIZE;
 
 /// Burn's [`RmsNorm`] (same parameters, same numerics), with its weight applied through
@@ -40,58 +37,6 @@ fn embed(embedding: &Embedding, tokens: Tensor<2, Int>) -> Tensor<3> {
     let weight = embedding.weight.val();
     let one_hot = tokens.one_hot::<3>(VOCAB_SIZE).float().cast(weight.dtype());
     linear_rows(one_hot, weight, None)
-}
-
-/// The library config of `method`'s attention layer from the run's method options.
-pub fn attention_config(method: Method, cfg: &RunConfig) -> AttentionMethodConfig {
-    let m = &cfg.model;
-    let (d, h, kv, theta) = (m.d_model, m.heads, Some(m.kv_heads()), m.rope_theta);
-    match method {
-        Method::Dense => {
-            let window = (cfg.dense.window > 0).then_some(cfg.dense.window);
-            AttentionMethodConfig::Dense(DenseAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(window).with_rope_theta(theta))
-        }
-        Method::Moba => {
-            let o = &cfg.moba;
-            AttentionMethodConfig::Moba(
-                MobaAttentionConfig::new(d, h).with_n_kv_heads(kv).with_block_size(o.block_size).with_top_k(o.top_k).with_rope_theta(theta),
-            )
-        }
-        Method::Nsa => {
-            let o = &cfg.nsa;
-            AttentionMethodConfig::Nsa(
-                NsaAttentionConfig::new(d, h)
-                    .with_n_kv_heads(kv)
-                    .with_compress_block(o.compress_block)
-                    .with_compress_stride(o.compress_stride)
-                    .with_compress_hidden((o.compress_hidden > 0).then_some(o.compress_hidden))
-                    .with_select_block(o.select_block)
-                    .with_top_n(o.top_n)
-                    .with_window(o.window)
-                    .with_shared_kv(o.shared_kv)
-                    .with_rope_theta(theta),
-            )
-        }
-        Method::Seer => {
-            let o = &cfg.seer;
-            let mode = match o.mode {
-                SeerModeOption::Distill => SeerMode::Distill,
-                SeerModeOption::Sparse => SeerMode::Sparse,
-            };
-            AttentionMethodConfig::Seer(
-                SeerAttentionConfig::new(d, h)
-                    .with_n_kv_heads(kv)
-                    .with_block_size(o.block_size)
-                    .with_gate_hidden(o.gate_hidden)
-                    .with_threshold(o.threshold)
-                    .with_top_k((o.top_k > 0).then_some(o.top_k))
-                    .with_loss_skip_fraction(o.loss_skip_fraction)
-                    .with_mode(mode)
-                    .with_rope_theta(theta),
-            )
-        }
-        Method::Dma => AttentionMethodConfig::Dma(DmaAttentionConfig::new(d, h).with_n_kv_heads(kv).with_window(cfg.dma.window).with_rope_theta(theta)),
-    }
 }
 
 /// `RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual`.
@@ -159,7 +104,7 @@ impl ToyLm {
             .map(|method| {
                 Ok(Block {
                     attn_norm: RmsNormConfig::new(d).init(device),
-                    attn: attention_config(method, cfg).init(device)?,
+                    attn: cfg.attention_config(method).init(device)?,
                     mlp_norm: RmsNormConfig::new(d).init(device),
                     mlp: SwiGluConfig::new(d, m.mlp_hidden()).init(device),
                     down: lin(m.mlp_hidden(), d),

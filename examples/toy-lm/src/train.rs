@@ -13,7 +13,9 @@ use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
-use crate::config::{Method, RunConfig, SeerModeOption, Task, TrainConfig};
+use burn_sparse_attn::SeerMode;
+
+use crate::config::{Method, RunConfig, Task, TrainConfig};
 use crate::data::{Batch, DataSource};
 use crate::model::ToyLm;
 
@@ -366,7 +368,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         let (applied, missing) = load_weights(&mut model, init, true)?;
         println!("{prefix}init-from {}: {applied} tensors loaded, {} left at initialisation", init.display(), missing.len());
     }
-    let distill = cfg.seer.mode == SeerModeOption::Distill && cfg.model.layer_methods().contains(&Method::Seer);
+    let distill = cfg.seer.mode == SeerMode::Distill && cfg.model.layer_methods().contains(&Method::Seer);
     if distill {
         if opts.init_from.is_none() && opts.resume.is_none() {
             println!("{prefix}warning: seer distill without --init-from trains gates on a randomly initialised frozen model");

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Tensor};
 mod common;
 
 use common::tiny;
-use toy_lm::config::{Method, RunConfig, SeerModeOption, Task};
+use burn_sparse_attn::SeerMode;
+use toy_lm::config::{Method, RunConfig, Task};
 use toy_lm::model::ToyLm;
 use toy_lm::train::{RunOptions, TrainState, load_state, load_weights, median, save_checkpoint, train};
 
@@ -171,7 +172,7 @@ fn seer_distill_trains_only_the_gates_from_a_dense_checkpoint() {
     let dense_dir = tmp("dense-base");
     let dense = train(&tiny(Method::Dense, 2), &opts(&dense_dir)).unwrap();
     let mut cfg = tiny(Method::Seer, 2);
-    cfg.seer.mode = SeerModeOption::Distill;
+    cfg.seer.mode = SeerMode::Distill;
     let out = tmp("distill");
     let mut o = opts(&out);
     o.init_from = Some(dense.checkpoint.clone());

@@ -25,7 +25,7 @@ pub fn tiny(method: Method, steps: usize) -> RunConfig {
     c.nsa.top_n = 2;
     c.nsa.window = 16;
     c.seer.block_size = 16;
-    c.seer.top_k = 2;
+    c.seer.top_k = Some(2);
     c.seer.gate_hidden = 16;
     c.dma.window = 16;
     c
