@@ -20,6 +20,7 @@ use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use burn_sparse_attn::SeerMode;
+use burn_sparse_attn::nsa::CompressorKind;
 
 use crate::config::{METHOD_SECTIONS, Method, RunConfig, Task};
 use crate::device::{compiled_backends, parse_dtype};
@@ -348,6 +349,17 @@ pub struct MethodFlags {
     /// NSA: one k/v projection for all three branches (alone: true)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub nsa_shared_kv: Option<bool>,
+    /// NSA: the compressor of keys and values: mlp (the paper's), mean-pos (mean plus a
+    /// position embedding), attention-pool (learned per-head weights) or head-linear (a
+    /// per-head linear map of the window) [default: mlp]
+    #[arg(long, value_name = "KIND", ignore_case = true, value_parser = compressor_parser())]
+    pub nsa_compressor: Option<CompressorKind>,
+    /// NSA: leading selection blocks always selected [default: 1]
+    #[arg(long, value_name = "N")]
+    pub nsa_forced_initial: Option<usize>,
+    /// NSA: most recent selection blocks always selected, the current one included [default: 2]
+    #[arg(long, value_name = "N")]
+    pub nsa_forced_local: Option<usize>,
     /// SeerAttention: sparse (train everything, block-sparse output) or distill (train the
     /// gates of a frozen dense model: train --init-from a dense checkpoint; compare does this
     /// from its dense run)
@@ -392,6 +404,15 @@ fn count_or_none(s: &str) -> Result<CountOrNone, String> {
     }
     let n: usize = s.trim().parse().map_err(|_| "expected a whole number or `none`".to_string())?;
     Ok(CountOrNone((n > 0).then_some(n)))
+}
+
+fn compressor_parser() -> impl TypedValueParser<Value = CompressorKind> {
+    PossibleValuesParser::new(["mlp", "mean-pos", "attention-pool", "head-linear"]).map(|s| match s.to_ascii_lowercase().as_str() {
+        "mean-pos" => CompressorKind::MeanPos,
+        "attention-pool" => CompressorKind::AttentionPool,
+        "head-linear" => CompressorKind::HeadLinear,
+        _ => CompressorKind::Mlp,
+    })
 }
 
 fn seer_mode_parser() -> impl TypedValueParser<Value = SeerMode> {
@@ -445,6 +466,8 @@ impl ConfigArgs {
             nsa_compress_block => nsa.compress_block, nsa_compress_stride => nsa.compress_stride,
             nsa_compress_hidden => nsa.compress_hidden, nsa_select_block => nsa.select_block,
             nsa_top_n => nsa.top_n, nsa_window => nsa.window, nsa_shared_kv => nsa.shared_kv,
+            nsa_compressor => nsa.compressor, nsa_forced_initial => nsa.forced_initial,
+            nsa_forced_local => nsa.forced_local,
             seer_mode => seer.mode, seer_block_size => seer.block_size, seer_gate_hidden => seer.gate_hidden,
             seer_top_k => seer.top_k, seer_threshold => seer.threshold,
             seer_loss_skip_fraction => seer.loss_skip_fraction, dma_window => dma.window,
@@ -699,12 +722,9 @@ mod tests {
 
     /// Fields of the library configs that have no typed flag (set them with `--set` or in
     /// the TOML file).
-    const SET_ONLY: [&str; 11] = [
+    const SET_ONLY: [&str; 8] = [
         "dense.rope",
         "moba.rope",
-        "nsa.compressor",
-        "nsa.forced_initial",
-        "nsa.forced_local",
         "nsa.rope",
         "seer.gate_k_pool",
         "seer.gate_kv_head_keys",
@@ -765,6 +785,16 @@ mod tests {
         let (kind, text) = error_of(&["compare", "--seer-top-k", "some"]);
         assert_eq!(kind, ErrorKind::ValueValidation);
         assert!(text.contains("--seer-top-k") && text.contains("`none`"), "{text}");
+    }
+
+    /// NSA's compressor and forced blocks from typed flags; a bad compressor name is named.
+    #[test]
+    fn nsa_compressor_and_forced_blocks_flags() {
+        let cfg = config_of(&["print-config", "--nsa-compressor", "mean-pos", "--nsa-forced-initial", "0", "--nsa-forced-local", "1"]);
+        assert_eq!((cfg.nsa.compressor, cfg.nsa.forced_initial, cfg.nsa.forced_local), (CompressorKind::MeanPos, 0, 1));
+        let (kind, text) = error_of(&["compare", "--nsa-compressor", "conv"]);
+        assert_eq!(kind, ErrorKind::InvalidValue);
+        assert!(text.contains("--nsa-compressor") && text.contains("head-linear"), "{text}");
     }
 
     /// `print-config` output read back by `--config` is the same configuration, with `Option`
