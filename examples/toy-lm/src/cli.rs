@@ -20,6 +20,7 @@ use clap::error::ErrorKind;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use burn_sparse_attn::SeerMode;
+use burn_sparse_attn::seer::GatePool;
 use burn_sparse_attn::nsa::CompressorKind;
 
 use crate::config::{METHOD_SECTIONS, Method, RunConfig, Task};
@@ -382,6 +383,14 @@ pub struct MethodFlags {
     /// SeerAttention: fraction of leading query blocks left out of the gate loss
     #[arg(long, value_name = "X")]
     pub seer_loss_skip_fraction: Option<f64>,
+    /// SeerAttention: how the gate pools the queries of a block, a comma list of avg, max, min
+    /// concatenated in order [default: avg]
+    #[arg(long, value_name = "POOLS", value_delimiter = ',', ignore_case = true, value_parser = gate_pool_parser())]
+    pub seer_gate_q_pool: Option<Vec<GatePool>>,
+    /// SeerAttention: how the gate pools the keys of a block, a comma list of avg, max, min
+    /// concatenated in order [default: max,min,avg]
+    #[arg(long, value_name = "POOLS", value_delimiter = ',', ignore_case = true, value_parser = gate_pool_parser())]
+    pub seer_gate_k_pool: Option<Vec<GatePool>>,
     /// DMA: keys kept per query
     #[arg(long, value_name = "N")]
     pub dma_window: Option<usize>,
@@ -412,6 +421,14 @@ fn compressor_parser() -> impl TypedValueParser<Value = CompressorKind> {
         "attention-pool" => CompressorKind::AttentionPool,
         "head-linear" => CompressorKind::HeadLinear,
         _ => CompressorKind::Mlp,
+    })
+}
+
+fn gate_pool_parser() -> impl TypedValueParser<Value = GatePool> {
+    PossibleValuesParser::new(["avg", "max", "min"]).map(|s| match s.to_ascii_lowercase().as_str() {
+        "max" => GatePool::Max,
+        "min" => GatePool::Min,
+        _ => GatePool::Avg,
     })
 }
 
@@ -471,6 +488,7 @@ impl ConfigArgs {
             seer_mode => seer.mode, seer_block_size => seer.block_size, seer_gate_hidden => seer.gate_hidden,
             seer_top_k => seer.top_k, seer_threshold => seer.threshold,
             seer_loss_skip_fraction => seer.loss_skip_fraction, dma_window => dma.window,
+            seer_gate_q_pool => seer.gate_q_pool, seer_gate_k_pool => seer.gate_k_pool,
         });
         cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
@@ -722,13 +740,11 @@ mod tests {
 
     /// Fields of the library configs that have no typed flag (set them with `--set` or in
     /// the TOML file).
-    const SET_ONLY: [&str; 8] = [
+    const SET_ONLY: [&str; 6] = [
         "dense.rope",
         "moba.rope",
         "nsa.rope",
-        "seer.gate_k_pool",
         "seer.gate_kv_head_keys",
-        "seer.gate_q_pool",
         "seer.rope",
         "dma.rope",
     ];
@@ -795,6 +811,16 @@ mod tests {
         let (kind, text) = error_of(&["compare", "--nsa-compressor", "conv"]);
         assert_eq!(kind, ErrorKind::InvalidValue);
         assert!(text.contains("--nsa-compressor") && text.contains("head-linear"), "{text}");
+    }
+
+    /// SeerAttention's gate pools from comma lists; a bad pool is named.
+    #[test]
+    fn seer_gate_pool_flags() {
+        let cfg = config_of(&["print-config", "--seer-gate-q-pool", "max,avg", "--seer-gate-k-pool", "min"]);
+        assert_eq!((cfg.seer.gate_q_pool.clone(), cfg.seer.gate_k_pool.clone()), (vec![GatePool::Max, GatePool::Avg], vec![GatePool::Min]));
+        let (kind, text) = error_of(&["compare", "--seer-gate-k-pool", "max,median"]);
+        assert_eq!(kind, ErrorKind::InvalidValue);
+        assert!(text.contains("--seer-gate-k-pool") && text.contains("median"), "{text}");
     }
 
     /// `print-config` output read back by `--config` is the same configuration, with `Option`
