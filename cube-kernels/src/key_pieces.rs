@@ -30,25 +30,16 @@ use cubecl::prelude::*;
 /// cubes on a large GPU, so that a long tile's pieces spread over the whole chip.
 const TARGET_PIECES: usize = 2048;
 
-/// The shape of a key-major walk, as the piece planner and the kernel both see it.
+/// The shape of a key-major walk, as the piece planner and the kernel both see it: the
+/// kernel's runtime arguments plus its tile sizes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct KeyWalkShape {
-    /// Key tiles per (batch, kv head) list (`n_kb * n_sub` with a schedule).
-    pub(crate) n_kt: usize,
-    /// Sub-tiles per key block (schedule), 1 without one.
-    pub(crate) n_sub: usize,
+    /// The key-major kernel's arguments (heads, lengths, schedule shape, masks).
+    pub(crate) keys: KeysShape,
     /// Keys per tile (`16 x planes`).
     pub(crate) bk: usize,
     /// Query rows per chunk.
     pub(crate) tile_q: usize,
-    /// Schedule query block (1 without a schedule).
-    pub(crate) query_block: usize,
-    /// Schedule key block (`bk` without a schedule).
-    pub(crate) key_block: usize,
-    /// Selection heads, schedule rows and capacity of the schedule (dense: `Hq`, `Sq`, 1).
-    pub(crate) heads_s: usize,
-    pub(crate) n_rb: usize,
-    pub(crate) cap: usize,
 }
 
 /// The pieces of one key-major pass and their partial-sum buffers.
@@ -69,8 +60,8 @@ pub(crate) struct KeyPieces {
 
 /// Row chunk size of a walk: a whole number of query blocks per chunk where one fits.
 pub(crate) fn slots_per_chunk(shape: &KeyWalkShape, blocks: bool) -> usize {
-    if blocks && shape.query_block <= shape.tile_q {
-        (shape.tile_q / shape.query_block) * shape.query_block
+    if blocks && shape.keys.query_block <= shape.tile_q {
+        (shape.tile_q / shape.keys.query_block) * shape.keys.query_block
     } else {
         shape.tile_q
     }
@@ -78,29 +69,25 @@ pub(crate) fn slots_per_chunk(shape: &KeyWalkShape, blocks: bool) -> usize {
 
 /// Plans the pieces of a key-major pass: counts each tile's chunks on the device, sizes the
 /// pieces, and allocates the partial buffers.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan_pieces(
     client: &Client,
     p: &AttnProblem,
     shape: &KeyWalkShape,
     sched: Option<(&CleanSchedule, &Inverted)>,
-    args: &KeysShape,
-    bias_heads: usize,
     has_bias: bool,
-    causal: bool,
 ) -> KeyPieces {
     let n_lists = p.batch * p.heads_kv;
-    let n_items = n_lists * shape.n_kt;
+    let n_items = n_lists * shape.keys.n_key_tiles;
     let blocks = sched.is_some();
     let spc = slots_per_chunk(shape, blocks);
     // An upper bound on the chunks of all walks: with a schedule, every head walks every
     // entry of its lists once per sub-tile (plus one partial chunk per block); dense, every
     // head walks every row once per tile.
     let chunks_bound = if blocks {
-        let per_head = (shape.n_rb * shape.cap * shape.query_block).div_ceil(spc) + shape.n_kt / shape.n_sub;
-        p.batch * p.heads_q * per_head * shape.n_sub
+        let per_head = (shape.keys.n_row_blocks * shape.keys.cap * shape.keys.query_block).div_ceil(spc) + shape.keys.n_key_tiles / shape.keys.n_sub;
+        p.batch * p.heads_q * per_head * shape.keys.n_sub
     } else {
-        p.batch * p.heads_q * shape.n_kt * p.seq_q.div_ceil(spc)
+        p.batch * p.heads_q * shape.keys.n_key_tiles * p.seq_q.div_ceil(spc)
     };
     let mut per_piece = chunks_bound.div_ceil(TARGET_PIECES).max(1);
     if !blocks {
@@ -117,16 +104,16 @@ pub(crate) fn plan_pieces(
     let max_pieces = n_items + chunks_bound.div_ceil(per_piece);
 
     let counts = client.empty(n_items.max(1) * 4);
-    let local = client.empty(n_lists * (shape.n_kt + 1) * 4);
+    let local = client.empty(n_lists * (shape.keys.n_key_tiles + 1) * 4);
     let first = client.empty((n_items + 1) * 4);
     let tile_of = client.empty(max_pieces.max(1) * 4);
     let dummy = crate::launch::dummy(client, 4);
     let (inv_off, inv_off_len, inv_rows, inv_rows_len) = match sched {
         Some((cs, inv)) => (
             &inv.offsets,
-            p.batch * shape.heads_s * (cs.nkb + 1),
+            p.batch * shape.keys.heads_s * (cs.nkb + 1),
             &inv.rows,
-            p.batch * shape.heads_s * cs.n_rows * shape.cap,
+            p.batch * shape.keys.heads_s * cs.n_rows * shape.keys.cap,
         ),
         None => (&dummy, 1, &dummy, 1),
     };
@@ -143,9 +130,9 @@ pub(crate) fn plan_pieces(
         shape.bk as u32,
         spc as u32,
         per_piece as u32,
-        args.arg(),
+        shape.keys.arg(),
         blocks,
-        causal,
+        p.causal,
         windowed,
     );
     let (count, dim) = per_unit_launch(client, n_lists);
@@ -154,9 +141,9 @@ pub(crate) fn plan_pieces(
         count,
         dim,
         buf(&counts, n_items),
-        buf(&local, n_lists * (shape.n_kt + 1)),
+        buf(&local, n_lists * (shape.keys.n_key_tiles + 1)),
         n_lists as u32,
-        shape.n_kt as u32,
+        shape.keys.n_key_tiles as u32,
     );
     let (count, dim) = per_unit_launch(client, n_items);
     piece_index_kernel::launch(
@@ -164,14 +151,14 @@ pub(crate) fn plan_pieces(
         count,
         dim,
         buf(&counts, n_items),
-        buf(&local, n_lists * (shape.n_kt + 1)),
+        buf(&local, n_lists * (shape.keys.n_key_tiles + 1)),
         buf(&first, n_items + 1),
         buf(&tile_of, max_pieces),
         n_items as u32,
-        shape.n_kt as u32,
+        shape.keys.n_key_tiles as u32,
     );
     let d = p.head_dim;
-    let nbh = if has_bias { bias_heads / p.heads_kv } else { 0 };
+    let nbh = if has_bias { shape.keys.heads_b / p.heads_kv } else { 0 };
     let part = max_pieces * shape.bk;
     KeyPieces {
         first,
@@ -474,7 +461,6 @@ pub fn sum_key_pieces_kernel<F: Float, N: Size>(
 }
 
 /// Adds the pieces' partials into dK, dV and (with a bias) dbias.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn sum_pieces<F: Float + CubeElement>(
     client: &Client,
     p: &AttnProblem,
@@ -482,7 +468,6 @@ pub(crate) fn sum_pieces<F: Float + CubeElement>(
     pieces: &KeyPieces,
     kpos: Option<&Handle>,
     grads: &AttnGrads,
-    bias_heads: usize,
     blocks: bool,
 ) {
     let d = p.head_dim;
@@ -495,7 +480,7 @@ pub(crate) fn sum_pieces<F: Float + CubeElement>(
     };
     let mut outs = vec![(&pieces.dk, &grads.dk, 1usize, d, part * d), (&pieces.dv, &grads.dv, 1, d, part * d)];
     if let Some(db) = &grads.dbias {
-        let nbh = bias_heads / p.heads_kv;
+        let nbh = shape.keys.heads_b / p.heads_kv;
         outs.push((&pieces.db, db, nbh, 1, part * nbh));
     }
     for (parts, out, n_heads, width, parts_len) in outs {
@@ -515,10 +500,10 @@ pub(crate) fn sum_pieces<F: Float + CubeElement>(
             n_heads as u32,
             p.seq_k as u32,
             (width / vec) as u32,
-            shape.n_kt as u32,
-            shape.n_sub as u32,
+            shape.keys.n_key_tiles as u32,
+            shape.keys.n_sub as u32,
             shape.bk as u32,
-            shape.key_block as u32,
+            shape.keys.key_block as u32,
             blocks,
             kpos.is_some(),
         );

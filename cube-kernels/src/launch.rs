@@ -525,22 +525,12 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     };
     if let Some(cfg) = frag {
         // Register fragments: the walks cut into pieces of similar length.
-        let shape = KeyWalkShape {
-            n_kt,
-            n_sub,
-            bk: 16 * cfg.planes,
-            tile_q: cfg.tile,
-            query_block: qb,
-            key_block: kb,
-            heads_s: hs,
-            n_rb,
-            cap,
-        };
+        let shape = KeyWalkShape { keys: args, bk: 16 * cfg.planes, tile_q: cfg.tile };
         let sched = match (inputs.schedule, clean) {
             (Some(s), Some(cs)) => Some((cs, cs.inverted(client, p, s))),
             _ => None,
         };
-        let pieces = key_pieces::plan_pieces(client, p, &shape, sched, &args, bias.heads, bias.has_bias, p.causal);
+        let pieces = key_pieces::plan_pieces(client, p, &shape, sched, bias.has_bias);
         let db_dummy = dummy(client, 4);
         let (db_out, db_len) = match &grads.dbias {
             Some(h) => (h, p.batch * bias.heads * p.seq_k),
@@ -574,7 +564,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             args.arg(),
             cfg,
         );
-        key_pieces::sum_pieces::<F>(client, p, &shape, &pieces, inputs.key_positions, grads, bias.heads, inputs.schedule.is_some());
+        key_pieces::sum_pieces::<F>(client, p, &shape, &pieces, inputs.key_positions, grads, inputs.schedule.is_some());
         return Ok(());
     }
     let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
