@@ -232,6 +232,8 @@ pub(crate) fn fragment_rows_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         gathered: false,
         key_pos: inputs.key_positions.is_some(),
         pos_causal: false,
+        // One bias row per cube: rows of a cube share a kv head, so a bias per kv head.
+        staged_keys: inputs.key_positions.is_some() && (!bias.has_bias || bias.heads == p.heads_kv),
     }
 }
 
@@ -252,6 +254,7 @@ pub(crate) fn fragment_keys_config(p: &AttnProblem, inputs: &AttnInputs, bias: &
         gathered: false,
         key_pos: inputs.key_positions.is_some(),
         pos_causal: false,
+        staged_keys: false,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
 
 use super::{
-    FragmentConfig, V2, V8, copy_vec_async, fast_exp, load_a, masked_score, product_abt, product_pb, quad_max, quad_sum, seek_entry,
+    FragmentConfig, V2, V8, copy_vec_async, fast_exp, load_a, masked_score, staged_score, stage_key_meta, product_abt, product_pb, quad_max, quad_sum, seek_entry,
     tile_interior, flat_row, list_slot, rows_cube, rows_cube_count,
 };
 use crate::kernels::{NEG_BIG, cube_linear};
@@ -70,6 +70,10 @@ pub fn fragment_forward_kernel<F: Float>(
     // Two stages of K/V: the copies of the next tile run while this one is multiplied.
     let mut k_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
     let mut v_s = Shared::<[Vector<F, V8>]>::new_aligned_slice(2 * tile_k * sr, 16usize);
+    // Staged gathered keys: the positions and biases of each stage's keys.
+    let meta_len = comptime!(if cfg.staged_keys { 2 * tile_k } else { 1 });
+    let mut kp_s = Shared::<[i32]>::new_slice(meta_len);
+    let mut bias_s = Shared::<[f32]>::new_slice(meta_len);
     let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
@@ -90,6 +94,8 @@ pub fn fragment_forward_kernel<F: Float>(
         let khi = c.khi;
         let hk = (g * gh) / (heads_q / heads_kv);
         let kv_base = (b * heads_kv + hk) * seq_k * vr;
+        // Staged keys read one bias row: the bias has a head per kv head.
+        let key_bias_base = (b * heads_b + hk) * seq_k;
         let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
 
         // Stage the cube's Q rows (16-byte loads); rows past the group are zero.
@@ -189,6 +195,9 @@ pub fn fragment_forward_kernel<F: Float>(
                 u,
                 cfg,
             );
+            if cfg.staged_keys {
+                stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 0usize, u, cfg);
+            }
             bar0.commit_copy_async();
             let _ = bar0.arrive();
         }
@@ -218,6 +227,9 @@ pub fn fragment_forward_kernel<F: Float>(
                     u,
                     cfg,
                 );
+                if cfg.staged_keys {
+                    stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), (1 - st) * tile_k, u, cfg);
+                }
                 if st == 0 {
                     bar1.commit_copy_async();
                     let _ = bar1.arrive();
@@ -255,6 +267,10 @@ pub fn fragment_forward_kernel<F: Float>(
                             s0 += f32::cast_from(bias[bias_base0 + j]);
                             s1 += f32::cast_from(bias[bias_base1 + j]);
                         }
+                    } else if cfg.staged_keys {
+                        let slot = st * tile_k + n * 8 + tq * 2 + x;
+                        s0 = staged_score(r0.extract(x), ok0, i0, slot, j < t1, &kp_s, &bias_s, thr0, thr_i0, off, w, scale, cfg);
+                        s1 = staged_score(r1.extract(x), ok1, i1, slot, j < t1, &kp_s, &bias_s, thr1, thr_i1, off, w, scale, cfg);
                     } else {
                         s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, kpos, kv_base / vr, thr0, thr_i0, off, w, scale, cfg);
                         s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, kpos, kv_base / vr, thr1, thr_i1, off, w, scale, cfg);

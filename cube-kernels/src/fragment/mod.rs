@@ -68,6 +68,11 @@ pub struct FragmentConfig {
     pub key_pos: bool,
     /// With `key_pos`: the causal mask applies to the positions.
     pub pos_causal: bool,
+    /// Query-major kernels with `key_pos` only: each K/V stage also holds its keys'
+    /// positions and, with a bias, their biases ([`stage_key_meta`]), so the per-element
+    /// mask and keep rule read shared memory instead of two dependent gathers from global
+    /// memory per element. Needs one bias row per cube: the bias has one head per kv head.
+    pub staged_keys: bool,
 }
 
 impl FragmentConfig {
@@ -388,7 +393,8 @@ pub(crate) fn tile_interior(
 }
 
 /// The score of one accumulator element after scale, mask, bias and keep rule (`NEG_BIG`
-/// when the pair is not attended). `bias_j` is read only when the config has a bias.
+/// when the pair is not attended), with the key's position and bias read from global memory
+/// (`bias_j` is read only when the config has a bias and the pair is visible).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn masked_score<F: Float>(
@@ -408,18 +414,58 @@ pub(crate) fn masked_score<F: Float>(
     scale: f32,
     #[comptime] cfg: FragmentConfig,
 ) -> f32 {
-    let mut s = comptime!(NEG_BIG).runtime();
     // The key's sequence position: its row, or its gathered position (`kp_base`: the kv
     // head's first key row; read only for rows inside the tile).
     let mut jp = j;
     if cfg.key_pos && j < t1 {
         jp = kpos[kp_base + j] as usize;
     }
-    if row_ok && j < t1 && pair_visible(i, jp, off, w, cfg.causal || cfg.pos_causal, cfg.windowed) {
+    let visible = row_ok && j < t1 && pair_visible(i, jp, off, w, cfg.causal || cfg.pos_causal, cfg.windowed);
+    let mut bj = 0.0f32;
+    if cfg.has_bias && visible {
+        bj = f32::cast_from(bias[bias_base + jp]);
+    }
+    kept_score(acc, visible, jp, bj, thr, thr_i, scale, cfg)
+}
+
+/// [`masked_score`] for a staged tile of gathered keys: the key's position and bias come from
+/// the stage's slot `slot` ([`stage_key_meta`]); `in_tile` is false past the tile's last key.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn staged_score(
+    acc: f32,
+    row_ok: bool,
+    i: usize,
+    slot: usize,
+    in_tile: bool,
+    kp_s: &[i32],
+    bias_s: &[f32],
+    thr: f32,
+    thr_i: i32,
+    off: i32,
+    w: i32,
+    scale: f32,
+    #[comptime] cfg: FragmentConfig,
+) -> f32 {
+    let jp = kp_s[slot] as usize;
+    let visible = row_ok && in_tile && pair_visible(i, jp, off, w, cfg.causal || cfg.pos_causal, cfg.windowed);
+    let mut bj = 0.0f32;
+    if cfg.has_bias {
+        bj = bias_s[slot];
+    }
+    kept_score(acc, visible, jp, bj, thr, thr_i, scale, cfg)
+}
+
+/// The common tail of [`masked_score`] and [`staged_score`]: scale, bias and keep rule of a
+/// visible pair at key position `jp` with bias `bj`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn kept_score(acc: f32, visible: bool, jp: usize, bj: f32, thr: f32, thr_i: i32, scale: f32, #[comptime] cfg: FragmentConfig) -> f32 {
+    let mut s = comptime!(NEG_BIG).runtime();
+    if visible {
         let mut sv = acc * scale;
         let mut keep = true;
         if cfg.has_bias {
-            let bj = f32::cast_from(bias[bias_base + jp]);
             sv += bj;
             if cfg.has_thr {
                 keep = key_kept(bj, jp, thr, thr_i);
@@ -430,6 +476,47 @@ pub(crate) fn masked_score<F: Float>(
         }
     }
     s
+}
+
+/// Writes the positions of keys `t0..t1` of a gathered-key walk (slots `t0..t1` of `kpos`
+/// from `kp_base`) and, with a bias, their biases (from the bias row at `bias_base`) into
+/// stage slots `row0..row0 + tile`; slots past `t1` get position 0 and are masked by
+/// `in_tile`. Plain shared stores, ordered before the stage's readers by the same barrier
+/// and cube sync as the stage's K/V copies.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_key_meta<F: Float>(
+    kpos: &[i32],
+    bias: &[F],
+    kp_s: &mut [i32],
+    bias_s: &mut [f32],
+    kp_base: usize,
+    bias_base: usize,
+    t0: usize,
+    t1: usize,
+    row0: usize,
+    u: usize,
+    #[comptime] cfg: FragmentConfig,
+) {
+    let nu = comptime!(cfg.planes * 32);
+    #[unroll]
+    for it in 0..comptime!(cfg.tile.div_ceil(cfg.planes * 32)) {
+        let kr = it * nu + u;
+        if kr < cfg.tile {
+            let mut jp = 0i32;
+            let mut bj = 0.0f32;
+            if t0 + kr < t1 {
+                jp = kpos[kp_base + t0 + kr];
+                if cfg.has_bias {
+                    bj = f32::cast_from(bias[bias_base + jp as usize]);
+                }
+            }
+            kp_s[row0 + kr] = jp;
+            if cfg.has_bias {
+                bias_s[row0 + kr] = bj;
+            }
+        }
+    }
 }
 
 /// Cubes of a query-major fragment pass: `(batch, list group, row group, chunk)`, or
