@@ -668,6 +668,71 @@ fn dense_causal_many_sequences_split_tiles() {
     run_case(&case("dense_causal_many_sequences_split_tiles", prob(160, 4, 1, 128, 128, 32, true, None)));
 }
 
+/// A GQA group of 16 query heads per kv head: the key-major pass walks 16 heads x 2 row
+/// chunks per key tile in one cube.
+#[test]
+fn dense_gqa16_d32() {
+    run_case(&case("dense_gqa16_d32", prob(1, 16, 1, 64, 64, 32, true, None)));
+}
+
+/// [`dense_gqa16_d32`] at head dim 64.
+#[test]
+#[ignore = "lavapipe (Mesa 22.3, LLVM 15) computes wrong results for this walk at head dim 64 (docs/testing.md); passes on CUDA and NVIDIA Vulkan: run on a GPU with --include-ignored"]
+fn dense_gqa16_d64() {
+    run_case(&case("dense_gqa16_d64", prob(1, 16, 1, 64, 64, 64, true, None)));
+}
+
+/// 1024 tokens: the last query-major cube walks 32 key tiles.
+#[test]
+fn dense_d32_long_walk() {
+    run_case(&case("dense_d32_long_walk", prob(1, 1, 1, 1024, 1024, 32, true, None)));
+}
+
+/// 512 tokens at head dim 64: the last query-major cube walks 16 key tiles.
+#[test]
+#[ignore = "lavapipe (Mesa 22.3, LLVM 15) computes wrong results for this walk at head dim 64 (docs/testing.md); passes on CUDA and NVIDIA Vulkan: run on a GPU with --include-ignored"]
+fn dense_d64_sixteen_key_tiles() {
+    run_case(&case("dense_d64_sixteen_key_tiles", prob(1, 1, 1, 512, 512, 64, true, None)));
+}
+
+/// Per-token lists shared by a GQA group of 16 (NSA's shape: one plane of 16 rows per list
+/// on the fragment path); 75 tokens, more list entries than key blocks.
+#[test]
+fn blocks_per_token_gqa16() {
+    let mut c = case("blocks_per_token_gqa16", prob(1, 16, 1, 75, 75, 32, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 1, key_block: 16, cap: 6 });
+    run_case(&c);
+}
+
+/// [`blocks_per_token_gqa16`] at head dim 64.
+#[test]
+#[ignore = "lavapipe (Mesa 22.3, LLVM 15) computes wrong results for this walk at head dim 64 (docs/testing.md); passes on CUDA and NVIDIA Vulkan: run on a GPU with --include-ignored"]
+fn blocks_per_token_gqa16_d64() {
+    let mut c = case("blocks_per_token_gqa16_d64", prob(1, 16, 1, 75, 75, 64, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 1, key_block: 16, cap: 5 });
+    run_case(&c);
+}
+
+/// Lists per query block of 4 shared by a GQA group of 4 (16 rows per list), head dim 128,
+/// more keys than queries, a window, a partial last query block.
+#[test]
+fn blocks_per_query_block_4_gqa4_window_d128() {
+    let mut c = case("blocks_per_query_block_4_gqa4_window_d128", prob(1, 8, 2, 70, 90, 128, true, Some(40)));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 4, key_block: 32, cap: 3 });
+    run_case(&c);
+}
+
+/// Per-token lists of a GQA group of 16 that all hold block 0, with a per-kv-head bias and
+/// DMA's keep rule.
+#[test]
+fn blocks_forced_first_gqa16_bias_threshold() {
+    let mut c = case("blocks_forced_first_gqa16_bias_threshold", prob(2, 16, 1, 100, 100, 64, true, None));
+    c.bias_per_q_head = Some(false);
+    c.thr = Some(Thr::TopW(12));
+    c.sel = Some(Sel::ForcedFirst { query_block: 1, key_block: 16, cap: 4 });
+    run_case(&c);
+}
+
 /// Block 0 selected by every query of a GQA group of 8: its key tile carries every row of
 /// the group, about four times the others, and is cut into pieces of two chunks.
 #[test]
@@ -774,4 +839,5 @@ fn adapter_is_lavapipe_when_expected() {
         assert!(supports(&client, AttnDtype::F16).is_ok(), "lavapipe over Vulkan has f16; this adapter does not (GL fallback?)");
     }
 }
+
 
