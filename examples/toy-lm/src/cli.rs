@@ -25,7 +25,7 @@ use burn_sparse_attn::nsa::CompressorKind;
 
 use crate::config::{METHOD_SECTIONS, Method, RunConfig, Task};
 use crate::device::{compiled_backends, parse_dtype};
-use crate::train::{CONFIG_FILE, MODEL_FILE};
+use crate::train::{CONFIG_FILE, LEGACY_MODEL_FILE, MODEL_FILE};
 
 /// The parsed command line: `Cli::parse()` (or `Cli::try_parse_from(args)`).
 ///
@@ -100,7 +100,7 @@ pub struct TrainArgs {
 /// `generate`.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint folder (with config.toml and model.safetensors)
+    /// Checkpoint folder (with config.toml and model.bpk)
     #[arg(long, value_name = "CKPT_DIR", value_parser = checkpoint_dir)]
     pub checkpoint: PathBuf,
     /// Text to continue (several words are joined by spaces)
@@ -626,16 +626,18 @@ fn existing_text_file(s: &str) -> Result<String, String> {
     existing_file(s).map(|_| s.to_string())
 }
 
-/// A checkpoint folder: exists and holds `config.toml` and `model.safetensors`.
+/// A checkpoint folder: exists and holds `config.toml` and `model.bpk` (or, written before
+/// `model.bpk`, `model.safetensors`).
 fn checkpoint_dir(s: &str) -> Result<PathBuf, String> {
     let dir = PathBuf::from(s);
     if !dir.is_dir() {
         return Err("checkpoint folder not found".into());
     }
-    for file in [CONFIG_FILE, MODEL_FILE] {
-        if !dir.join(file).is_file() {
-            return Err(format!("not a checkpoint folder (no {file} in it)"));
-        }
+    if !dir.join(CONFIG_FILE).is_file() {
+        return Err(format!("not a checkpoint folder (no {CONFIG_FILE} in it)"));
+    }
+    if !dir.join(MODEL_FILE).is_file() && !dir.join(LEGACY_MODEL_FILE).is_file() {
+        return Err(format!("not a checkpoint folder (no {MODEL_FILE} in it)"));
     }
     Ok(dir)
 }

@@ -24,7 +24,8 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
-/// Loads the model of a checkpoint directory (its `config.toml` and `model.safetensors`).
+/// Loads the model of a checkpoint directory (its `config.toml` and `model.bpk`, or the
+/// `model.safetensors` of a checkpoint written before `model.bpk`).
 pub fn load_model(dir: &Path, device: &Device) -> AppResult<(ToyLm, RunConfig)> {
     let cfg = RunConfig::from_file(&dir.join(CONFIG_FILE))?;
     let mut model = ToyLm::new(&cfg, device)?;

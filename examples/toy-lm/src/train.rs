@@ -1,15 +1,16 @@
 //! The training loop: AdamW, warm-up + cosine decay, global gradient-norm clipping, periodic
-//! validation, checkpoints (safetensors + optimizer state + JSON) and resume.
+//! validation, checkpoints (burnpack model + optimizer state + JSON) and resume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::burn_pack::Tensor as PackTensor;
+use burn::store::{ApplyResult, BurnpackStore, ModuleSnapshot, ModuleStore, SafetensorsStore};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Bytes, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::AppResult;
@@ -20,7 +21,14 @@ use crate::data::{Batch, DataSource};
 use crate::model::ToyLm;
 
 /// File names inside a checkpoint directory.
-pub const MODEL_FILE: &str = "model.safetensors";
+///
+/// The model: weights and parameter ids in Burn's burnpack format ([`BurnpackStore`]). The
+/// optimizer state is keyed by parameter id, so a model loaded from this file (ids and all)
+/// continues with its AdamW moments.
+pub const MODEL_FILE: &str = "model.bpk";
+/// The model file of checkpoints written before [`MODEL_FILE`]: safetensors, which keeps no
+/// parameter ids. Still read when a checkpoint has no [`MODEL_FILE`] (see [`load_weights`]).
+pub const LEGACY_MODEL_FILE: &str = "model.safetensors";
 /// Optimizer state (burnpack).
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 /// Step counter, loss history and metrics.
@@ -100,6 +108,10 @@ pub struct ValPoint {
 }
 
 /// `state.json` of a checkpoint.
+///
+/// Checkpoints written before [`MODEL_FILE`] also hold a `param_ids` map (parameter ids by
+/// module path, which their safetensors model could not keep); it is ignored when read, as
+/// unknown fields are.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainState {
     /// Steps done.
@@ -119,55 +131,6 @@ pub struct TrainState {
     pub seed: u64,
     /// Whether `optimizer.bpk` holds the AdamW moments.
     pub has_optimizer_state: bool,
-    /// Parameter ids by module path: the optimizer state is keyed by id, and safetensors keeps
-    /// no ids, so a resumed model gets its saved ids back before the optimizer state is used.
-    #[serde(default)]
-    pub param_ids: BTreeMap<String, u64>,
-}
-
-/// Module path (`blocks.0.attn.Dense.proj.in_proj.weight`) of every float parameter, with its id.
-pub fn param_ids(model: &ToyLm) -> BTreeMap<String, u64> {
-    struct Ids {
-        path: Vec<String>,
-        out: BTreeMap<String, u64>,
-    }
-    impl ModuleVisitor for Ids {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.insert(self.path.join("."), param.id.val());
-        }
-    }
-    let mut ids = Ids { path: Vec::new(), out: BTreeMap::new() };
-    model.visit(&mut ids);
-    ids.out
-}
-
-/// Gives the parameters the ids recorded by [`param_ids`] (matched by path).
-pub fn restore_param_ids(model: ToyLm, ids: &BTreeMap<String, u64>) -> ToyLm {
-    struct Restore<'a> {
-        path: Vec<String>,
-        ids: &'a BTreeMap<String, u64>,
-    }
-    impl ModuleMapper for Restore<'_> {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-        }
-        fn map_float<const D: usize>(&mut self, mut param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if let Some(id) = self.ids.get(&self.path.join(".")) {
-                param.id = ParamId::from(*id);
-            }
-            param
-        }
-    }
-    model.map(&mut Restore { path: Vec::new(), ids })
 }
 
 /// The median of `v` (the mean of the two middle values for an even count); `None` when empty.
@@ -267,15 +230,16 @@ pub fn clip_global_norm(model: &ToyLm, grads: &mut GradientsParams, max_norm: f6
     total
 }
 
-/// Saves the model (safetensors), the optimizer state, `state.json` and `config.toml`.
+/// Saves the model (burnpack, with its parameter ids), the optimizer state, `state.json` and
+/// `config.toml`.
 ///
 /// Each file is written under a temporary name and renamed into place, so an interrupted save
 /// never leaves a half-written checkpoint behind.
 pub fn save_checkpoint(dir: &Path, model: &ToyLm, optim: &ModuleOptimizer, state: &TrainState, cfg: &RunConfig) -> AppResult<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = |name: &str| dir.join(format!(".{name}.tmp"));
-    let mut store = SafetensorsStore::from_file(tmp(MODEL_FILE))
-        .skip_enum_variants(true)
+    let mut store = BurnpackStore::from_file(tmp(MODEL_FILE))
+        .auto_extension(false)
         .overwrite(true)
         .metadata("toy-lm.label", state.label.clone())
         .metadata("toy-lm.step", state.step.to_string());
@@ -286,6 +250,12 @@ pub fn save_checkpoint(dir: &Path, model: &ToyLm, optim: &ModuleOptimizer, state
     std::fs::write(tmp(CONFIG_FILE), cfg.to_toml())?;
     for name in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE] {
         std::fs::rename(tmp(name), dir.join(name))?;
+    }
+    // A checkpoint from before `model.bpk` resumed into its own folder: its model file now
+    // holds an older step than the rest (and `model.bpk` is read first anyway).
+    let legacy = dir.join(LEGACY_MODEL_FILE);
+    if legacy.exists() {
+        std::fs::remove_file(&legacy)?;
     }
     Ok(())
 }
@@ -301,19 +271,124 @@ pub fn load_optimizer(optim: ModuleOptimizer, dir: &Path) -> AppResult<ModuleOpt
 /// Loads model weights from a checkpoint directory; `partial` accepts missing tensors (e.g. a
 /// dense checkpoint into a model with gates) and returns how many tensors were applied and
 /// which were missing.
+///
+/// Reads [`MODEL_FILE`] (burnpack). A full load goes through [`BurnpackStore`] as is and also
+/// gives the parameters their saved ids (the keys of the optimizer state). A partial load
+/// applies weights only (the parameters keep their ids), and may cross layouts whose attention
+/// layers are different variants of one enum (`blocks.0.attn.Dense.…` into
+/// `blocks.0.attn.Seer.…`): burnpack paths name the variant and [`BurnpackStore`] has no
+/// `skip_enum_variants` option, so the checkpoint's tensors are first matched to the model's
+/// parameters up to variant names (`match_enum_variants`).
+///
+/// Checkpoints written before [`MODEL_FILE`] have [`LEGACY_MODEL_FILE`] instead: when there is
+/// no [`MODEL_FILE`], that is read (with `skip_enum_variants`, as it was written). It keeps no
+/// parameter ids, so the parameters keep their own, and the optimizer state of such a
+/// checkpoint cannot be matched to them ([`train`] leaves it out on `--resume`).
 pub fn load_weights(model: &mut ToyLm, dir: &Path, partial: bool) -> AppResult<(usize, Vec<String>)> {
     let path = dir.join(MODEL_FILE);
-    if !path.exists() {
-        return Err(format!("no {MODEL_FILE} in {}", dir.display()).into());
+    let legacy = dir.join(LEGACY_MODEL_FILE);
+    if !path.exists() && legacy.exists() {
+        return load_legacy_weights(model, &legacy, partial);
     }
-    // Read into memory rather than memory-mapping: the next save replaces this file.
+    if !path.exists() {
+        return Err(format!("no {MODEL_FILE} (or {LEGACY_MODEL_FILE}) in {}", dir.display()).into());
+    }
+    // Read into memory rather than from the file: the next save replaces this file.
     let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut store = BurnpackStore::from_bytes(Some(Bytes::from_bytes_vec(bytes)));
+    let result = if partial {
+        let mut tensors: Vec<PackTensor> =
+            store.get_all_tensors().map_err(|e| format!("loading {}: {e}", path.display()))?.values().cloned().collect();
+        match_enum_variants(model, &mut tensors);
+        // Weights only: a model initialised from another run's checkpoint keeps its own ids.
+        for tensor in &mut tensors {
+            tensor.param_id = None;
+        }
+        model.apply(tensors, None, None, false)
+    } else {
+        model.load_from(&mut store).map_err(|e| format!("loading {}: {e}", path.display()))?
+    };
+    applied_and_missing(result, &path, partial)
+}
+
+/// [`load_weights`] from a [`LEGACY_MODEL_FILE`] (safetensors, without enum variant names in
+/// its paths, without parameter ids).
+fn load_legacy_weights(model: &mut ToyLm, path: &Path, partial: bool) -> AppResult<(usize, Vec<String>)> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut store = SafetensorsStore::from_bytes(Some(bytes)).skip_enum_variants(true).allow_partial(partial);
     let result = model.load_from(&mut store).map_err(|e| format!("loading {}: {e}", path.display()))?;
+    applied_and_missing(result, path, partial)
+}
+
+/// How many tensors a load applied and which parameters it left alone; an error when a tensor
+/// did not fit its parameter, or (unless `partial`) when a parameter was missing.
+fn applied_and_missing(result: ApplyResult, path: &Path, partial: bool) -> AppResult<(usize, Vec<String>)> {
     if !result.errors.is_empty() {
         return Err(format!("loading {}: {:?}", path.display(), result.errors).into());
     }
+    if !partial && !result.missing.is_empty() {
+        return Err(format!("loading {}: missing {:?}", path.display(), result.missing).into());
+    }
     Ok((result.applied.len(), result.missing.into_iter().map(|(p, _)| p).collect()))
+}
+
+/// Renames each checkpoint tensor whose path is that of a parameter of `model` except for enum
+/// variant names, at the places where the model's path has them, to the parameter's path: a
+/// dense layer's `blocks.0.attn.Dense.proj.q.weight` becomes a Seer layer's
+/// `blocks.0.attn.Seer.proj.q.weight`. Other tensors keep their names (and are left unused).
+///
+/// This does for burnpack what `skip_enum_variants` does for safetensors, an option
+/// [`BurnpackStore`] lacks.
+fn match_enum_variants(model: &ToyLm, tensors: &mut [PackTensor]) {
+    /// Every parameter's path segments, with whether each is an enum variant name.
+    struct Paths {
+        stack: Vec<(String, bool)>,
+        out: Vec<Vec<(String, bool)>>,
+    }
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.push((name.to_string(), container_type.starts_with("Enum:")));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            self.out.push(self.stack.clone());
+        }
+        fn visit_int<const D: usize>(&mut self, _param: &Param<Tensor<D, Int>>) {
+            self.out.push(self.stack.clone());
+        }
+        fn visit_bool<const D: usize>(&mut self, _param: &Param<Tensor<D, Bool>>) {
+            self.out.push(self.stack.clone());
+        }
+    }
+    let mut paths = Paths { stack: Vec::new(), out: Vec::new() };
+    model.visit(&mut paths);
+
+    // The path without the segments at `variants` (ascending).
+    fn without<S: AsRef<str>>(segments: &[S], variants: &[usize]) -> String {
+        let kept = segments.iter().enumerate().filter(|(i, _)| !variants.contains(i)).map(|(_, s)| s.as_ref());
+        kept.collect::<Vec<_>>().join(".")
+    }
+    // (variant positions, path without them) -> the parameter's path.
+    let mut params = HashMap::new();
+    for segments in &paths.out {
+        let variants: Vec<usize> = segments.iter().enumerate().filter(|(_, (_, v))| *v).map(|(i, _)| i).collect();
+        let names: Vec<&str> = segments.iter().map(|(s, _)| s.as_str()).collect();
+        let key = without(&names, &variants);
+        params.insert((variants, key), names.join("."));
+    }
+    let patterns: BTreeSet<Vec<usize>> = params.keys().map(|(v, _)| v.clone()).collect();
+    for tensor in tensors.iter_mut() {
+        let segments: Vec<&str> = tensor.name.split('.').collect();
+        let found = patterns.iter().filter(|v| v.last().is_none_or(|&i| i < segments.len())).find_map(|v| {
+            // Same length: the key leaves out as many segments as the parameter's path has variants.
+            params.get(&(v.clone(), without(&segments, v)))
+        });
+        if let Some(name) = found {
+            tensor.name = name.clone();
+        }
+    }
 }
 
 /// Reads `state.json`.
@@ -377,10 +452,19 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     }
     if let Some(dir) = &opts.resume {
         let state = load_state(dir)?;
+        // The parameters get their saved ids back from `model.bpk`: the optimizer state is
+        // keyed by them.
         load_weights(&mut model, dir, false)?;
-        model = restore_param_ids(model, &state.param_ids);
         if state.has_optimizer_state && dir.join(OPTIMIZER_FILE).exists() {
-            optim = load_optimizer(optim, dir)?;
+            if dir.join(MODEL_FILE).exists() {
+                optim = load_optimizer(optim, dir)?;
+            } else {
+                println!(
+                    "{prefix}warning: {} has {LEGACY_MODEL_FILE} (no parameter ids), not {MODEL_FILE}: \
+                     its optimizer state cannot be matched to the parameters; AdamW starts afresh",
+                    dir.display()
+                );
+            }
         }
         start = state.step;
         losses = state.losses;
@@ -470,7 +554,6 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
                 val_curve: val_curve.clone(),
                 seed: t.seed,
                 has_optimizer_state: true,
-                param_ids: param_ids(&model),
             };
             save_checkpoint(&ckpt_dir, &model, &optim, &state, cfg)?;
         }
