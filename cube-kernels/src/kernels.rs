@@ -235,6 +235,33 @@ pub fn sum_partials_kernel<F: Float>(parts: &[f32], out: &mut [F], n: u32, n_spl
     }
 }
 
+/// `out[o] = sum_g parts[(o / inner) * group + g) * inner + o % inner]` in `F`: the pairwise
+/// bias gradient, dS per query head summed over the `group` query heads of each bias head
+/// (`inner = Sq * Sk`). One unit per output element.
+#[cube(launch)]
+pub fn sum_head_groups_kernel<F: Float>(parts: &[f32], out: &mut [F], n: u32, group: u32, inner: u32) {
+    let o = unit_linear();
+    if o < n as usize {
+        let inn = inner as usize;
+        let g = group as usize;
+        let base = (o / inn) * g * inn + o % inn;
+        let mut acc = 0.0f32;
+        for x in 0..g {
+            acc += parts[base + x * inn];
+        }
+        out[o] = F::cast_from(acc);
+    }
+}
+
+/// `buf[i] = 0` for `i < n`. One unit per element.
+#[cube(launch)]
+pub fn zero_f32_kernel(buf: &mut [f32], n: u32) {
+    let i = unit_linear();
+    if i < n as usize {
+        buf[i] = 0.0f32;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Query-major kernel: forward, and dQ of the backward
 // ---------------------------------------------------------------------------------------
@@ -281,6 +308,7 @@ pub fn attn_rows_kernel<F: Float>(
     #[comptime] backward: bool,
     seg_bounds: &[i32],
     #[comptime] segmented: bool,
+    #[comptime] pair_bias: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -356,7 +384,11 @@ pub fn attn_rows_kernel<F: Float>(
         let hb = h / (heads_q / heads_b);
         let row = (b * heads_q + h) * seq_q + i;
         let kv_base = (b * heads_kv + hk) * seq_k * head_dim;
-        let bias_base = (b * heads_b + hb) * seq_k;
+        // A pairwise bias has a row per query: the row's `bias_base + j` is its own bias.
+        let mut bias_base = (b * heads_b + hb) * seq_k;
+        if pair_bias {
+            bias_base = ((b * heads_b + hb) * seq_q + i) * seq_k;
+        }
 
         let mut q_r = Array::<f32>::new(head_dim);
         let mut acc = Array::<f32>::new(head_dim);
@@ -610,6 +642,7 @@ pub fn attn_keys_kernel<F: Float>(
     #[comptime] blocks: bool,
     seg_bounds: &[i32],
     #[comptime] segmented: bool,
+    #[comptime] pair_bias: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -697,9 +730,11 @@ pub fn attn_keys_kernel<F: Float>(
             let hb = h / g_b;
             let bias_base = (b * heads_b + hb) * seq_k;
             let mut bias_j = 0.0f32;
-            if has_bias && key_valid {
+            if has_bias && key_valid && !pair_bias {
                 bias_j = f32::cast_from(bias[bias_base + j]);
             }
+            // A pairwise bias: row `qi`'s bias of this key is at `pair_base + qi * seq_k`.
+            let pair_base = (b * heads_b + hb) * seq_q * seq_k + j;
             // Query slots of this head: dense: queries [qa, qa + n_slots);
             // blocks: rows of the inverted list, query_block slots each, from slot qa.
             let mut spc = tile_q.runtime();
@@ -754,7 +789,11 @@ pub fn attn_keys_kernel<F: Float>(
                             let mut keep = lse_s[x2] > NEG_BIG;
                             keep = keep && pair_visible(qi as usize, j, off_k, w_k, causal, windowed);
                             if has_thr && keep {
-                                keep = key_kept(bias_j, j, tv_s[x2], ti_s[x2]);
+                                let mut bij = bias_j;
+                                if pair_bias {
+                                    bij = f32::cast_from(bias[pair_base + qi as usize * seq_k]);
+                                }
+                                keep = key_kept(bij, j, tv_s[x2], ti_s[x2]);
                             }
                             if keep {
                                 any = true;
@@ -800,8 +839,12 @@ pub fn attn_keys_kernel<F: Float>(
                                 let mut keep = lse_i > NEG_BIG;
                                 keep = keep
                                     && pair_visible(qi as usize, j, off_k, w_k, causal, windowed);
+                                let mut bij = bias_j;
+                                if pair_bias && keep {
+                                    bij = f32::cast_from(bias[pair_base + qi as usize * seq_k]);
+                                }
                                 if has_thr && keep {
-                                    keep = key_kept(bias_j, j, tv_s[x4], ti_s[x4]);
+                                    keep = key_kept(bij, j, tv_s[x4], ti_s[x4]);
                                 }
                                 if keep {
                                     let mut dot = 0.0f32;
@@ -812,11 +855,18 @@ pub fn attn_keys_kernel<F: Float>(
                                     }
                                     let mut s = dot * scale;
                                     if has_bias {
-                                        s += bias_j;
+                                        s += bij;
                                     }
                                     let p = (s - lse_i).exp();
                                     let ds = p * (dp - dl_s[x4]);
-                                    db_acc += ds;
+                                    if pair_bias {
+                                        // Each (head, row, key) is walked once: dS goes to
+                                        // its own f32 slot (zeroed beforehand), summed over
+                                        // the bias head's query heads afterwards.
+                                        dbias[((b * heads_q + h) * seq_q + qi as usize) * seq_k + j] = ds;
+                                    } else {
+                                        db_acc += ds;
+                                    }
                                     let dss = ds * scale;
                                     for d in 0..head_dim {
                                         dv_r[d] += p * do_s[x4 * head_dim + d];
@@ -830,7 +880,7 @@ pub fn attn_keys_kernel<F: Float>(
                 sync_cube();
                 ch += n_split;
             }
-            if has_bias && (h + 1) % g_b == 0 {
+            if has_bias && !pair_bias && (h + 1) % g_b == 0 {
                 if key_valid {
                     dbias[bias_out + bias_base + j] = db_acc;
                 }

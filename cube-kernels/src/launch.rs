@@ -38,7 +38,7 @@ pub(crate) struct BiasArgs {
 impl BiasArgs {
     fn new(client: &Client, p: &AttnProblem, dtype: AttnDtype, inputs: &AttnInputs) -> Self {
         let (values, len, heads) = match inputs.bias {
-            Some(b) => (b.values.clone(), p.batch * b.heads * p.seq_k, b.heads),
+            Some(b) => (b.values.clone(), b.elems(p), b.heads),
             None => (dummy(client, dtype.size()), 1, p.heads_kv),
         };
         let (thr_v, thr_i, thr_len) = match inputs.bias.and_then(|b| b.threshold.as_ref()) {
@@ -166,7 +166,9 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
         (Some(s), Some(cs)) if gather::gathers(p, s) => Some((s, cs)),
         _ => None,
     };
-    let mma = mma_spec(client, dtype, d).filter(|_| !segmented).and_then(|spec| {
+    // A pairwise bias (an `Sq x Sk` input) runs on the portable kernels everywhere.
+    let pair = inputs.bias.is_some_and(|b| b.pairwise);
+    let mma = mma_spec(client, dtype, d).filter(|_| !segmented && !pair).and_then(|spec| {
         mma_rows_plan(client, p, inputs.schedule, &spec, bwd.is_some(), gather_sched.is_some()).map(|mp| (spec, mp))
     });
     let units = mma.map_or(plan.rows_units, |(_, mp)| 16 * mp.planes);
@@ -225,7 +227,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
 
     let aligned = vector_aligned(&[inputs.q, inputs.k, inputs.v]) && bwd.is_none_or(|(dh, _)| vector_aligned(&[dh]));
     let kv_len = p.batch * p.heads_kv * p.seq_k * d;
-    if aligned && !segmented && fragment_supported(client, dtype, d) {
+    if aligned && !segmented && !pair && fragment_supported(client, dtype, d) {
         let mut cfg = fragment_rows_config(p, inputs, &bias, bwd.is_some());
         cfg.pos_causal = pos_causal;
         let gathered = gather_sched.map(|(s, cs)| {
@@ -382,6 +384,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             bwd.is_some(),
             buf(&seg.bounds, seg.len),
             segmented,
+            pair,
         ),
     }
     Ok(())
@@ -453,8 +456,10 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     // Packed sequences run on the portable kernels only (so far).
     let seg = SegmentArgs::new(client, p, inputs);
     let (off, w, causal, windowed, segmented) = (seg.off, seg.w, seg.causal, seg.windowed, seg.segmented);
+    // A pairwise bias (an `Sq x Sk` input) runs on the portable kernels everywhere.
+    let pair = inputs.bias.is_some_and(|b| b.pairwise);
     let mma = mma_spec(client, dtype, d)
-        .filter(|_| !segmented)
+        .filter(|_| !segmented && !pair)
         .and_then(|spec| mma_keys_plan(client, p, inputs.schedule, &spec).map(|mp| (spec, mp)));
     let bias = BiasArgs::new(client, p, dtype, inputs);
     let kpos_dummy = dummy(client, 4);
@@ -462,7 +467,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         Some(h) => (h, p.batch * p.heads_kv * p.seq_k),
         None => (&kpos_dummy, 1),
     };
-    let frag = (!segmented && vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
+    let frag = (!segmented && !pair && vector_aligned(&[inputs.q, inputs.k, inputs.v, d_o]) && fragment_supported(client, dtype, d))
         .then(|| fragment::FragmentConfig { pos_causal, ..fragment_keys_config(p, inputs, &bias) });
     let units = match (frag, mma) {
         (Some(cfg), _) => 16 * cfg.planes,
@@ -571,7 +576,14 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
     let dk_parts = alloc(client, n_split * kv_len, 4);
     let dv_parts = alloc(client, n_split * kv_len, 4);
-    let db_parts = alloc(client, n_split * bias.len, 4);
+    // A pairwise bias: dS per (query head, row, key), each written once by the cube of its
+    // key (pairs no cube walks stay 0), then summed over each bias head's query heads.
+    let db_len = if pair { rows * p.seq_k } else { n_split * bias.len };
+    let db_parts = alloc(client, db_len, 4);
+    if pair {
+        let (count, dim) = per_unit_launch(client, db_len);
+        kernels::zero_f32_kernel::launch(client, count, dim, buf(&db_parts, db_len), db_len as u32);
+    }
     // Both paths take the same runtime arguments and mask flags; only the launch, the cube
     // shape and the tiling constants differ.
     macro_rules! launch {
@@ -593,7 +605,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(delta, rows),
                 buf(&dk_parts, n_split * kv_len),
                 buf(&dv_parts, n_split * kv_len),
-                buf(&db_parts, n_split * bias.len),
+                buf(&db_parts, db_len),
                 KeysShape { n_split, ..args }.arg(),
                 $($tiling,)*
                 causal,
@@ -616,12 +628,26 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
             kernels::attn_keys_kernel::launch::<F>,
             CubeDim::new_1d(units as u32),
             [units, d, plan.tile_q],
-            [buf(&seg.bounds, seg.len), segmented]
+            [buf(&seg.bounds, seg.len), segmented, pair]
         ),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];
-    if let Some(dbias) = &grads.dbias {
-        outs.push((&db_parts, dbias, bias.len));
+    match &grads.dbias {
+        Some(dbias) if pair => {
+            let (count, dim) = per_unit_launch(client, bias.len);
+            kernels::sum_head_groups_kernel::launch::<F>(
+                client,
+                count,
+                dim,
+                buf(&db_parts, db_len),
+                buf(dbias, bias.len),
+                bias.len as u32,
+                (p.heads_q / bias.heads) as u32,
+                (p.seq_q * p.seq_k) as u32,
+            );
+        }
+        Some(dbias) => outs.push((&db_parts, dbias, bias.len)),
+        None => {}
     }
     for (parts, out, n) in outs {
         let (count, dim) = per_unit_launch(client, n);

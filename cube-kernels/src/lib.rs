@@ -147,18 +147,34 @@ pub struct BlockSchedule {
     pub key_block: usize,
 }
 
-/// Additive per-key bias, optionally with a per-row keep threshold (dynamic-mask attention).
+/// Additive per-key bias (or one bias per (query, key) pair), optionally with a per-row keep
+/// threshold (dynamic-mask attention).
 #[derive(Clone, Debug)]
 pub struct KeyBias {
-    /// `[B, heads, Sk]` in the attention dtype.
+    /// `[B, heads, Sk]` in the attention dtype; `[B, heads, Sq, Sk]` when [`Self::pairwise`].
     pub values: Handle,
     /// `Hb`: bias head of query head `h` is `h / (Hq / Hb)`; `Hb` must divide `Hq` and be a
     /// multiple of `Hkv` (usually `Hkv` or `Hq`).
     pub heads: usize,
     /// `(thr_value: f32 [B, Hb, Sq], thr_index: i32 [B, Hb, Sq])`: a visible key `j` is kept
     /// for row `i` iff `bias_j > thr_value[i] || (bias_j == thr_value[i] && j >= thr_index[i])`.
-    /// `(-inf, 0)` keeps everything. Key tiles with no kept key are skipped.
+    /// `(-inf, 0)` keeps everything. Key tiles with no kept key are skipped. With a pairwise
+    /// bias, `bias_j` is the row's own `bias[i, j]`.
     pub threshold: Option<(Handle, Handle)>,
+    /// One bias per (query, key) pair (`values` is `[B, heads, Sq, Sk]`), as Burn's own
+    /// `attention` takes an `attn_bias`: score `scale q.k + bias[i, j]`, and `dbias` is
+    /// `[B, heads, Sq, Sk]` (dS summed over the query heads of each bias head). The bias is
+    /// `Sq x Sk` per head, so this runs on the portable kernels on every device; not combined
+    /// with a block schedule, gathered keys or packed sequences (an error names `bias`).
+    pub pairwise: bool,
+}
+
+impl KeyBias {
+    /// Elements of `values` (and of the bias gradient) for `problem`.
+    pub fn elems(&self, problem: &AttnProblem) -> usize {
+        let per_head = if self.pairwise { problem.seq_q * problem.seq_k } else { problem.seq_k };
+        problem.batch * self.heads * per_head
+    }
 }
 
 /// The inputs of a forward or backward call.
@@ -201,7 +217,7 @@ pub struct AttnGrads {
     pub dk: Handle,
     /// `[B, Hkv, Sk, D]`.
     pub dv: Handle,
-    /// `[B, Hb, Sk]`, present iff a bias was given.
+    /// `[B, Hb, Sk]` (`[B, Hb, Sq, Sk]` for a pairwise bias), present iff a bias was given.
     pub dbias: Option<Handle>,
 }
 
@@ -290,7 +306,8 @@ pub fn attention_forward_into(
 
 /// Backward attention (FlashAttention-2 style). `o` and `lse` are used as given (they may be
 /// merged values over several disjoint key sets). Returns dq, dk, dv and, when a bias was
-/// given, dbias `[B, Hb, Sk]` (sum of dS over the queries and query heads of each bias head).
+/// given, dbias `[B, Hb, Sk]` (sum of dS over the queries and query heads of each bias head;
+/// `[B, Hb, Sq, Sk]` for a pairwise bias).
 pub fn attention_backward(
     client: &Client,
     problem: &AttnProblem,
@@ -306,7 +323,7 @@ pub fn attention_backward(
         dq: alloc(client, p.batch * p.heads_q * p.seq_q * p.head_dim, es),
         dk: alloc(client, p.batch * p.heads_kv * p.seq_k * p.head_dim, es),
         dv: alloc(client, p.batch * p.heads_kv * p.seq_k * p.head_dim, es),
-        dbias: inputs.bias.map(|b| alloc(client, p.batch * b.heads * p.seq_k, es)),
+        dbias: inputs.bias.map(|b| alloc(client, b.elems(p), es)),
     };
     attention_backward_into(client, p, dtype, inputs, o, lse, d_o, &grads)?;
     Ok(grads)
@@ -337,7 +354,7 @@ pub fn attention_backward_into(
     check_size("grads.dk", &grads.dk, kv, es)?;
     check_size("grads.dv", &grads.dv, kv, es)?;
     match (inputs.bias, &grads.dbias) {
-        (Some(b), Some(db)) => check_size("grads.dbias", db, p.batch * b.heads * p.seq_k, es)?,
+        (Some(b), Some(db)) => check_size("grads.dbias", db, b.elems(p), es)?,
         (None, None) => {}
         (Some(_), None) => return Err(invalid("grads.dbias", "a bias is given, so dbias is required")),
         (None, Some(_)) => return Err(invalid("grads.dbias", "no bias is given, so dbias must be None")),

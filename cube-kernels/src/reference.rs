@@ -27,12 +27,26 @@ pub struct RefSchedule {
 /// Host copy of a key bias (same layout as [`crate::KeyBias`]).
 #[derive(Clone, Debug)]
 pub struct RefBias {
-    /// `[B, heads, Sk]`.
+    /// `[B, heads, Sk]`, or `[B, heads, Sq, Sk]` when `pairwise`.
     pub values: Vec<f64>,
     /// `Hb`.
     pub heads: usize,
     /// `(thr_value [B, Hb, Sq], thr_index [B, Hb, Sq])`.
     pub threshold: Option<(Vec<f64>, Vec<i32>)>,
+    /// One bias per (query, key) pair ([`crate::KeyBias::pairwise`]).
+    pub pairwise: bool,
+}
+
+impl RefBias {
+    /// Index of the bias of (query head `h`, query `i`, key `j`) in `values` (and in the
+    /// bias gradient).
+    pub fn at(&self, p: &AttnProblem, b: usize, h: usize, i: usize, j: usize) -> usize {
+        let hb = h / (p.heads_q / self.heads);
+        match self.pairwise {
+            true => ((b * self.heads + hb) * p.seq_q + i) * p.seq_k + j,
+            false => (b * self.heads + hb) * p.seq_k + j,
+        }
+    }
 }
 
 /// Reference inputs (all f64, contiguous row-major).
@@ -62,7 +76,7 @@ pub struct RefGrads {
     pub dk: Vec<f64>,
     /// `[B, Hkv, Sk, D]`.
     pub dv: Vec<f64>,
-    /// `[B, Hb, Sk]` when a bias is given.
+    /// `[B, Hb, Sk]` (`[B, Hb, Sq, Sk]` pairwise) when a bias is given.
     pub dbias: Option<Vec<f64>>,
 }
 
@@ -97,7 +111,7 @@ pub fn allowed(p: &AttnProblem, inp: &RefInputs, b: usize, h: usize, i: usize, j
     {
         {
             let hb = h / (p.heads_q / bias.heads);
-            let bj = bias.values[(b * bias.heads + hb) * p.seq_k + j];
+            let bj = bias.values[bias.at(p, b, h, i, j)];
             let t = (b * bias.heads + hb) * p.seq_q + i;
             if !(bj > tv[t] || (bj == tv[t] && j as i64 >= ti[t] as i64)) {
                 return false;
@@ -118,8 +132,7 @@ fn score(p: &AttnProblem, inp: &RefInputs, b: usize, h: usize, i: usize, j: usiz
     }
     let mut s = round(s) * p.scale as f64;
     if let Some(bias) = inp.bias {
-        let hb = h / (p.heads_q / bias.heads);
-        s += bias.values[(b * bias.heads + hb) * p.seq_k + j];
+        s += bias.values[bias.at(p, b, h, i, j)];
     }
     round(s)
 }
@@ -176,7 +189,7 @@ pub fn backward(
     let mut dq = vec![0.0; p.batch * p.heads_q * p.seq_q * dd];
     let mut dk = vec![0.0; p.batch * p.heads_kv * p.seq_k * dd];
     let mut dv = vec![0.0; p.batch * p.heads_kv * p.seq_k * dd];
-    let mut dbias = inp.bias.map(|b| vec![0.0; p.batch * b.heads * p.seq_k]);
+    let mut dbias = inp.bias.map(|b| vec![0.0; b.values.len()]);
     for b in 0..p.batch {
         for h in 0..p.heads_q {
             let hk = h / (p.heads_q / p.heads_kv);
@@ -201,8 +214,7 @@ pub fn backward(
                         dq[row * dd + x] += ds * p.scale as f64 * inp.k[ko + x];
                     }
                     if let (Some(db), Some(bias)) = (dbias.as_mut(), inp.bias) {
-                        let hb = h / (p.heads_q / bias.heads);
-                        db[(b * bias.heads + hb) * p.seq_k + j] += ds;
+                        db[bias.at(p, b, h, i, j)] += ds;
                     }
                 }
             }
@@ -264,13 +276,13 @@ mod tests {
             query_block: 1,
             key_block: 2,
         };
-        let bias = RefBias { values: bias_v.clone(), heads: 2, threshold: Some((tv.clone(), ti.clone())) };
+        let bias = RefBias { values: bias_v.clone(), heads: 2, threshold: Some((tv.clone(), ti.clone())), pairwise: false };
         let inp = RefInputs { q: &q, k: &k, v: &v, bias: Some(&bias), schedule: Some(&sched), segments: None };
         let (o, lse) = forward(&p, &inp, None);
         assert!(lse.contains(&f64::NEG_INFINITY), "want an empty row");
         let g = backward(&p, &inp, &o, &lse, &d_o, None);
         let loss = |q: &[f64], k: &[f64], v: &[f64], b: &[f64]| {
-            let bias = RefBias { values: b.to_vec(), heads: 2, threshold: Some((tv.clone(), ti.clone())) };
+            let bias = RefBias { values: b.to_vec(), heads: 2, threshold: Some((tv.clone(), ti.clone())), pairwise: false };
             let inp = RefInputs { q, k, v, bias: Some(&bias), schedule: Some(&sched), segments: None };
             let (o, _) = forward(&p, &inp, None);
             o.iter().zip(&d_o).map(|(a, b)| a * b).sum::<f64>()

@@ -61,7 +61,17 @@ pub(crate) fn validate(client: &Client, p: &AttnProblem, dtype: AttnDtype, inp: 
                 format!("{hb} must divide heads_q = {hq} and be a multiple of heads_kv = {hkv}"),
             ));
         }
-        check_size("bias.values", &bias.values, b * hb * sk, es)?;
+        check_size("bias.values", &bias.values, bias.elems(p), es)?;
+        if bias.pairwise {
+            let other = [
+                (inp.schedule.is_some(), "a block schedule"),
+                (inp.key_positions.is_some(), "gathered keys"),
+                (inp.segments.is_some(), "packed sequences"),
+            ];
+            if let Some((_, what)) = other.into_iter().find(|(on, _)| *on) {
+                return Err(unsupported("bias", format!("a pairwise bias with {what} is not implemented")));
+            }
+        }
         if let Some((tv, ti)) = &bias.threshold {
             check_size("bias.threshold.0 (value)", tv, b * hb * sq, 4)?;
             check_size("bias.threshold.1 (index)", ti, b * hb * sq, 4)?;

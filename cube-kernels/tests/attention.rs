@@ -60,6 +60,8 @@ struct Case {
     sel: Option<Sel>,
     /// Quantise the bias to few values (ties for the threshold rule).
     bias_ties: bool,
+    /// One bias per (query, key) pair, `[B, Hb, Sq, Sk]` ([`KeyBias::pairwise`]).
+    pair_bias: bool,
     /// Packed sequences `(cu_seqlens_q, cu_seqlens_k)`; the problem's causal flag and window
     /// then apply within each sequence.
     varlen: Option<(Vec<usize>, Vec<usize>)>,
@@ -81,7 +83,7 @@ fn prob(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize, causal:
 }
 
 fn case(name: &'static str, p: AttnProblem) -> Case {
-    Case { name, p, bias_per_q_head: None, thr: None, sel: None, bias_ties: false, varlen: None }
+    Case { name, p, bias_per_q_head: None, thr: None, sel: None, bias_ties: false, pair_bias: false, varlen: None }
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
@@ -131,7 +133,8 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
     let d_o = r(rng.vec(p.batch * p.heads_q * p.seq_q * p.head_dim, 1.0));
     let bias = c.bias_per_q_head.map(|per_q| {
         let heads = if per_q { p.heads_q } else { p.heads_kv };
-        let mut values = rng.vec(p.batch * heads * p.seq_k, 2.0);
+        let per_head = if c.pair_bias { p.seq_q * p.seq_k } else { p.seq_k };
+        let mut values = rng.vec(p.batch * heads * per_head, 2.0);
         if c.bias_ties {
             for x in values.iter_mut() {
                 *x = (*x * 2.0).round() / 2.0;
@@ -162,7 +165,10 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
                                         (!p.causal || d >= 0) && p.window.is_none_or(|w| d < w as i64)
                                     })
                                     .collect();
-                                let bj = |j: usize| values[(b * heads + hb) * p.seq_k + j];
+                                let bj = |j: usize| match c.pair_bias {
+                                    true => values[((b * heads + hb) * p.seq_q + i) * p.seq_k + j],
+                                    false => values[(b * heads + hb) * p.seq_k + j],
+                                };
                                 vis.sort_by(|&x, &y| bj(y).partial_cmp(&bj(x)).unwrap().then(y.cmp(&x)));
                                 if vis.len() > w {
                                     tv[t] = bj(vis[w - 1]);
@@ -179,7 +185,7 @@ fn make_data(c: &Case, dtype: AttnDtype, seed: u64) -> Data {
             // Threshold values are f32 on the device.
             (tv.into_iter().map(|x| x as f32 as f64).collect(), ti)
         });
-        RefBias { values, heads, threshold }
+        RefBias { values, heads, threshold, pairwise: c.pair_bias }
     });
     let sched = c.sel.as_ref().map(|sel| {
         let (hs_kv, qb, kb) = match *sel {
@@ -257,6 +263,7 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
             let tvf: Vec<f32> = tv.iter().map(|&x| x as f32).collect();
             (upload_f32(client, &tvf), upload_i32(client, ti))
         }),
+        pairwise: b.pairwise,
     });
     let sched = data.sched.as_ref().map(|s| BlockSchedule {
         indices: upload_i32(client, &s.indices),
@@ -284,7 +291,7 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
         dq: nan_buffer(client, dtype, rows * p.head_dim),
         dk: nan_buffer(client, dtype, kv),
         dv: nan_buffer(client, dtype, kv),
-        dbias: data.bias.as_ref().map(|b| nan_buffer(client, dtype, p.batch * b.heads * p.seq_k)),
+        dbias: data.bias.as_ref().map(|b| nan_buffer(client, dtype, b.values.len())),
     };
     attention_backward_into(client, p, dtype, &inputs, &o, &lse, &d_o, &grads).expect("backward");
     let take = |v: Vec<f64>, n: usize| v[..n].to_vec();
@@ -295,7 +302,7 @@ fn run_kernels(client: &Client, p: &AttnProblem, dtype: AttnDtype, data: &Data) 
         dk: take(download(client, dtype, &grads.dk), kv),
         dv: take(download(client, dtype, &grads.dv), kv),
         dbias: grads.dbias.as_ref().map(|h| {
-            take(download(client, dtype, h), p.batch * data.bias.as_ref().unwrap().heads * p.seq_k)
+            take(download(client, dtype, h), data.bias.as_ref().unwrap().values.len())
         }),
     }
 }
@@ -559,6 +566,38 @@ fn bias_kv_heads_threshold_noncausal() {
     run_case(&c);
 }
 
+/// A bias per (query, key) pair shared by a GQA group (bias heads = kv heads): dbias sums
+/// dS over the group's query heads.
+#[test]
+fn pair_bias_kv_heads() {
+    let mut c = case("pair_bias_kv_heads", prob(1, 4, 2, 37, 37, 32, true, None));
+    c.bias_per_q_head = Some(false);
+    c.pair_bias = true;
+    run_case(&c);
+}
+
+/// A bias per (query, key) pair and query head, with DMA's keep rule on each row's own
+/// bias (ties included), more keys than queries.
+#[test]
+fn pair_bias_q_heads_threshold_ties() {
+    let mut c = case("pair_bias_q_heads_threshold_ties", prob(2, 2, 1, 30, 45, 32, true, None));
+    c.bias_per_q_head = Some(true);
+    c.pair_bias = true;
+    c.thr = Some(Thr::TopW(7));
+    c.bias_ties = true;
+    run_case(&c);
+}
+
+/// A pairwise bias, non-causal with a window, keep rule, bias heads = kv heads.
+#[test]
+fn pair_bias_kv_heads_threshold_window_noncausal() {
+    let mut c = case("pair_bias_kv_heads_threshold_window_noncausal", prob(1, 4, 2, 26, 40, 16, false, Some(20)));
+    c.bias_per_q_head = Some(false);
+    c.pair_bias = true;
+    c.thr = Some(Thr::TopW(6));
+    run_case(&c);
+}
+
 // ---------------------------------------------------------------------------------------
 // Block-sparse schedules
 // ---------------------------------------------------------------------------------------
@@ -787,7 +826,7 @@ fn invalid_arguments_are_errors() {
     let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { q: &small, ..inputs }).unwrap_err();
     assert!(e.to_string().contains("inputs.q"), "{e}");
 
-    let bias = KeyBias { values: z(3 * 8), heads: 3, threshold: None };
+    let bias = KeyBias { values: z(3 * 8), heads: 3, threshold: None, pairwise: false };
     let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { bias: Some(&bias), ..inputs }).unwrap_err();
     assert!(e.to_string().contains("bias.heads"), "{e}");
 
@@ -799,6 +838,15 @@ fn invalid_arguments_are_errors() {
     bad.window = Some(0);
     let e = attention_forward(&client, &bad, AttnDtype::F32, &inputs).unwrap_err();
     assert!(e.to_string().contains("window"), "{e}");
+
+    // A pairwise bias: its size is [B, Hb, Sq, Sk]; it does not combine with a schedule.
+    let per_key_size = KeyBias { values: z(2 * 8), heads: 2, threshold: None, pairwise: true };
+    let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { bias: Some(&per_key_size), ..inputs }).unwrap_err();
+    assert!(e.to_string().contains("bias.values"), "{e}");
+    let pair = KeyBias { values: z(2 * 8 * 8), heads: 2, threshold: None, pairwise: true };
+    let sched = BlockSchedule { indices: upload_i32(&client, &[0; 16]), sel_heads: 2, capacity: 1, query_block: 1, key_block: 4 };
+    let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { bias: Some(&pair), schedule: Some(&sched), ..inputs }).unwrap_err();
+    assert!(e.to_string().contains("bias") && e.to_string().contains("block schedule"), "{e}");
 }
 
 #[test]

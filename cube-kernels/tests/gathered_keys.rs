@@ -37,7 +37,7 @@ fn gathered_keys_match_sequence_order() {
             let bias32: Vec<f32> = bias.iter().map(|&x| x as f32).collect();
             let (tv, ti) = keep_threshold(&client, &upload_f32(&client, &bias32), heads, sq, sk, keep, true).unwrap();
             // Sequence order, dense walk.
-            let kb_plain = KeyBias { values: upload(&client, dtype, &bias), heads: hkv, threshold: Some((tv.clone(), ti.clone())) };
+            let kb_plain = KeyBias { values: upload(&client, dtype, &bias), heads: hkv, threshold: Some((tv.clone(), ti.clone())), pairwise: false };
             let (qh, kh, vh, doh) = (upload(&client, dtype, &q), upload(&client, dtype, &k), upload(&client, dtype, &v), upload(&client, dtype, &d_o));
             let plain = AttnInputs { q: &qh, k: &kh, v: &vh, bias: Some(&kb_plain), schedule: None, key_positions: None, segments: None };
             if kernel_path(&client, dtype, d) != KernelPath::Fragment {

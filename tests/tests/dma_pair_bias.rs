@@ -1,10 +1,11 @@
 //! DMA with a bias per (query, key) `[b, hb, seq_q, seq_k]` (`dma_attention_pairwise`): the keep
 //! mask against a plain-loop top-`window` with ties, the output and LSE against naive f64
 //! attention, the gradients of q, k, v and the bias against finite differences, the per-key
-//! bias as the special case of a bias constant over queries, and the errors.
+//! bias as the special case of a bias constant over queries, the per-row threshold the
+//! kernels take (it keeps exactly the mask's keys), and the errors.
 
 use burn::tensor::Tensor;
-use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_attention_pairwise, dma_keep_mask, dma_keep_mask_pairwise};
+use burn_sparse_attn::dma::{DmaParams, dma_attention, dma_attention_pairwise, dma_keep_mask, dma_keep_mask_pairwise, dma_keep_threshold_pairwise};
 use sparse_attn_tests::*;
 
 /// Plain-loop keep rule of one row: the `window` largest visible `(value, key)` pairs, ties to
@@ -43,6 +44,35 @@ fn keep_mask_matches_plain_loop_with_ties() {
                 let want = naive_keep_row(row, &|j| naive_visible(&dims, causal, None, i, j), window);
                 let g = &got[(r * sq + i) * sk..(r * sq + i + 1) * sk];
                 assert_eq!(g, &want[..], "seed {seed}: row {r}/{i} of bias {row:?}");
+            }
+        }
+    }
+}
+
+/// The kernels' form of the rule, `(value, index)` per row, keeps exactly the keys of
+/// [`dma_keep_mask_pairwise`]: `visible && (bias > value || (bias == value && j >= index))`,
+/// with many ties, short rows, `window >= seq_k`, causal and not.
+#[test]
+fn keep_threshold_keeps_the_mask_keys() {
+    let device = dev();
+    for (seed, causal, sq, sk, window) in [(21u64, true, 7usize, 9usize, 3usize), (22, false, 5, 8, 4), (23, true, 6, 6, 1), (24, true, 4, 10, 20), (25, false, 6, 7, 7)] {
+        let mut rng = Rng::new(seed);
+        let (b, hb) = (2, 3);
+        let bias = tied_bias(&mut rng, b * hb * sq * sk);
+        let t = tensor(bias.clone(), [b, hb, sq, sk], &device);
+        let mask = bools(dma_keep_mask_pairwise(&t, window, causal).unwrap());
+        let thr = dma_keep_threshold_pairwise(&t, window, causal).unwrap();
+        let value: Vec<f64> = thr.value.into_data().convert::<f64>().try_to_vec().unwrap();
+        let index: Vec<i64> = thr.index.into_data().convert::<i64>().try_to_vec().unwrap();
+        let dims = Dims::new(b, hb, hb, sq, sk, 1);
+        for r in 0..b * hb {
+            for i in 0..sq {
+                let row = r * sq + i;
+                for j in 0..sk {
+                    let bj = bias[row * sk + j];
+                    let kept = naive_visible(&dims, causal, None, i, j) && (bj > value[row] || (bj == value[row] && j as i64 >= index[row]));
+                    assert_eq!(kept, mask[row * sk + j], "seed {seed}: row {r}/{i} key {j}, threshold ({}, {})", value[row], index[row]);
+                }
             }
         }
     }

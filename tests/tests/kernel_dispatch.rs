@@ -507,3 +507,42 @@ fn seer_target_bf16_keeps_dtype_and_matches_reference() {
     let e = rel_err(target.cast(DType::F32), want);
     assert!(e < 3e-2, "target: relative error {e:e}");
 }
+
+/// DMA with a bias per (query, key) through Burn: the kernels' portable path (bias read per
+/// pair, keep rule as a per-row threshold) against the tensor ops on Flex, for output, LSE and
+/// the gradients of q, k, v and the bias; a bias from a few values, so rows have ties at
+/// their threshold; bias heads = kv heads (dbias sums the group) and = query heads.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
+fn dma_pair_bias_matches_tensor_ops() {
+    use burn_sparse_attn::dma::{DmaParams, dma_attention_pairwise};
+    let kdev = device().autodiff();
+    let rdev = Device::flex().autodiff();
+    for (hq, hkv, hb, sq, sk, d, causal, window) in [(4usize, 2usize, 2usize, 21usize, 21usize, 16usize, true, 6usize), (2, 1, 2, 13, 19, 32, false, 5)] {
+        let q0 = pair([1, hq, sq, d], 11, &kdev, &rdev);
+        let k0 = pair([1, hkv, sk, d], 12, &kdev, &rdev);
+        let v0 = pair([1, hkv, sk, d], 13, &kdev, &rdev);
+        let d_o = pair([1, hq, sq, d], 14, &kdev, &rdev);
+        let tied: Vec<f32> = host_random(hb * sq * sk, 15).into_iter().map(|x| (x * 2.0).round() / 2.0).collect();
+        let b0 = (
+            Tensor::<4>::from_data(TensorData::new(tied.clone(), [1, hb, sq, sk]), &kdev),
+            Tensor::<4>::from_data(TensorData::new(tied, [1, hb, sq, sk]), &rdev),
+        );
+        let params = DmaParams { window, causal, ..Default::default() };
+        let mut results = Vec::new();
+        for side in 0..2 {
+            let pick = |t: &(Tensor<4>, Tensor<4>)| if side == 0 { t.0.clone() } else { t.1.clone() };
+            let (q, k, v, b) = (pick(&q0).require_grad(), pick(&k0).require_grad(), pick(&v0).require_grad(), pick(&b0).require_grad());
+            let out = dma_attention_pairwise(q.clone(), k.clone(), v.clone(), b.clone(), &params).unwrap();
+            let grads = (out.output.clone() * pick(&d_o)).sum().backward();
+            let g = |t: &Tensor<4>| t.grad(&grads).expect("grad").into_data();
+            results.push((out.output.into_data(), out.lse.unsqueeze::<4>().into_data(), g(&q), g(&k), g(&v), g(&b)));
+        }
+        let to = |x: &TensorData| Tensor::<4>::from_data(x.clone(), &Device::flex());
+        let (a, r) = (&results[0], &results[1]);
+        for (what, x, y) in [("o", &a.0, &r.0), ("lse", &a.1, &r.1), ("dq", &a.2, &r.2), ("dk", &a.3, &r.3), ("dv", &a.4, &r.4), ("dbias", &a.5, &r.5)] {
+            let e = rel_err(to(x), to(y));
+            assert!(e < tol(), "hq {hq} hb {hb} causal {causal}: {what} rel err {e:.3e}");
+        }
+    }
+}

@@ -11,7 +11,7 @@ mod module;
 mod pairwise;
 
 pub use module::{DmaAttention, DmaAttentionConfig};
-pub use pairwise::{dma_attention_pairwise, dma_keep_mask_pairwise};
+pub use pairwise::{dma_attention_pairwise, dma_keep_mask_pairwise, dma_keep_threshold_pairwise};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -3,15 +3,16 @@
 //! keeps its `window` visible keys with the largest bias of that row (ties to the more recent
 //! key, as for the per-key bias) and attends with `scale * q.k + bias[i, j]`.
 //!
-//! The bias is `seq_q x seq_k` per head, so this path runs as tensor ops: the scores it
-//! materialises are the size of its input. The keep rule is computed on the device (a top-k
-//! for the row's `window`-th value, then a count from the right among the keys tied with it),
-//! with no host copy.
+//! The keep rule is computed on the device with tensor ops (a top-k for the row's
+//! `window`-th value, then a count from the right among the keys tied with it), with no host
+//! copy. On Cube devices the attention runs on the kernels' portable path with the bias read
+//! per (query, key) and the rule as a per-row threshold ([`dma_keep_threshold_pairwise`]),
+//! without a `seq_q x seq_k` score tensor; elsewhere (Flex) as tensor ops.
 
 use burn::tensor::{Bool, Int, Tensor};
 
 use crate::attention::reference::{masked_attention, position_mask};
-use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, validate_qkv};
+use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, KeepThreshold, validate_qkv};
 use crate::error::{Result, check_positive, shape_err};
 
 use super::DmaParams;
@@ -42,16 +43,7 @@ pub fn dma_keep_mask_pairwise(bias: &Tensor<4>, window: usize, causal: bool) -> 
     let [b, hb, sq, sk] = bias.dims();
     let device = bias.device();
     let values = bias.clone().detach();
-    let visible = match causal {
-        true => {
-            let dims = AttnDims { batch: b, heads_q: hb, heads_kv: hb, seq_q: sq, seq_k: sk, head_dim: 1 };
-            position_mask(&dims, &AttentionOptions { causal: true, window: None, scale: None }, &device)
-        }
-        false => None,
-    };
-    // Every key visible: built from an integer comparison like the other masks, so all masks
-    // share one bool representation.
-    let visible = visible.unwrap_or_else(|| Tensor::<4, Int>::zeros([b, hb, sq, sk], &device).equal_elem(0));
+    let visible = visible_keys(b, hb, sq, sk, causal, &device);
     let n_visible: Tensor<4, Int> = visible.clone().int().sum_dim(3);
     if window >= sk {
         return Ok(visible);
@@ -73,6 +65,53 @@ pub fn dma_keep_mask_pairwise(bias: &Tensor<4>, window: usize, causal: bool) -> 
     Ok(kept.bool_or(short.bool_and(visible.clone())).bool_and(visible))
 }
 
+/// [`dma_keep_mask_pairwise`] as the kernels' per-row threshold: key `j` is kept by row `i`
+/// iff it is visible and `bias[i, j] > value[i]`, or `bias[i, j] == value[i]` and `j >=
+/// index[i]` (`value`, `index`: `[b, hb, seq_q]`; `-inf` keeps every visible key, for rows
+/// that see at most `window` keys). Tensor ops on the device, the bias detached.
+pub fn dma_keep_threshold_pairwise(bias: &Tensor<4>, window: usize, causal: bool) -> Result<KeepThreshold> {
+    check_positive("window", window)?;
+    let [b, hb, sq, sk] = bias.dims();
+    let device = bias.device();
+    let keep_all = || KeepThreshold {
+        value: Tensor::<3>::full([b, hb, sq], f64::NEG_INFINITY, (&device, burn::tensor::DType::F32)),
+        index: Tensor::<3, Int>::zeros([b, hb, sq], &device),
+    };
+    if window >= sk {
+        return Ok(keep_all());
+    }
+    let values = bias.clone().detach();
+    let visible = visible_keys(b, hb, sq, sk, causal, &device);
+    let n_visible: Tensor<4, Int> = visible.clone().int().sum_dim(3);
+    let ranked = values.mask_fill(visible.clone().bool_not(), f64::NEG_INFINITY);
+    let thr = ranked.clone().topk(window, 3).slice([0..b, 0..hb, 0..sq, window - 1..window]);
+    let thr_full = thr.clone().expand([b, hb, sq, sk]);
+    let above = ranked.clone().greater(thr_full.clone()).bool_and(visible.clone());
+    let tied = ranked.equal(thr_full).bool_and(visible);
+    // The tied keys kept are the `window - above` most recent: the index is the leftmost of
+    // them (tied keys right of it are kept, those left of it are not).
+    let n_above: Tensor<4, Int> = above.int().sum_dim(3);
+    let room = n_above.mul_scalar(-1).add_scalar(window as i64).expand([b, hb, sq, sk]);
+    let from_right = tied.clone().int().flip([3]).cumsum(3).flip([3]);
+    let kept_tied = tied.bool_and(from_right.lower_equal(room));
+    let positions = Tensor::<1, Int>::arange(0..sk as i64, &device).reshape([1, 1, 1, sk]).expand([b, hb, sq, sk]);
+    let index = positions.mask_fill(kept_tied.bool_not(), sk as i64).min_dim(3);
+    // Rows that see at most `window` keys keep them all.
+    let short = n_visible.lower_equal_elem(window as i64);
+    let value = thr.cast(burn::tensor::DType::F32).mask_fill(short.clone(), f64::NEG_INFINITY);
+    let index = index.mask_fill(short, 0);
+    Ok(KeepThreshold { value: value.reshape([b, hb, sq]), index: index.reshape([b, hb, sq]) })
+}
+
+/// Keys visible to each row: causal (bottom-right aligned) or every key.
+fn visible_keys(b: usize, hb: usize, sq: usize, sk: usize, causal: bool, device: &burn::tensor::Device) -> Tensor<4, Bool> {
+    let dims = AttnDims { batch: b, heads_q: hb, heads_kv: hb, seq_q: sq, seq_k: sk, head_dim: 1 };
+    let opts = AttentionOptions { causal, window: None, scale: None };
+    // Every key visible: built from an integer comparison like the other masks, so all masks
+    // share one bool representation.
+    position_mask(&dims, &opts, device).unwrap_or_else(|| Tensor::<4, Int>::zeros([b, hb, sq, sk], device).equal_elem(0))
+}
+
 /// DMA attention with a bias per (query, key) `[batch, heads_b, seq_q, seq_k]` (`heads_b` =
 /// `heads_kv` or `heads_q`): each row keeps its top-`window` visible keys by its own bias
 /// row ([`dma_keep_mask_pairwise`]) and attends with the bias added to the scores. Gradients
@@ -81,6 +120,13 @@ pub fn dma_keep_mask_pairwise(bias: &Tensor<4>, window: usize, causal: bool) -> 
 pub fn dma_attention_pairwise(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>, params: &DmaParams) -> Result<AttentionOutput> {
     let dims = validate_qkv(&q, &k, &v)?;
     validate_pair_bias(&bias, &dims)?;
+    if crate::kernel::pair_bias_on_device(&q) {
+        // The rule on the bias as the kernel adds it (in the attention dtype), so ties match.
+        let bias = if bias.dtype() != q.dtype() { bias.cast(q.dtype()) } else { bias };
+        let keep = dma_keep_threshold_pairwise(&bias, params.window, params.causal)?;
+        let opts = AttentionOptions { causal: params.causal, window: None, scale: params.scale };
+        return crate::kernel::attention_pair_bias(&q, &k, &v, &bias, Some(&keep), &opts, &dims);
+    }
     let keep = dma_keep_mask_pairwise(&bias, params.window, params.causal)?;
     let [b, hb, sq, sk] = bias.dims();
     let per = dims.heads_q / hb;

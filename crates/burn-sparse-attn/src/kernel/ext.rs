@@ -43,6 +43,8 @@ pub struct KernelParams {
     /// The `key_pos` input holds packed sequences' visibility intervals instead
     /// ([`sak::SegmentBounds::bounds`]; never together with gathered keys).
     segments: bool,
+    /// The bias is one value per (query, key) pair, `[b, bias_heads, sq, sk]`.
+    pair_bias: bool,
 }
 
 impl KernelParams {
@@ -187,6 +189,7 @@ fn prepare(
         values: bias.handle.clone(),
         heads: p.bias_heads,
         threshold: p.has_threshold.then(|| (contiguous(thr_value).handle.clone(), contiguous(thr_index).handle.clone())),
+        pairwise: p.pair_bias,
     });
     let schedule = (p.sel_heads > 0).then(|| sak::BlockSchedule {
         indices: contiguous(indices).handle.clone(),
@@ -245,8 +248,12 @@ impl SparseAttnBackend for CubeBackend {
         let grads = sak::attention_backward(&prep.q.client, &params.problem(), attn_dtype(dtype), &inputs, &o.handle, &lse.handle, &d_o.handle)
             .unwrap_or_else(|e| panic!("sparse attention backward kernel: {e}"));
         let [b, hq, hkv, sq, sk, d] = params.dims;
+        let dbias_shape = match params.pair_bias {
+            true => vec![b, params.bias_heads, sq, sk],
+            false => vec![b, params.bias_heads, sk],
+        };
         let dbias = match grads.dbias {
-            Some(h) => output(&prep.q, vec![b, params.bias_heads, sk], h, dtype),
+            Some(h) => output(&prep.q, dbias_shape, h, dtype),
             None => prep.bias_tensor.clone(),
         };
         (
@@ -391,6 +398,7 @@ fn unsupported(arg: &'static str, detail: String) -> SparseAttnError {
 }
 
 /// Validated call of the kernel through the extension.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -402,6 +410,13 @@ pub(crate) fn attention(
     opts: &AttentionOptions,
     dims: &AttnDims,
 ) -> Result<AttentionOutput> {
+    let dtype = check_dtypes(q, k, v)?;
+    let bias = bias.map(|b| BiasArg { values: cast_to(b.values.clone(), dtype).into_dispatch(), heads: b.values.dims()[1], keep: b.keep.as_ref(), pair: false });
+    call(q, k, v, bias, selection, key_pos, segments, opts, dims)
+}
+
+/// q, k and v share one dtype the kernels take on this device; returns it.
+fn check_dtypes(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>) -> Result<DType> {
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(unsupported("q.dtype", format!("the attention kernels take f32, f16 or bf16, got {dtype:?}")));
@@ -411,21 +426,68 @@ pub(crate) fn attention(
             return Err(unsupported(arg, format!("must equal q's dtype {dtype:?}, got {t:?}")));
         }
     }
-    let device = q.device();
-    if let burn::backend::DispatchDevice::Cube(cube) = device.clone().without_autodiff().as_dispatch() {
+    if let burn::backend::DispatchDevice::Cube(cube) = q.device().without_autodiff().as_dispatch() {
         let client = cube.client();
         sak::supports(&client, attn_dtype(dtype)).map_err(|e| unsupported("q.dtype", e.to_string()))?;
     }
+    Ok(dtype)
+}
+
+/// `t` in `dtype` (the bias is added to scores in the attention dtype).
+fn cast_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() != dtype { t.cast(dtype) } else { t }
+}
+
+/// The bias as the kernel call takes it: a per-key `[b, hb, sk]` or per-pair `[b, hb, sq, sk]`
+/// tensor (any rank through the dispatch layer) with its heads and keep rule.
+struct BiasArg<'a> {
+    values: burn::tensor::DispatchTensor,
+    heads: usize,
+    keep: Option<&'a crate::attention::KeepThreshold>,
+    pair: bool,
+}
+
+/// Attention with one bias per (query, key) pair, `bias: [b, hb, sq, sk]` (`hb` = kv or
+/// query heads), optionally with a per-row keep rule on each row's own bias: the kernels'
+/// portable path on every Cube device. Gradients reach q, k, v and the bias.
+pub(crate) fn attention_pair_bias(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: &Tensor<4>,
+    keep: Option<&crate::attention::KeepThreshold>,
+    opts: &AttentionOptions,
+    dims: &AttnDims,
+) -> Result<AttentionOutput> {
+    let dtype = check_dtypes(q, k, v)?;
+    let arg = BiasArg { values: cast_to(bias.clone(), dtype).into_dispatch(), heads: bias.dims()[1], keep, pair: true };
+    call(q, k, v, Some(arg), None, None, None, opts, dims)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn call(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: Option<BiasArg>,
+    selection: Option<&BlockSelection>,
+    key_pos: Option<&Tensor<3, Int>>,
+    segments: Option<&sak::VarlenBounds>,
+    opts: &AttentionOptions,
+    dims: &AttnDims,
+) -> Result<AttentionOutput> {
+    let dtype = q.dtype();
+    let device = q.device();
     let placeholder = || Tensor::<1>::zeros([1], (&device, dtype));
     let int_placeholder = || Tensor::<1, Int>::zeros([1], &device).cast(DType::I32);
+    let pair_bias = bias.as_ref().is_some_and(|b| b.pair);
     let (bias_t, thr_v, thr_i, bias_heads, has_thr) = match bias {
         Some(b) => {
-            let (tv, ti, has) = match &b.keep {
+            let (tv, ti, has) = match b.keep {
                 Some(keep) => (keep.value.clone().detach().cast(DType::F32).into_dispatch(), keep.index.clone().cast(DType::I32).into_dispatch(), true),
                 None => (placeholder().into_dispatch(), int_placeholder().into_dispatch(), false),
             };
-            let values = if b.values.dtype() != dtype { b.values.clone().cast(dtype) } else { b.values.clone() };
-            (values.into_dispatch(), tv, ti, b.values.dims()[1], has)
+            (b.values, tv, ti, b.heads, has)
         }
         None => (placeholder().into_dispatch(), placeholder().into_dispatch(), int_placeholder().into_dispatch(), 0, false),
     };
@@ -449,6 +511,7 @@ pub(crate) fn attention(
         key_block,
         gathered_keys: key_pos.is_some(),
         segments: segments.is_some(),
+        pair_bias,
     };
     let key_pos = match (key_pos, segments) {
         (Some(kp), _) => kp.clone().cast(DType::I32).into_dispatch(),

@@ -48,7 +48,7 @@ pub fn attention_impl(device: &burn::tensor::Device) -> AttentionImpl {
 
 /// Runs the attention kernel when `q` lives on a device that has one; `Ok(None)` tells the
 /// caller to use the tensor-op reference instead.
-#[allow(unused_variables)]
+#[allow(unused_variables, clippy::too_many_arguments)]
 pub(crate) fn try_attention(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -93,6 +93,31 @@ pub(crate) fn try_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, 
         return Some(keep::keep_threshold(bias, seq_q, window, causal));
     }
     None
+}
+
+/// Whether a pairwise bias runs on the kernels for these queries (a Cube device, not f64).
+pub(crate) fn pair_bias_on_device(q: &Tensor<4>) -> bool {
+    cfg!(feature = "cube") && attention_impl(&q.device()) == AttentionImpl::Kernel && !matches!(q.dtype(), burn::tensor::DType::F64)
+}
+
+/// Attention with a bias per (query, key) pair on the kernels (see
+/// [`crate::dma::dma_attention_pairwise`]); only called where [`pair_bias_on_device`] holds.
+#[allow(unused_variables)]
+pub(crate) fn attention_pair_bias(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: &Tensor<4>,
+    keep: Option<&crate::attention::KeepThreshold>,
+    opts: &crate::attention::AttentionOptions,
+    dims: &crate::attention::AttnDims,
+) -> crate::error::Result<crate::attention::AttentionOutput> {
+    #[cfg(feature = "cube")]
+    return ext::attention_pair_bias(q, k, v, bias, keep, opts, dims);
+    #[allow(unreachable_code)]
+    {
+        unreachable!("pair_bias_on_device is false without the cube feature")
+    }
 }
 
 /// Whether [`nsa_block_scores`] runs for queries on this device (a Cube device, not f64).
