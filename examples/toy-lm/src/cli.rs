@@ -55,6 +55,9 @@ pub enum Command {
     PrintConfig(PrintConfigArgs),
     /// Redraw loss.svg and speed.svg from the results.json of a `compare` run
     Plot(PlotArgs),
+    /// Draw tokens/s and peak memory against context (sweep-speed.svg, sweep-memory.svg)
+    /// from result rows (JSON lines, as in docs/results/toy-lm-h200.jsonl) of one session
+    PlotSweep(PlotSweepArgs),
 }
 
 /// `compare`.
@@ -138,6 +141,23 @@ pub struct PlotArgs {
     #[arg(value_name = "RESULTS.json", value_parser = existing_file)]
     pub results: PathBuf,
     /// Output folder [default: the folder of RESULTS.json]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// `plot-sweep`.
+#[derive(Debug, Clone, Args)]
+pub struct PlotSweepArgs {
+    /// Result rows, one JSON object per line
+    #[arg(value_name = "ROWS.jsonl", value_parser = existing_file)]
+    pub rows: PathBuf,
+    /// The `session` field of the rows to draw
+    #[arg(long, value_name = "NAME")]
+    pub session: String,
+    /// Title prefix of both figures
+    #[arg(long, value_name = "TEXT", default_value = "toy LM training step")]
+    pub title: String,
+    /// Output folder [default: the folder of ROWS.jsonl]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -512,6 +532,7 @@ impl Command {
             Command::Generate(_) => "generate",
             Command::PrintConfig(_) => "print-config",
             Command::Plot(_) => "plot",
+            Command::PlotSweep(_) => "plot-sweep",
         }
     }
 }

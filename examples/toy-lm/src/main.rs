@@ -17,6 +17,7 @@ use toy_lm::compare::{CompareOptions, CompareResults, LOSS_FIGURE, SPEED_FIGURE,
 use toy_lm::config::Method;
 use toy_lm::device::{select_device, select_device_with};
 use toy_lm::generate::{SampleOptions, generate, load_model};
+use toy_lm::plot::{sweep_chart, sweep_from_rows};
 use toy_lm::train::{RunOptions, train};
 
 fn main() {
@@ -111,6 +112,16 @@ fn run(cli: Cli) -> AppResult<()> {
             std::fs::create_dir_all(&out)?;
             write_figures(&results, &out)?;
             println!("wrote {}, {}", out.join(LOSS_FIGURE).display(), out.join(SPEED_FIGURE).display());
+        }
+        Command::PlotSweep(args) => {
+            let text = std::fs::read_to_string(&args.rows).map_err(|e| format!("cannot read {}: {e}", args.rows.display()))?;
+            let (speed, memory) = sweep_from_rows(&text, &args.session).map_err(|e| usage(format!("{}: {e}", args.rows.display())))?;
+            let out = args.out.unwrap_or_else(|| args.rows.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+            std::fs::create_dir_all(&out)?;
+            let (speed_svg, memory_svg) = (out.join("sweep-speed.svg"), out.join("sweep-memory.svg"));
+            sweep_chart(&speed_svg, &format!("{}: tokens/s ({})", args.title, args.session), "training tokens/s", &speed)?;
+            sweep_chart(&memory_svg, &format!("{}: peak memory ({})", args.title, args.session), "peak device memory (MiB)", &memory)?;
+            println!("wrote {}, {}", speed_svg.display(), memory_svg.display());
         }
     }
     Ok(())

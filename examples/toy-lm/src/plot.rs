@@ -1,5 +1,6 @@
 //! The figures of `compare`, drawn with `plotters` as SVG: `loss.svg` (training and validation
-//! loss per method) and `speed.svg` (training tokens/s per method).
+//! loss per method) and `speed.svg` (training tokens/s per method); and of `plot-sweep`: one
+//! value per method against the context length (`sweep-speed.svg`, `sweep-memory.svg`).
 //!
 //! SVG leaves the text to the viewer, so nothing here needs font files or system fonts. The
 //! baseline (dense attention) is drawn last, thicker and in black, so it always shows on top of
@@ -257,6 +258,116 @@ pub fn speed_chart(path: &Path, title: &str, speeds: &[Speed]) -> AppResult<()> 
     })
 }
 
+/// One method's values against the context length (a sweep).
+#[derive(Debug, Clone)]
+pub struct SweepSeries {
+    /// Legend text.
+    pub label: String,
+    /// `(context, value)`, any order; non-finite or non-positive values are skipped.
+    pub points: Vec<(usize, f64)>,
+}
+
+/// The tokens/s and peak-memory sweeps of one session from result rows (JSON lines with at
+/// least `session`, `method`, `seq`, `median_tokens_per_s` or `steady_tokens_per_s`, and
+/// `peak_mib`, as in `docs/results/*.jsonl`): `(speed, memory)`, methods in first-seen order.
+/// Rows of other sessions are ignored; an error names the line that is not such a row, or
+/// the session when it has no rows.
+pub fn sweep_from_rows(text: &str, session: &str) -> AppResult<(Vec<SweepSeries>, Vec<SweepSeries>)> {
+    let mut speed: Vec<SweepSeries> = Vec::new();
+    let mut memory: Vec<SweepSeries> = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("line {}: not a JSON object: {e}", n + 1))?;
+        if row.get("session").and_then(|v| v.as_str()) != Some(session) {
+            continue;
+        }
+        let field = |k: &str| row.get(k).and_then(|v| v.as_f64());
+        let (Some(method), Some(seq)) = (row.get("method").and_then(|v| v.as_str()), field("seq")) else {
+            return Err(format!("line {}: a row of session `{session}` needs `method` and `seq`", n + 1).into());
+        };
+        let rate = field("median_tokens_per_s").or_else(|| field("steady_tokens_per_s"));
+        for (out, value) in [(&mut speed, rate), (&mut memory, field("peak_mib"))] {
+            let Some(value) = value else { continue };
+            match out.iter_mut().find(|s| s.label == method) {
+                Some(s) => s.points.push((seq as usize, value)),
+                None => out.push(SweepSeries { label: method.to_string(), points: vec![(seq as usize, value)] }),
+            }
+        }
+    }
+    if speed.is_empty() && memory.is_empty() {
+        return Err(format!("no rows of session `{session}` (--session)").into());
+    }
+    Ok((speed, memory))
+}
+
+/// Each method's value against the context length, both axes logarithmic (contexts are
+/// powers of two apart), markers on the measured points; the baseline drawn last.
+pub fn sweep_chart(path: &Path, title: &str, y_desc: &str, series: &[SweepSeries]) -> AppResult<()> {
+    let valid = |v: f64| v.is_finite() && v > 0.0;
+    let xs: Vec<f64> = series.iter().flat_map(|s| s.points.iter().filter(|p| valid(p.1)).map(|p| p.0 as f64)).collect();
+    let ys: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1).filter(|v| valid(*v))).collect();
+    let range = |v: &[f64], pad: f64| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0f64, f64::max);
+        if lo.is_finite() && hi > 0.0 { (lo / pad, hi * pad) } else { (1.0, 10.0) }
+    };
+    let (x0, x1) = range(&xs, 1.15);
+    let (y0, y1) = range(&ys, 1.3);
+    // Ticks at the measured contexts.
+    let mut contexts = xs.clone();
+    contexts.sort_by(f64::total_cmp);
+    contexts.dedup();
+    let styles = styles(series.iter().map(|s| s.label.as_str()));
+    // The baseline last, so it shows on top.
+    let mut order: Vec<usize> = (0..series.len()).collect();
+    order.sort_by_key(|&i| series[i].label == BASELINE);
+    write_svg(path, (760, 480), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(42)
+            .y_label_area_size(70)
+            .build_cartesian_2d((x0..x1).log_scale().with_key_points(contexts.clone()), (y0..y1).log_scale())
+            .map_err(draw_err)?;
+        let si = |v: &f64| match *v {
+            v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+            v if v >= 1e3 => format!("{:.0}k", v / 1e3),
+            v => format!("{v:.0}"),
+        };
+        chart
+            .configure_mesh()
+            .x_desc("context (tokens)")
+            .y_desc(y_desc)
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(RGBColor(240, 240, 240))
+            .bold_line_style(RGBColor(215, 215, 215))
+            .x_label_formatter(&|x| if *x >= 1024.0 { format!("{:.0}k", x / 1024.0) } else { format!("{x:.0}") })
+            .y_label_formatter(&si)
+            .draw()
+            .map_err(draw_err)?;
+        for &i in &order {
+            let s = &series[i];
+            let (color, width) = styles[i];
+            let mut pts: Vec<(f64, f64)> = s.points.iter().filter(|p| valid(p.1)).map(|p| (p.0 as f64, p.1)).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(width)))
+                .map_err(draw_err)?
+                .label(s.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(width)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3 + width / 2, color.filled()))).map_err(draw_err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(200, 200, 200))
+            .draw()
+            .map_err(draw_err)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +420,47 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("dense: 20.0k tok/s") && svg.contains("moba: 30.0k tok/s, 1.50x dense"), "{svg}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn sweep_chart_draws_every_method_and_the_baseline_last() {
+        let dir = tmp("sweep");
+        let path = dir.join("sweep.svg");
+        let line = |label: &str, f: f64| SweepSeries { label: label.into(), points: [4096usize, 16384, 65536].iter().map(|&s| (s, f * 1e6 / s as f64)).collect() };
+        sweep_chart(&path, "tokens/s against context", "tokens/s", &[line("dense", 1.0), line("moba", 2.0), line("nsa", 1.5)]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for needle in ["tokens/s against context", "context (tokens)", "dense", "moba", "nsa"] {
+            assert!(svg.contains(needle), "`{needle}` missing");
+        }
+        let strokes: Vec<&str> = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|p| p.split("points=\"").nth(1).is_some_and(|pts| pts.split('"').next().unwrap_or("").split_whitespace().count() == 3))
+            .filter_map(|p| p.split("stroke=\"").nth(1).and_then(|s| s.get(..7)))
+            .collect();
+        assert_eq!(strokes.len(), 3, "{strokes:?}");
+        assert_eq!(strokes[2], "#111111", "baseline last: {strokes:?}");
+        sweep_chart(&dir.join("empty.svg"), "none", "x", &[]).unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn sweep_rows_group_by_method_and_name_bad_lines() {
+        let rows = concat!(
+            r#"{"session": "s1", "method": "dense", "seq": 4096, "median_tokens_per_s": 100.0, "peak_mib": 10}"#, "\n",
+            r#"{"session": "s2", "method": "dense", "seq": 4096, "median_tokens_per_s": 999.0}"#, "\n",
+            r#"{"session": "s1", "method": "moba", "seq": 4096, "steady_tokens_per_s": 150.0, "peak_mib": 12}"#, "\n",
+            r#"{"session": "s1", "method": "dense", "seq": 8192, "median_tokens_per_s": 90.0, "peak_mib": 20}"#, "\n",
+        );
+        let (speed, memory) = sweep_from_rows(rows, "s1").unwrap();
+        assert_eq!(speed.len(), 2);
+        assert_eq!(speed[0].label, "dense");
+        assert_eq!(speed[0].points, vec![(4096, 100.0), (8192, 90.0)]);
+        assert_eq!(speed[1].points, vec![(4096, 150.0)]);
+        assert_eq!(memory[0].points, vec![(4096, 10.0), (8192, 20.0)]);
+        assert!(sweep_from_rows(rows, "s3").unwrap_err().to_string().contains("--session"));
+        let bad = sweep_from_rows("{\"session\": \"s1\"}\nnot json", "s1").unwrap_err().to_string();
+        assert!(bad.contains("line 1"), "{bad}");
     }
 
     #[test]
