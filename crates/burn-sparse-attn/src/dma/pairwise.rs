@@ -41,28 +41,16 @@ fn validate_pair_bias(bias: &Tensor<4>, dims: &AttnDims) -> Result<()> {
 pub fn dma_keep_mask_pairwise(bias: &Tensor<4>, window: usize, causal: bool) -> Result<Tensor<4, Bool>> {
     check_positive("window", window)?;
     let [b, hb, sq, sk] = bias.dims();
-    let device = bias.device();
-    let values = bias.clone().detach();
-    let visible = visible_keys(b, hb, sq, sk, causal, &device);
-    let n_visible: Tensor<4, Int> = visible.clone().int().sum_dim(3);
-    if window >= sk {
+    let visible = visible_keys(b, hb, sq, sk, causal, &bias.device());
+    let Some(rule) = row_rule(bias, window, visible.clone()) else {
         return Ok(visible);
-    }
-    // The row's `window`-th largest visible value; invisible keys rank last.
-    let ranked = values.clone().mask_fill(visible.clone().bool_not(), f64::NEG_INFINITY);
-    let thr = ranked.clone().topk(window, 3).slice([0..b, 0..hb, 0..sq, window - 1..window]);
-    let thr_full = thr.expand([b, hb, sq, sk]);
-    let above = ranked.clone().greater(thr_full.clone()).bool_and(visible.clone());
-    let tied = ranked.equal(thr_full).bool_and(visible.clone());
-    // Among the tied keys, keep the `window - above` most recent: count the tied keys from
-    // the right (a key's count includes itself).
-    let n_above: Tensor<4, Int> = above.clone().int().sum_dim(3);
-    let room = n_above.mul_scalar(-1).add_scalar(window as i64).expand([b, hb, sq, sk]);
-    let from_right = tied.clone().int().flip([3]).cumsum(3).flip([3]);
-    let kept = above.bool_or(tied.bool_and(from_right.lower_equal(room)));
-    // Rows that see at most `window` keys keep all of them.
-    let short = n_visible.lower_equal_elem(window as i64).expand([b, hb, sq, sk]);
-    Ok(kept.bool_or(short.bool_and(visible.clone())).bool_and(visible))
+    };
+    let full = |t: Tensor<4>| t.expand([b, hb, sq, sk]);
+    let values = bias.clone().detach();
+    let positions = Tensor::<1, Int>::arange(0..sk as i64, &bias.device()).reshape([1, 1, 1, sk]).expand([b, hb, sq, sk]);
+    let tie_kept = values.clone().equal(full(rule.value.clone())).bool_and(positions.greater_equal(rule.index.expand([b, hb, sq, sk])));
+    let kept = values.greater(full(rule.value)).bool_or(tie_kept).bool_or(rule.short.expand([b, hb, sq, sk]));
+    Ok(kept.bool_and(visible))
 }
 
 /// [`dma_keep_mask_pairwise`] as the kernels' per-row threshold: key `j` is kept by row `i`
@@ -73,34 +61,50 @@ pub fn dma_keep_threshold_pairwise(bias: &Tensor<4>, window: usize, causal: bool
     check_positive("window", window)?;
     let [b, hb, sq, sk] = bias.dims();
     let device = bias.device();
-    let keep_all = || KeepThreshold {
-        value: Tensor::<3>::full([b, hb, sq], f64::NEG_INFINITY, (&device, burn::tensor::DType::F32)),
-        index: Tensor::<3, Int>::zeros([b, hb, sq], &device),
-    };
-    if window >= sk {
-        return Ok(keep_all());
-    }
-    let values = bias.clone().detach();
     let visible = visible_keys(b, hb, sq, sk, causal, &device);
+    let Some(rule) = row_rule(bias, window, visible) else {
+        return Ok(KeepThreshold {
+            value: Tensor::<3>::full([b, hb, sq], f64::NEG_INFINITY, (&device, burn::tensor::DType::F32)),
+            index: Tensor::<3, Int>::zeros([b, hb, sq], &device),
+        });
+    };
+    let value = rule.value.cast(burn::tensor::DType::F32).mask_fill(rule.short.clone(), f64::NEG_INFINITY);
+    let index = rule.index.mask_fill(rule.short, 0);
+    Ok(KeepThreshold { value: value.reshape([b, hb, sq]), index: index.reshape([b, hb, sq]) })
+}
+
+/// Each row's keep rule, `[b, hb, sq, 1]` each: its `window`-th largest visible bias (in the
+/// bias dtype), the leftmost tied key kept at that value (the tied keys kept are the `window -
+/// above` most recent), and whether the row sees at most `window` keys (then it keeps them
+/// all). `None` when `window >= seq_k` (every row keeps every visible key).
+struct RowRule {
+    value: Tensor<4>,
+    index: Tensor<4, Int>,
+    short: Tensor<4, Bool>,
+}
+
+fn row_rule(bias: &Tensor<4>, window: usize, visible: Tensor<4, Bool>) -> Option<RowRule> {
+    let [b, hb, sq, sk] = bias.dims();
+    if window >= sk {
+        return None;
+    }
+    let device = bias.device();
     let n_visible: Tensor<4, Int> = visible.clone().int().sum_dim(3);
-    let ranked = values.mask_fill(visible.clone().bool_not(), f64::NEG_INFINITY);
-    let thr = ranked.clone().topk(window, 3).slice([0..b, 0..hb, 0..sq, window - 1..window]);
-    let thr_full = thr.clone().expand([b, hb, sq, sk]);
-    let above = ranked.clone().greater(thr_full.clone()).bool_and(visible.clone());
-    let tied = ranked.equal(thr_full).bool_and(visible);
-    // The tied keys kept are the `window - above` most recent: the index is the leftmost of
-    // them (tied keys right of it are kept, those left of it are not).
+    // The row's `window`-th largest visible value; invisible keys rank last.
+    let ranked = bias.clone().detach().mask_fill(visible.clone().bool_not(), f64::NEG_INFINITY);
+    let value = ranked.clone().topk(window, 3).slice([0..b, 0..hb, 0..sq, window - 1..window]);
+    let full = value.clone().expand([b, hb, sq, sk]);
+    let above = ranked.clone().greater(full.clone()).bool_and(visible.clone());
+    let tied = ranked.equal(full).bool_and(visible);
+    // Count the tied keys from the right (a key's count includes itself): the first
+    // `window - above` of them are kept.
     let n_above: Tensor<4, Int> = above.int().sum_dim(3);
     let room = n_above.mul_scalar(-1).add_scalar(window as i64).expand([b, hb, sq, sk]);
     let from_right = tied.clone().int().flip([3]).cumsum(3).flip([3]);
     let kept_tied = tied.bool_and(from_right.lower_equal(room));
     let positions = Tensor::<1, Int>::arange(0..sk as i64, &device).reshape([1, 1, 1, sk]).expand([b, hb, sq, sk]);
     let index = positions.mask_fill(kept_tied.bool_not(), sk as i64).min_dim(3);
-    // Rows that see at most `window` keys keep them all.
-    let short = n_visible.lower_equal_elem(window as i64);
-    let value = thr.cast(burn::tensor::DType::F32).mask_fill(short.clone(), f64::NEG_INFINITY);
-    let index = index.mask_fill(short, 0);
-    Ok(KeepThreshold { value: value.reshape([b, hb, sq]), index: index.reshape([b, hb, sq]) })
+    Some(RowRule { value, index, short: n_visible.lower_equal_elem(window as i64) })
 }
 
 /// Keys visible to each row: causal (bottom-right aligned) or every key.
