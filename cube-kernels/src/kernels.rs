@@ -746,8 +746,10 @@ pub fn attn_keys_kernel<F: Float>(
                 head_walk(inv_off, inv_rows, bs, kb, n_kt / n_sub, n_rb, cap, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
             let mut qa = qa_w;
             let mut n_slots = n_slots_w;
-            if segmented && n_slots > 0 {
-                // Packed sequences (no schedule): only the rows of the tile's sequences.
+            if segmented && !blocks && n_slots > 0 {
+                // Packed sequences without a schedule: only the rows of the tile's
+                // sequences (with one, the slots index the inverted list, and each pair is
+                // checked against its key's interval below).
                 let lo = max(qa as i32, seg_bounds[2 * (seq_q + t0)]);
                 let hi = min((qa + n_slots) as i32, seg_bounds[2 * (seq_q + t1 - 1) + 1]);
                 qa = max(lo, 0i32) as usize;

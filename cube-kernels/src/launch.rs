@@ -131,6 +131,12 @@ impl SegmentArgs {
 /// problem (key rows are not in sequence order); returns that problem and whether the causal
 /// mask then applies to the positions.
 pub(crate) fn walk_problem(p: &AttnProblem, inputs: &AttnInputs) -> (AttnProblem, bool) {
+    if inputs.segments.is_some() {
+        // Packed sequences: each row's own interval is its mask (see [`SegmentArgs`]); the
+        // pack-wide causal offset and window would cut pairs a sequence sees (a schedule's
+        // inversion filters rows by them).
+        return (AttnProblem { causal: false, window: None, ..p.clone() }, false);
+    }
     if inputs.key_positions.is_some() && p.causal {
         (AttnProblem { causal: false, ..p.clone() }, true)
     } else {

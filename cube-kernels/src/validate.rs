@@ -117,11 +117,8 @@ pub(crate) fn validate(client: &Client, p: &AttnProblem, dtype: AttnDtype, inp: 
                 format!("describe {} rows and {} keys, the problem has seq_q = {sq}, seq_k = {sk}", seg.seq_q, seg.seq_k),
             ));
         }
-        if inp.schedule.is_some() {
-            return Err(unsupported("segments", "packed sequences with a block schedule are not implemented yet"));
-        }
-        if inp.bias.is_some_and(|b| b.threshold.is_some()) {
-            return Err(unsupported("segments", "packed sequences with a keep threshold are not implemented yet"));
+        if inp.key_positions.is_some() {
+            return Err(unsupported("segments", "packed sequences with gathered keys are not implemented"));
         }
         check_size("segments.bounds", &seg.bounds, 2 * (sq + sk), 4)?;
     }

@@ -510,20 +510,56 @@ fn varlen_equals_separate_sequences() {
     }
 }
 
-/// A block schedule or a keep threshold with packed sequences is refused, naming the argument.
+/// Packed sequences with a per-token schedule shared by each GQA group: the schedule's
+/// blocks straddle sequence boundaries, and each pair is still checked against its row's
+/// own sequence (causal within it).
+#[test]
+fn varlen_blocks_per_token_causal() {
+    let cu = vec![0, 7, 7, 40, 41, 60];
+    let mut c = case("varlen_blocks_per_token_causal", prob(2, 4, 2, 60, 60, 32, true, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: true, query_block: 1, key_block: 8, cap: 4 });
+    c.varlen = Some((cu.clone(), cu));
+    run_case(&c);
+}
+
+/// Query-block lists, non-causal packing with different query and key lengths per sequence
+/// (one sequence without keys), a window-free full visibility inside each sequence.
+#[test]
+fn varlen_blocks_per_query_block_noncausal_cross() {
+    let mut c = case("varlen_blocks_per_query_block_noncausal_cross", prob(1, 2, 2, 30, 41, 32, false, None));
+    c.sel = Some(Sel::Random { sel_heads_kv: false, query_block: 4, key_block: 16, cap: 3 });
+    c.varlen = Some((vec![0, 12, 14, 30], vec![0, 5, 5, 41]));
+    run_case(&c);
+}
+
+/// A per-key bias with a per-row keep threshold (DMA's rule) on packed sequences, causal
+/// with a window and cross lengths.
+#[test]
+fn varlen_bias_keep_threshold() {
+    let mut c = case("varlen_bias_keep_threshold", prob(1, 4, 2, 30, 41, 32, true, Some(9)));
+    c.bias_per_q_head = Some(false);
+    c.bias_ties = true;
+    c.thr = Some(Thr::TopW(5));
+    c.varlen = Some((vec![0, 12, 14, 30], vec![0, 5, 20, 41]));
+    run_case(&c);
+}
+
+/// Boundaries that do not match the problem, and a pairwise bias with packed sequences, are
+/// refused, naming the argument.
 #[test]
 fn varlen_rejects_unsupported_combinations() {
     let client = client();
     let p = prob(1, 2, 1, 16, 16, 32, true, None);
     let h = upload(&client, AttnDtype::F32, &vec![0.0; 2 * 16 * 32]);
-    let seg = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 16], &[0, 5, 16], true, None).unwrap());
-    let sched = BlockSchedule { indices: upload_i32(&client, &[0; 16]), sel_heads: 1, capacity: 1, query_block: 1, key_block: 16 };
-    let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: Some(&sched), key_positions: None, segments: Some(&seg) };
+    let short = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 15], &[0, 5, 15], true, None).unwrap());
+    let inputs = AttnInputs { q: &h, k: &h, v: &h, bias: None, schedule: None, key_positions: None, segments: Some(&short) };
     let e = attention_forward(&client, &p, AttnDtype::F32, &inputs).unwrap_err();
     assert!(e.to_string().contains("segments"), "{e}");
-    let short = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 15], &[0, 5, 15], true, None).unwrap());
-    let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { schedule: None, segments: Some(&short), ..inputs }).unwrap_err();
-    assert!(e.to_string().contains("segments"), "{e}");
+    let seg = SegmentBounds::upload(&client, &varlen_bounds(&[0, 5, 16], &[0, 5, 16], true, None).unwrap());
+    let pair = upload(&client, AttnDtype::F32, &vec![0.0; 2 * 16 * 16]);
+    let bias = KeyBias { values: pair, heads: 2, threshold: None, pairwise: true };
+    let e = attention_forward(&client, &p, AttnDtype::F32, &AttnInputs { bias: Some(&bias), segments: Some(&seg), ..inputs }).unwrap_err();
+    assert!(e.to_string().contains("bias"), "{e}");
 }
 
 #[test]

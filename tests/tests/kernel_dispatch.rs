@@ -546,3 +546,105 @@ fn dma_pair_bias_matches_tensor_ops() {
         }
     }
 }
+
+/// The packed sparse ops on the kernel device against the same ops on Flex: block-sparse
+/// with causal self-packing (the block-aligned layout alone, so the fast schedule paths) and
+/// MoBA's packed routing.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
+fn varlen_block_sparse_and_moba_match_flex() {
+    use burn_sparse_attn::moba::{MobaParams, moba_attention_varlen};
+    use burn_sparse_attn::varlen::{block_sparse_attention_varlen, packed_selection_rows};
+    let varlen = VarLen::new(vec![0, 9, 9, 30, 31, 45]).unwrap();
+    let kb = 8;
+    let idx = random_selection(1, 2, packed_selection_rows(&varlen, 1), 3, 3, 5);
+    let (sel, s2) = selections(idx, |t| BlockSelection::per_token(t, kb));
+    let opts = AttentionOptions::causal();
+    let (vk, vr) = (varlen.clone(), varlen.clone());
+    let kern = move |q, k, v, _b| {
+        let o = block_sparse_attention_varlen(q, k, v, &sel, &vk, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = block_sparse_attention_varlen(q, k, v, &s2, &vr, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
+    let params = MobaParams { block_size: 8, top_k: 2, scale: None };
+    let (vk, vr) = (varlen.clone(), varlen);
+    let kern = move |q, k, v, _b| {
+        let o = moba_attention_varlen(q, k, v, &vk, &params).unwrap().attention;
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = moba_attention_varlen(q, k, v, &vr, &params).unwrap().attention;
+        (o.output, o.lse)
+    };
+    check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
+}
+
+/// Packed sequences with per-sequence visibility on the portable kernels: non-causal
+/// block-sparse lists (query blocks, cross lengths) and DMA's keep rule per sequence, with
+/// the bias gradient. Runs everywhere (portable kernels only).
+#[test]
+fn varlen_segments_with_lists_and_keep_rule_match_flex() {
+    use burn_sparse_attn::dma::DmaParams;
+    use burn_sparse_attn::varlen::{block_sparse_attention_varlen, dma_attention_varlen, packed_selection_rows};
+    let varlen = VarLen::cross(vec![0, 12, 14, 30], vec![0, 5, 5, 41]).unwrap();
+    let (qb, kb) = (4, 8);
+    let idx = random_selection(1, 4, packed_selection_rows(&varlen, qb), 3, 5, 3);
+    let (sel, s2) = selections(idx, |t| BlockSelection::per_query_block(t, qb, kb));
+    let opts = AttentionOptions::full();
+    let (vk, vr) = (varlen.clone(), varlen);
+    let kern = move |q, k, v, _b| {
+        let o = block_sparse_attention_varlen(q, k, v, &sel, &vk, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, _b| {
+        let o = block_sparse_attention_varlen(q, k, v, &s2, &vr, &opts).unwrap();
+        (o.output, o.lse)
+    };
+    check_in(None, [1, 4, 30, 32], [1, 2, 41, 32], false, &kern, &refr, 1e-4, 1e-4);
+    let varlen = VarLen::new(vec![0, 9, 9, 30, 31, 45]).unwrap();
+    let params = DmaParams { window: 6, scale: None, causal: true };
+    let (vk, vr) = (varlen.clone(), varlen);
+    let kern = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = dma_attention_varlen(q, k, v, b.unwrap(), &vk, &params).unwrap();
+        (o.output, o.lse)
+    };
+    let refr = move |q, k, v, b: Option<Tensor<3>>| {
+        let o = dma_attention_varlen(q, k, v, b.unwrap(), &vr, &params).unwrap();
+        (o.output, o.lse)
+    };
+    check_in(None, [1, 4, 45, 32], [1, 2, 45, 32], true, &kern, &refr, 1e-4, 1e-4);
+}
+
+/// NSA on a packed batch on the kernel device against the same op on Flex: the compressed
+/// branch (each row's visible compressed tokens of its own sequence as segments), given
+/// per-token block lists (the block-aligned layout) and the window, with gradients through
+/// all three branches and the packed mean-pool compression. Given lists keep the test free of
+/// top-k ties between devices.
+#[test]
+#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
+fn varlen_nsa_matches_flex() {
+    use burn_sparse_attn::nsa::{NsaBlocks, NsaInputs, NsaParams, TrailingWindow, compress_mean_varlen, nsa_attention_varlen};
+    let cu = vec![0, 9, 9, 30, 31, 45];
+    let params = NsaParams { compress_block: 8, compress_stride: 4, select_block: 8, top_n: 3, window: 6, ..NsaParams::default() };
+    let idx = random_selection(1, 2, 45, 3, 3, 11);
+    let (k_lists, r_lists) = (Tensor::<4, Int>::from_data(idx.clone(), &device().autodiff()), Tensor::<4, Int>::from_data(idx, &Device::flex().autodiff()));
+    let run = move |lists: Tensor<4, Int>| {
+        let cu = cu.clone();
+        let varlen = VarLen::new(cu.clone()).unwrap();
+        move |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, _b: Option<Tensor<3>>| {
+            let k_cmp = compress_mean_varlen(k.clone(), &cu, 8, 4, TrailingWindow::Drop).unwrap();
+            let v_cmp = compress_mean_varlen(v.clone(), &cu, 8, 4, TrailingWindow::Drop).unwrap();
+            let [b, h, s, _] = q.dims();
+            let gates = Tensor::<4>::ones([b, h, s, 3], (&q.device(), q.dtype()));
+            let inputs = NsaInputs { q, k_cmp, v_cmp, k_slc: k.clone(), v_slc: v.clone(), k_win: k, v_win: v, gates };
+            let o = nsa_attention_varlen(inputs, &varlen, &params, NsaBlocks::Given(lists.clone()), None).unwrap();
+            (o.output, o.compressed.lse)
+        }
+    };
+    let (kern, refr) = (run(k_lists), run(r_lists));
+    check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
+}

@@ -8,10 +8,20 @@
 //! sequence. Every batch entry and head is packed the same way (FlashAttention's varlen
 //! functions take batch 1).
 //!
+//! The sparse methods take packed batches too: [`block_sparse_attention_varlen`] (block
+//! numbers local to each sequence, as flash-linear-attention's varlen NSA counts them),
+//! [`moba_attention_varlen`] (MoBA's own `moba_attn_varlen` semantics: blocks and routing
+//! per sequence) and [`dma_attention_varlen`] (each row keeps its top keys among its own
+//! sequence's). Each equals the unpacked op on every sequence alone, in one launch.
+//!
 //! The boundaries are host values, as a data loader has them; the kernels receive
 //! per-row and per-key visibility intervals built from them (`O(total)` integers, uploaded
 //! once per call). On Cube devices the kernels run every sequence in one launch; elsewhere
 //! the tensor-op reference applies the same rule as a mask.
+
+pub use crate::block_sparse::{block_sparse_attention_varlen, packed_selection_rows};
+pub use crate::dma::{dma_attention_varlen, dma_keep_threshold_varlen};
+pub use crate::moba::moba_attention_varlen;
 
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use sparse_attn_kernels::{KernelError, VarlenBounds, varlen_bounds};

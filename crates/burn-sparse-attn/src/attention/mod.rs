@@ -234,34 +234,43 @@ pub(crate) fn attention_core(
 ) -> Result<AttentionOutput> {
     let dims = validate_qkv(&q, &k, &v)?;
     validate_options(opts)?;
+    let bounds = match varlen {
+        Some(vl) => {
+            vl.validate(&dims)?;
+            if selection.is_some() {
+                // A selection's key blocks follow each sequence's own start: see
+                // `block_sparse_attention_varlen`, which lays the sequences out for that.
+                return param_err("varlen", "use block_sparse_attention_varlen for packed sequences with a block selection");
+            }
+            Some(vl.bounds(opts)?)
+        }
+        None => None,
+    };
+    attention_in_bounds(q, k, v, bias, selection, bounds.as_ref(), opts)
+}
+
+/// [`attention_core`] with the packed sequences given as visibility intervals over the
+/// rows and keys of q and k (which then replace `opts`' causal mask and window).
+pub(crate) fn attention_in_bounds(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Option<&KeyBias>,
+    selection: Option<&BlockSelection>,
+    bounds: Option<&sparse_attn_kernels::VarlenBounds>,
+    opts: &AttentionOptions,
+) -> Result<AttentionOutput> {
+    let dims = validate_qkv(&q, &k, &v)?;
+    validate_options(opts)?;
     if let Some(bias) = bias {
         validate_bias(bias, &dims)?;
     }
     if let Some(sel) = selection {
         sel.validate(&dims)?;
     }
-    let bounds = match varlen {
-        Some(vl) => {
-            vl.validate(&dims)?;
-            if selection.is_some() {
-                return param_err("varlen", "packed sequences with a block selection are not implemented yet");
-            }
-            if bias.is_some_and(|b| b.keep.is_some()) {
-                return param_err("varlen", "packed sequences with a keep threshold are not implemented yet");
-            }
-            Some(vl.bounds(opts)?)
-        }
-        None => None,
-    };
-    if let Some(out) = crate::kernel::try_attention(&q, &k, &v, bias, selection, bounds.as_ref(), opts, &dims)? {
+    if let Some(out) = crate::kernel::try_attention(&q, &k, &v, bias, selection, bounds, opts, &dims)? {
         return Ok(out);
     }
-    Ok(match &bounds {
-        Some(b) => {
-            let mask = crate::varlen::varlen_mask(b, &dims, &q.device());
-            let bias_scores = bias.map(|b| reference::expand_key_tensor(b.values.clone(), &dims));
-            reference::masked_attention(q, k, v, Some(mask), bias_scores, opts.scale_for(dims.head_dim), &dims)
-        }
-        None => reference::attention_reference(q, k, v, bias, selection, opts),
-    })
+    let visibility = bounds.map(|b| crate::varlen::varlen_mask(b, &dims, &q.device()));
+    Ok(reference::reference_attention(q, k, v, bias, selection, visibility, opts))
 }

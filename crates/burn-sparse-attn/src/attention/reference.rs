@@ -20,8 +20,22 @@ pub fn attention_reference(
     selection: Option<&BlockSelection>,
     opts: &AttentionOptions,
 ) -> AttentionOutput {
+    reference_attention(q, k, v, bias, selection, None, opts)
+}
+
+/// [`attention_reference`] with `visibility` (true = visible, `[b, hq, sq, sk]`) in place of
+/// `opts`' causal and window mask when given: the packed-sequence mask.
+pub(crate) fn reference_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Option<&KeyBias>,
+    selection: Option<&BlockSelection>,
+    visibility: Option<Tensor<4, Bool>>,
+    opts: &AttentionOptions,
+) -> AttentionOutput {
     let dims = super::validate_qkv(&q, &k, &v).expect("attention_reference: invalid q/k/v");
-    let mut mask = position_mask(&dims, opts, &q.device());
+    let mut mask = visibility.or_else(|| position_mask(&dims, opts, &q.device()));
     if let Some(sel) = selection {
         let sel_mask = selection_mask(sel, &dims);
         mask = Some(match mask {

@@ -9,6 +9,11 @@
 //! Causal and window masks still apply inside selected blocks; duplicate entries count once;
 //! entries outside `0..ceil(seq_k / key_block)` are ignored like the padding.
 
+mod packed;
+
+pub use packed::{block_sparse_attention_varlen, packed_selection_rows};
+pub(crate) use packed::AlignedPacking;
+
 use burn::tensor::{Int, Tensor};
 
 use crate::attention::{AttentionOptions, AttentionOutput, AttnDims, KeyBias, attention_core};

@@ -8,9 +8,11 @@
 //! are broken towards the more recent key (published code leaves tie order to `torch.topk`).
 
 mod module;
+mod packed;
 mod pairwise;
 
 pub use module::{DmaAttention, DmaAttentionConfig};
+pub use packed::{dma_attention_varlen, dma_keep_threshold_varlen};
 pub use pairwise::{dma_attention_pairwise, dma_keep_mask_pairwise, dma_keep_threshold_pairwise};
 
 use std::cmp::Reverse;
@@ -78,33 +80,47 @@ pub fn dma_keep_threshold(bias: &Tensor<3>, seq_q: usize, window: usize, causal:
 /// oracle of the kernel's tests.
 pub fn dma_keep_threshold_host(bias: &Tensor<3>, seq_q: usize, window: usize, causal: bool) -> Result<KeepThreshold> {
     check_positive("window", window)?;
+    let sk = bias.dims()[2];
+    host_thresholds(bias, &[0, seq_q], &[0, sk], window, causal)
+}
+
+/// The keep rule of every row of a packed batch (sequences `cu_q[s]..cu_q[s + 1]` of rows
+/// and `cu_k[s]..cu_k[s + 1]` of keys; one sequence for an unpacked call), on the host:
+/// per (batch, head) and sequence one walk over its keys with a heap of the `window`
+/// largest, so a row ranks only its own sequence's visible keys.
+pub(crate) fn host_thresholds(bias: &Tensor<3>, cu_q: &[usize], cu_k: &[usize], window: usize, causal: bool) -> Result<KeepThreshold> {
     let [b, h, sk] = bias.dims();
+    let seq_q = cu_q[cu_q.len() - 1];
     let device = bias.device();
     let values: Vec<f64> = bias.clone().detach().into_data().convert::<f64>().try_to_vec::<f64>().expect("bias data as f64");
     let mut thr_v = Vec::with_capacity(b * h * seq_q);
     let mut thr_i = Vec::with_capacity(b * h * seq_q);
     for row in 0..b * h {
-        let keys = &values[row * sk..(row + 1) * sk];
-        // Min-heap of the `window` largest (value, index) pairs seen so far; f64 holds every
-        // supported dtype exactly, so the threshold equals one of the bias values.
-        let mut heap: BinaryHeap<Reverse<(OrdF64, usize)>> = BinaryHeap::new();
-        let mut seen = 0usize;
-        for i in 0..seq_q {
-            let visible = if causal { (i as i64 + sk as i64 - seq_q as i64 + 1).clamp(0, sk as i64) as usize } else { sk };
-            while seen < visible {
-                heap.push(Reverse((OrdF64(keys[seen]), seen)));
-                if heap.len() > window {
-                    heap.pop();
+        for s in 0..cu_q.len() - 1 {
+            let (k0, k1) = (cu_k[s], cu_k[s + 1]);
+            let (lq, lk) = (cu_q[s + 1] - cu_q[s], k1 - k0);
+            let keys = &values[row * sk + k0..row * sk + k1];
+            // Min-heap of the `window` largest (value, index) pairs seen so far; f64 holds
+            // every supported dtype exactly, so the threshold equals one of the bias values.
+            let mut heap: BinaryHeap<Reverse<(OrdF64, usize)>> = BinaryHeap::new();
+            let mut seen = 0usize;
+            for i in 0..lq {
+                let visible = if causal { (i as i64 + lk as i64 - lq as i64 + 1).clamp(0, lk as i64) as usize } else { lk };
+                while seen < visible {
+                    heap.push(Reverse((OrdF64(keys[seen]), k0 + seen)));
+                    if heap.len() > window {
+                        heap.pop();
+                    }
+                    seen += 1;
                 }
-                seen += 1;
-            }
-            if visible <= window {
-                thr_v.push(f64::NEG_INFINITY);
-                thr_i.push(0i64);
-            } else {
-                let Reverse((OrdF64(v), j)) = *heap.peek().expect("non-empty heap");
-                thr_v.push(v);
-                thr_i.push(j as i64);
+                if visible <= window {
+                    thr_v.push(f64::NEG_INFINITY);
+                    thr_i.push(0i64);
+                } else {
+                    let Reverse((OrdF64(v), j)) = *heap.peek().expect("non-empty heap");
+                    thr_v.push(v);
+                    thr_i.push(j as i64);
+                }
             }
         }
     }

@@ -11,8 +11,10 @@
 //! after repeating K to the query heads.
 
 mod module;
+mod packed;
 
 pub use module::{MobaAttention, MobaAttentionConfig};
+pub use packed::moba_attention_varlen;
 
 use burn::tensor::Tensor;
 

@@ -102,6 +102,55 @@ impl Compressor {
             Compressor::HeadLinear(m) => m.forward(x, stride),
         }
     }
+
+    /// Keys (or values) per window.
+    pub fn block(&self) -> usize {
+        match self {
+            Compressor::Mlp(m) => m.pos_emb.dims()[0],
+            Compressor::MeanPos(m) => m.pos_emb.dims()[1],
+            Compressor::AttentionPool(m) => m.pos_emb.dims()[1],
+            Compressor::HeadLinear(m) => m.pos_emb.dims()[1],
+        }
+    }
+
+    /// [`Self::forward`] on a packed batch `[b, h, total, d]` (sequences at `cu_seqlens`):
+    /// each sequence's complete windows, packed in order (`[b, h, n_total, d]`,
+    /// [`super::nsa_compressed_cu_seqlens`] with [`super::TrailingWindow::Drop`]), equal to
+    /// the compressor on every sequence alone.
+    ///
+    /// Every compressor works on windows starting at multiples of the stride, so the
+    /// sequences are laid out (one gather) each from a multiple of the stride with zero rows
+    /// between them; the compressor runs once over that layout and the windows that lie
+    /// inside a sequence are kept (one more gather); the few that straddle two are dropped.
+    pub fn forward_varlen(&self, x: Tensor<4>, cu_seqlens: &[usize], stride: usize) -> crate::error::Result<Tensor<4>> {
+        check_positive("compress_stride", stride)?;
+        sparse_attn_kernels::varlen::check_cu_seqlens("cu_seqlens", cu_seqlens)
+            .map_err(|e| crate::error::SparseAttnError::Param { arg: "cu_seqlens", detail: e.to_string() })?;
+        let [b, h, total, d] = x.dims();
+        if cu_seqlens[cu_seqlens.len() - 1] != total {
+            return shape_err("cu_seqlens", format!("ends at {}, but x has {total} rows", cu_seqlens[cu_seqlens.len() - 1]));
+        }
+        let block = self.block();
+        let (mut gather, mut keep) = (Vec::new(), Vec::new());
+        for w in cu_seqlens.windows(2) {
+            let (start, len) = (gather.len(), w[1] - w[0]);
+            gather.extend((w[0]..w[1]).map(|r| r as i64));
+            // Row `total` of the extended input is the zero row.
+            gather.resize(start + len.next_multiple_of(stride), total as i64);
+            keep.extend((0..super::num_compressed(len, block, stride)).map(|i| (start / stride + i) as i64));
+        }
+        let device = x.device();
+        if keep.is_empty() {
+            return Ok(Tensor::zeros([b, h, 0, d], (&device, x.dtype())));
+        }
+        // Enough zero rows after the last sequence for its windows to exist.
+        let laid = gather.len().max(block);
+        gather.resize(laid, total as i64);
+        let zero = Tensor::<4>::zeros([b, h, 1, d], (&device, x.dtype()));
+        let index = |v: Vec<i64>| Tensor::<1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
+        let aligned = Tensor::cat(vec![x, zero], 2).select(2, index(gather));
+        Ok(self.forward(aligned, stride)?.select(2, index(keep)))
+    }
 }
 
 /// The windows of `x` with the per-head position embedding added: `[b, h, n, block, d]`.

@@ -21,11 +21,13 @@ pub mod compression;
 mod compressed;
 pub mod compressors;
 mod module;
+mod packed;
 pub mod selection;
 
 pub use compressors::{AttentionPoolCompressor, Compressor, CompressorConfig, CompressorKind, HeadLinearCompressor, MeanPosCompressor};
 pub use compression::{CompressionMlp, CompressionMlpConfig, TrailingWindow, compress_mean, compress_mean_with, num_compressed, num_compressed_with};
 pub use module::{NsaAttention, NsaAttentionConfig};
+pub use packed::{compress_mean_varlen, nsa_attention_varlen, nsa_compressed_attention_varlen, nsa_compressed_cu_seqlens};
 pub use selection::{nsa_block_scores_from_probs, nsa_overlap_weights, nsa_select, nsa_selection_scores};
 
 use burn::tensor::{Int, Tensor};

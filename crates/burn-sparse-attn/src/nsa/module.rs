@@ -4,7 +4,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor};
 
-use super::{Compressor, CompressorConfig, CompressorKind, NsaBlocks, NsaInputs, NsaParams, nsa_attention_with};
+use super::{Compressor, CompressorConfig, CompressorKind, NsaBlocks, NsaInputs, NsaParams, nsa_attention_varlen, nsa_attention_with};
+use crate::error::shape_err;
+use crate::varlen::VarLen;
 use crate::projection::{HeadLayout, QkvProjection};
 
 /// Configuration of [`NsaAttention`]; defaults are the NSA paper's.
@@ -189,5 +191,49 @@ impl NsaAttention {
             gates,
         };
         Ok(self.proj.merge(nsa_attention_with(inputs, &params, blocks, counts)?.output))
+    }
+
+    /// [`Self::forward`] on a packed batch `x: [batch, total, d_model]` whose sequences sit
+    /// at `varlen` (self-attention boundaries, [`VarLen::new`]): every sequence is compressed,
+    /// selected and windowed on its own, with RoPE positions restarting at each sequence, as
+    /// if it were run alone ([`super::nsa_attention_varlen`]).
+    pub fn forward_varlen(&self, x: Tensor<3>, varlen: &VarLen) -> crate::error::Result<Tensor<3>> {
+        let [b, s, _] = x.dims();
+        if varlen.cu_seqlens_q() != varlen.cu_seqlens_k() {
+            return shape_err("varlen", "a self-attention layer needs the same boundaries for queries and keys (VarLen::new)");
+        }
+        if varlen.total_q() != s {
+            return shape_err("varlen", format!("covers {} tokens, x has {s}", varlen.total_q()));
+        }
+        let (q, k, v, branches) = self.proj.project_with_branches(x.clone())?;
+        let hq = self.proj.n_heads();
+        let mut branches = branches.into_iter();
+        let mut branch = |shared: &Tensor<4>| branches.next().unwrap_or_else(|| shared.clone());
+        let (k_cmp_raw, v_cmp_raw) = (branch(&k), branch(&v));
+        let (k_win, v_win) = (branch(&k), branch(&v));
+        let cu = varlen.cu_seqlens_k();
+        let stride = self.compress_stride;
+        // As in `forward`: each compressed key rotated at its window's first key, counted
+        // from its own sequence's start.
+        let cmp_pos: Vec<usize> = cu
+            .windows(2)
+            .flat_map(|w| (0..super::num_compressed(w[1] - w[0], self.compress_block, stride)).map(move |i| i * stride))
+            .collect();
+        let k_cmp = self.compress_key.forward_varlen(k_cmp_raw, cu, stride)?;
+        let k_cmp = if cmp_pos.is_empty() { k_cmp } else { self.proj.rope_at(k_cmp, &cmp_pos)? };
+        let v_cmp = self.compress_value.forward_varlen(v_cmp_raw, cu, stride)?;
+        let gates = sigmoid(crate::rows::grouped_linear(&self.gate, x)).reshape([b, s, hq, 3]).swap_dims(1, 2);
+        let pos = varlen.positions_q();
+        let inputs = NsaInputs {
+            q: self.proj.rope_at(q, &pos)?,
+            k_cmp,
+            v_cmp,
+            k_slc: self.proj.rope_at(k, &pos)?,
+            v_slc: v,
+            k_win: if self.window == 0 { k_win } else { self.proj.rope_at(k_win, &pos)? },
+            v_win,
+            gates,
+        };
+        Ok(self.proj.merge(nsa_attention_varlen(inputs, varlen, &self.params(), NsaBlocks::Computed, None)?.output))
     }
 }

@@ -138,7 +138,7 @@ fn overlap_tensor(n_cmp: usize, n_sel: usize, params: &NsaParams, device: &Devic
 
 /// Probabilities `[b, hp, sq, n_cmp]` summed over each GQA group, then spread onto the
 /// selection blocks with the overlap weights `w: [n_cmp, n_sel]`.
-fn group_scores(p_cmp: Tensor<4>, heads_kv: usize, w: &Tensor<2>) -> Tensor<4> {
+pub(super) fn group_scores(p_cmp: Tensor<4>, heads_kv: usize, w: &Tensor<2>) -> Tensor<4> {
     let [b, hp, sq, n_cmp] = p_cmp.dims();
     let n_sel = w.dims()[1];
     let g = hp / heads_kv;
