@@ -96,6 +96,8 @@ pub fn varlen_bounds(cu_q: &[usize], cu_k: &[usize], causal: bool, window: Optio
         let (qs, qe, ks, ke) = (cu_q[s] as i64, cu_q[s + 1] as i64, cu_k[s] as i64, cu_k[s + 1] as i64);
         let (lq, lk) = (qe - qs, ke - ks);
         let off = lk - lq;
+        // A window longer than the sequence is no window (and `usize::MAX` must not wrap).
+        let window = window.map(|w| w.min((lq + lk + 1) as usize));
         // Row t of the sequence sits at key position t + off: keys r <= t + off (causal),
         // r > t + off - w (window), 0 <= r < lk.
         for t in 0..lq {

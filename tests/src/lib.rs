@@ -50,6 +50,19 @@ pub fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
     t.into_data().convert::<i64>().try_to_vec::<i64>().expect("int data")
 }
 
+/// `t[:, :, lo..hi, :]`: the rows `lo..hi` (axis 2) of a 4-D tensor, e.g. one sequence of
+/// a packed batch.
+pub fn seq_rows(t: &Tensor<4>, lo: usize, hi: usize) -> Tensor<4> {
+    let [b, h, _, d] = t.dims();
+    t.clone().slice([0..b, 0..h, lo..hi, 0..d])
+}
+
+/// The rows `lo..hi` (axis 2) of the flat values of a `[outer..., len, width]` tensor, where
+/// `outer` is the product of the leading dims (batch x heads).
+pub fn flat_rows(full: &[f64], outer: usize, len: usize, width: usize, lo: usize, hi: usize) -> Vec<f64> {
+    (0..outer).flat_map(|o| full[(o * len + lo) * width..(o * len + hi) * width].to_vec()).collect()
+}
+
 /// A scalar tensor's value.
 pub fn scalar(t: Tensor<1>) -> f64 {
     let v = values(t);

@@ -18,17 +18,6 @@ const HQ: usize = 4;
 const HKV: usize = 2;
 const D: usize = 8;
 
-/// `t[:, :, lo..hi, ...]` of a 4-D tensor.
-fn rows(t: &Tensor<4>, lo: usize, hi: usize) -> Tensor<4> {
-    let [b, h, _, d] = t.dims();
-    t.clone().slice([0..b, 0..h, lo..hi, 0..d])
-}
-
-/// The rows `lo..hi` (axis 2) of a flat `[B, heads, len, width]` gradient.
-fn grad_rows(full: &[f64], heads: usize, len: usize, width: usize, lo: usize, hi: usize) -> Vec<f64> {
-    (0..B * heads).flat_map(|bh| full[(bh * len + lo) * width..(bh * len + hi) * width].to_vec()).collect()
-}
-
 /// The inputs of one sequence, detached and tracked on their own.
 struct Part {
     q: Tensor<4>,
@@ -69,25 +58,25 @@ fn packed_equals_separate(
         }
         let what = |x: &str| format!("{name}: sequence {s} ({qa}..{qb} x {ka}..{kb}) {x}");
         let part = Part {
-            q: rows(&q, qa, qb).detach().require_grad(),
-            k: rows(&k, ka, kb).detach().require_grad(),
-            v: rows(&v, ka, kb).detach().require_grad(),
+            q: seq_rows(&q, qa, qb).detach().require_grad(),
+            k: seq_rows(&k, ka, kb).detach().require_grad(),
+            v: seq_rows(&v, ka, kb).detach().require_grad(),
             bias: bias.clone().slice([0..B, 0..HKV, ka..kb]).detach().require_grad(),
         };
         let (q1, k1, v1, b1) = (part.q.clone(), part.k.clone(), part.v.clone(), part.bias.clone());
         let one = separate(s, part);
-        assert_close(&what("o"), &values(rows(&out.output, qa, qb)), &values(one.output.clone()), 1e-12, 1e-12);
+        assert_close(&what("o"), &values(seq_rows(&out.output, qa, qb)), &values(one.output.clone()), 1e-12, 1e-12);
         let lse_packed = values(out.lse.clone().slice([0..B, 0..HQ, qa..qb]));
         for (a, b) in lse_packed.iter().zip(&values(one.lse.clone())) {
             assert!(a == b || (a - b).abs() < 1e-12, "{}: {a} vs {b}", what("lse"));
         }
-        let g1 = (one.output * rows(&d_o, qa, qb)).sum().backward();
-        assert_close(&what("dq"), &grad_rows(&gq, HQ, tq, D, qa, qb), &values(q1.grad(&g1).unwrap()), 1e-12, 1e-12);
-        assert_close(&what("dk"), &grad_rows(&gk, HKV, tk, D, ka, kb), &values(k1.grad(&g1).unwrap()), 1e-12, 1e-12);
-        assert_close(&what("dv"), &grad_rows(&gv, HKV, tk, D, ka, kb), &values(v1.grad(&g1).unwrap()), 1e-12, 1e-12);
+        let g1 = (one.output * seq_rows(&d_o, qa, qb)).sum().backward();
+        assert_close(&what("dq"), &flat_rows(&gq, B * HQ, tq, D, qa, qb), &values(q1.grad(&g1).unwrap()), 1e-12, 1e-12);
+        assert_close(&what("dk"), &flat_rows(&gk, B * HKV, tk, D, ka, kb), &values(k1.grad(&g1).unwrap()), 1e-12, 1e-12);
+        assert_close(&what("dv"), &flat_rows(&gv, B * HKV, tk, D, ka, kb), &values(v1.grad(&g1).unwrap()), 1e-12, 1e-12);
         if let Some(gb) = &gb {
             let want = b1.grad(&g1).map(values).expect("the separate call differentiates the bias too");
-            assert_close(&what("dbias"), &grad_rows(gb, HKV, tk, 1, ka, kb), &want, 1e-12, 1e-12);
+            assert_close(&what("dbias"), &flat_rows(gb, B * HKV, tk, 1, ka, kb), &want, 1e-12, 1e-12);
         }
     }
 }
@@ -195,7 +184,7 @@ fn moba_packed_routing_is_per_sequence_routing() {
     let got = ints(packed.selection.indices);
     for s in 0..3 {
         let (a, b) = (cu[s], cu[s + 1]);
-        let one = moba_attention(rows(&q, a, b), rows(&k, a, b), rows(&k, a, b), &params).unwrap();
+        let one = moba_attention(seq_rows(&q, a, b), seq_rows(&k, a, b), seq_rows(&k, a, b), &params).unwrap();
         let [_, _, _, c1] = one.selection.indices.dims();
         let want = ints(one.selection.indices);
         for h in 0..2 {

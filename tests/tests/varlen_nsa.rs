@@ -17,15 +17,6 @@ const HQ: usize = 4;
 const HKV: usize = 2;
 const D: usize = 8;
 
-fn rows(t: &Tensor<4>, lo: usize, hi: usize) -> Tensor<4> {
-    let [b, h, _, d] = t.dims();
-    t.clone().slice([0..b, 0..h, lo..hi, 0..d])
-}
-
-fn grad_rows(full: &[f64], heads: usize, len: usize, width: usize, lo: usize, hi: usize) -> Vec<f64> {
-    (0..B * heads).flat_map(|bh| full[(bh * len + lo) * width..(bh * len + hi) * width].to_vec()).collect()
-}
-
 /// Small NSA sizes where selection is not all forced: windows of 4 every 2, blocks of 4,
 /// 4 blocks per query of which block 0 and the two most recent are forced.
 fn params(window: usize) -> NsaParams {
@@ -85,12 +76,12 @@ fn packed_nsa_equals_separate(name: &str, cu_q: &[usize], cu_k: &[usize], params
             continue;
         }
         let what = |x: &str| format!("{name}: sequence {s} ({qa}..{qb} x {ka}..{kb}) {x}");
-        let (q1, k1, v1) = (rows(&q, qa, qb).detach().require_grad(), rows(&k, ka, kb).detach().require_grad(), rows(&v, ka, kb).detach().require_grad());
+        let (q1, k1, v1) = (seq_rows(&q, qa, qb).detach().require_grad(), seq_rows(&k, ka, kb).detach().require_grad(), seq_rows(&v, ka, kb).detach().require_grad());
         let g1 = gates.clone().slice([0..B, 0..HQ, qa..qb, 0..3]).detach().require_grad();
         let k_cmp1 = compress_one(k1.clone(), l, st, TrailingWindow::Drop);
         let v_cmp1 = compress_one(v1.clone(), l, st, TrailingWindow::Drop);
         let one = nsa_attention_with(inputs(&q1, &k1, &v1, k_cmp1, v_cmp1, g1.clone()), params, NsaBlocks::Computed, None).unwrap();
-        assert_close(&what("o"), &values(rows(&out.output, qa, qb)), &values(one.output.clone()), 1e-12, 1e-12);
+        assert_close(&what("o"), &values(seq_rows(&out.output, qa, qb)), &values(one.output.clone()), 1e-12, 1e-12);
         for (branch, packed, alone) in [("cmp", &out.compressed, &one.compressed), ("slc", &out.selected, &one.selected), ("win", &out.window, &one.window)] {
             let a = values(packed.lse.clone().slice([0..B, 0..HQ, qa..qb]));
             for (x, y) in a.iter().zip(&values(alone.lse.clone())) {
@@ -109,11 +100,11 @@ fn packed_nsa_equals_separate(name: &str, cu_q: &[usize], cu_k: &[usize], params
                 );
             }
         }
-        let gr = (one.output * rows(&d_o, qa, qb)).sum().backward();
-        assert_close(&what("dq"), &grad_rows(&gq, HQ, tq, D, qa, qb), &values(q1.grad(&gr).unwrap()), 1e-12, 1e-12);
-        assert_close(&what("dk"), &grad_rows(&gk, HKV, tk, D, ka, kb), &values(k1.grad(&gr).unwrap()), 1e-12, 1e-12);
-        assert_close(&what("dv"), &grad_rows(&gv, HKV, tk, D, ka, kb), &values(v1.grad(&gr).unwrap()), 1e-12, 1e-12);
-        assert_close(&what("dgates"), &grad_rows(&gg, HQ, tq, 3, qa, qb), &values(g1.grad(&gr).unwrap()), 1e-12, 1e-12);
+        let gr = (one.output * seq_rows(&d_o, qa, qb)).sum().backward();
+        assert_close(&what("dq"), &flat_rows(&gq, B * HQ, tq, D, qa, qb), &values(q1.grad(&gr).unwrap()), 1e-12, 1e-12);
+        assert_close(&what("dk"), &flat_rows(&gk, B * HKV, tk, D, ka, kb), &values(k1.grad(&gr).unwrap()), 1e-12, 1e-12);
+        assert_close(&what("dv"), &flat_rows(&gv, B * HKV, tk, D, ka, kb), &values(v1.grad(&gr).unwrap()), 1e-12, 1e-12);
+        assert_close(&what("dgates"), &flat_rows(&gg, B * HQ, tq, 3, qa, qb), &values(g1.grad(&gr).unwrap()), 1e-12, 1e-12);
     }
 }
 
@@ -123,6 +114,9 @@ fn nsa_self_packing_equals_nsa_per_sequence() {
     let cu = [0, 18, 18, 21, 22, 47, 56];
     packed_nsa_equals_separate("window 5", &cu, &cu, &params(5));
     packed_nsa_equals_separate("window off", &cu, &cu, &params(0));
+    // Every sequence shorter than a compression window: no compressed token in the pack.
+    let short = [0, 3, 5, 5, 6];
+    packed_nsa_equals_separate("no compressed token", &short, &short, &params(2));
 }
 
 #[test]
@@ -161,13 +155,13 @@ fn nsa_packed_given_blocks_and_counts() {
     let out = nsa_attention_varlen(nsa_in(q.clone(), k.clone(), kc, gates.clone()), &varlen, &p, NsaBlocks::Given(idx.clone()), Some(cnt.clone())).unwrap();
     for s in 0..2 {
         let (a, b) = (cu[s], cu[s + 1]);
-        let k1 = rows(&k, a, b);
+        let k1 = seq_rows(&k, a, b);
         let kc1 = compress_one(k1.clone(), 4, 2, TrailingWindow::Drop);
         let idx1: Tensor<4, Int> = idx.clone().slice([0..1, 0..HKV, a..b, 0..3]);
         let cnt1: Tensor<3, Int> = cnt.clone().slice([0..1, 0..HKV, a..b]);
         let g1 = gates.clone().slice([0..1, 0..HQ, a..b, 0..3]);
-        let one = nsa_attention_with(nsa_in(rows(&q, a, b), k1, kc1, g1), &p, NsaBlocks::Given(idx1), Some(cnt1)).unwrap();
-        assert_close(&format!("given blocks, sequence {s}"), &values(rows(&out.output, a, b)), &values(one.output), 1e-12, 1e-12);
+        let one = nsa_attention_with(nsa_in(seq_rows(&q, a, b), k1, kc1, g1), &p, NsaBlocks::Given(idx1), Some(cnt1)).unwrap();
+        assert_close(&format!("given blocks, sequence {s}"), &values(seq_rows(&out.output, a, b)), &values(one.output), 1e-12, 1e-12);
     }
 }
 
@@ -192,10 +186,10 @@ fn packed_compression_is_per_sequence_compression() {
             if a == b {
                 continue;
             }
-            let one = compress_one(rows(&x, a, b), 4, 2, trailing);
-            assert_close(&format!("{trailing:?} sequence {s}"), &values(rows(&packed, cu_c[s], cu_c[s + 1])), &values(one.clone()), 1e-12, 1e-12);
-            let alone = nsa_compressed_attention(rows(&q, a, b), one.clone(), one, b - a, &p).unwrap();
-            assert_close(&format!("{trailing:?} compressed branch, sequence {s}"), &values(rows(&cmp.output, a, b)), &values(alone.output), 1e-12, 1e-12);
+            let one = compress_one(seq_rows(&x, a, b), 4, 2, trailing);
+            assert_close(&format!("{trailing:?} sequence {s}"), &values(seq_rows(&packed, cu_c[s], cu_c[s + 1])), &values(one.clone()), 1e-12, 1e-12);
+            let alone = nsa_compressed_attention(seq_rows(&q, a, b), one.clone(), one, b - a, &p).unwrap();
+            assert_close(&format!("{trailing:?} compressed branch, sequence {s}"), &values(seq_rows(&cmp.output, a, b)), &values(alone.output), 1e-12, 1e-12);
         }
     }
     // Sequence 0 (9 keys): windows at 0, 2, 4; the partial one covers keys 6..9.

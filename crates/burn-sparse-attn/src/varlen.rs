@@ -17,7 +17,15 @@
 //! The boundaries are host values, as a data loader has them; the kernels receive
 //! per-row and per-key visibility intervals built from them (`O(total)` integers, uploaded
 //! once per call). On Cube devices the kernels run every sequence in one launch; elsewhere
-//! the tensor-op reference applies the same rule as a mask.
+//! the tensor-op reference applies the same rule as a mask (a `total_q x total_k` mask: the
+//! CPU path is for tests and small packs).
+//!
+//! Costs to know: packed calls run on the kernels' portable path (the tensor-core passes do
+//! not take the intervals yet), except causal self-packed block selections, which need no
+//! intervals; DMA's packed keep threshold is found on the host (the bias is read back once
+//! per call); NSA's packed selection scores with tensor ops (chunked by sequence), not with
+//! the fused block-score kernel; and block-sparse packs are laid out block-aligned, which
+//! pads every sequence to a whole number of blocks (see [`block_sparse_attention_varlen`]).
 
 pub use crate::block_sparse::{block_sparse_attention_varlen, packed_selection_rows};
 pub use crate::dma::{dma_attention_varlen, dma_keep_threshold_varlen};
@@ -36,7 +44,7 @@ pub struct VarLen {
     cu_seqlens_k: Vec<usize>,
 }
 
-fn boundary_error(e: KernelError) -> SparseAttnError {
+pub(crate) fn boundary_error(e: KernelError) -> SparseAttnError {
     match e {
         KernelError::InvalidArgument { arg, msg } | KernelError::Unsupported { arg, msg } => {
             SparseAttnError::Param { arg, detail: msg }

@@ -9,8 +9,10 @@
 //! it (fewer than one block) holds rows and keys that belong to no sequence. On that layout
 //! a sequence's blocks are grid blocks, the selection's local block numbers become global
 //! ones by adding the sequence's first block, and one launch runs every sequence. The copy
-//! costs `O(total x head_dim)`; the padding is less than one block per sequence, never the
-//! longest sequence.
+//! costs `O(total x head_dim)`; the padding is less than `lcm(query_block, key_block)` rows
+//! and keys per sequence under causal self-packing (less than one block otherwise), never the
+//! longest sequence. Many sequences much shorter than a block therefore multiply the work:
+//! pack them with blocks no longer than the sequences.
 //!
 //! Causal self-attention packing (`cu_q == cu_k`) needs nothing more: a row's selected
 //! blocks are its own sequence's, where the pack-wide causal mask and window are the
@@ -106,7 +108,10 @@ impl AlignedPacking {
                 aq.extend([start_q[s] + cu_q[s + 1] - cu_q[s], start_q[s + 1]]);
                 ak.extend([start_k[s] + cu_k[s + 1] - cu_k[s], start_k[s + 1]]);
             }
-            Some(varlen_bounds(&aq, &ak, opts.causal, opts.window).map_err(|e| SparseAttnError::Param { arg: "varlen", detail: e.to_string() })?)
+            Some(varlen_bounds(&aq, &ak, opts.causal, opts.window).map_err(|e| SparseAttnError::Param {
+                arg: "varlen",
+                detail: format!("the block-aligned layout of the pack ({} rows, {} keys) is out of the kernels' range: {e}", total_q, total_k),
+            })?)
         };
         Ok(Self { total_q, total_k, start_q, start_k, gather_q, gather_k, scatter_q, bounds })
     }

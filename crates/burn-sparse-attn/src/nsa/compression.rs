@@ -34,7 +34,7 @@ pub fn num_compressed_with(seq: usize, block: usize, stride: usize, trailing: Tr
     let complete = num_compressed(seq, block, stride);
     let covered = if complete == 0 { 0 } else { (complete - 1) * stride + block };
     match trailing {
-        TrailingWindow::Partial if stride > 0 && seq > 0 && (complete == 0 || covered < seq) => complete + 1,
+        TrailingWindow::Partial if stride > 0 && seq > 0 && (complete == 0 || (covered < seq && complete * stride < seq)) => complete + 1,
         _ => complete,
     }
 }

@@ -124,8 +124,10 @@ impl Compressor {
     /// inside a sequence are kept (one more gather); the few that straddle two are dropped.
     pub fn forward_varlen(&self, x: Tensor<4>, cu_seqlens: &[usize], stride: usize) -> crate::error::Result<Tensor<4>> {
         check_positive("compress_stride", stride)?;
-        sparse_attn_kernels::varlen::check_cu_seqlens("cu_seqlens", cu_seqlens)
-            .map_err(|e| crate::error::SparseAttnError::Param { arg: "cu_seqlens", detail: e.to_string() })?;
+        sparse_attn_kernels::varlen::check_cu_seqlens("cu_seqlens", cu_seqlens).map_err(crate::varlen::boundary_error)?;
+        if stride > self.block() {
+            return crate::error::param_err("compress_stride", format!("must not exceed the window ({}), got {stride}", self.block()));
+        }
         let [b, h, total, d] = x.dims();
         if cu_seqlens[cu_seqlens.len() - 1] != total {
             return shape_err("cu_seqlens", format!("ends at {}, but x has {total} rows", cu_seqlens[cu_seqlens.len() - 1]));

@@ -216,41 +216,46 @@ pub fn nsa_attention_with(inputs: NsaInputs, params: &NsaParams, blocks: NsaBloc
     }
     let compressed = nsa_compressed_attention(q.clone(), k_cmp.clone(), v_cmp, dims.seq_k, params)
         .map_err(|e| rename_kv(e, "k_cmp", "v_cmp"))?;
-    let mut selection = match blocks {
-        NsaBlocks::Computed => selection::select_in_chunks(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?,
-        NsaBlocks::Given(indices) => {
-            let [b, h, s, n] = indices.dims();
-            if [b, h, s] != [dims.batch, dims.heads_kv, dims.seq_q] || n == 0 {
-                return shape_err(
-                    "blocks",
-                    format!("expected [{}, {}, {}, n >= 1], got {:?}", dims.batch, dims.heads_kv, dims.seq_q, indices.dims()),
-                );
-            }
-            BlockSelection::per_token(indices, params.select_block)
-        }
+    let indices = match blocks {
+        NsaBlocks::Computed => selection::select_in_chunks(q.clone(), k_cmp, compressed.lse.clone(), dims.seq_k, params)?.indices,
+        NsaBlocks::Given(indices) => given_blocks(indices, &dims)?,
     };
-    if let Some(counts) = counts {
-        let [b, h, s, n] = selection.indices.dims();
-        if counts.dims() != [b, h, s] {
-            return shape_err("counts", format!("expected [{b}, {h}, {s}], got {:?}", counts.dims()));
-        }
-        let slot = Tensor::<1, Int>::arange(0..n as i64, &counts.device()).reshape([1, 1, 1, n]).expand([b, h, s, n]);
-        let past = slot.greater_equal(counts.reshape([b, h, s, 1]).expand([b, h, s, n]));
-        selection.indices = selection.indices.mask_fill(past, -1);
-    }
+    let selection = BlockSelection::per_token(apply_counts(indices, counts)?, params.select_block);
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
     let selected = block_sparse_attention(q.clone(), k_slc, v_slc, &selection, &opts)?;
-    let window = if params.window == 0 {
-        let [b, hq, sq, d] = q.dims();
-        AttentionOutput {
-            output: Tensor::zeros([b, hq, sq, d], (&q.device(), q.dtype())),
-            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&q.device(), q.dtype())),
-        }
-    } else {
-        attention(q, k_win, v_win, &opts.with_window(params.window))?
-    };
+    let window = if params.window == 0 { window_off(&q) } else { attention(q, k_win, v_win, &opts.with_window(params.window))? };
     let output = nsa_combine(&compressed.output, &selected.output, &window.output, gates)?;
     Ok(NsaOutput { output, compressed, selected, window, selection })
+}
+
+/// Given per-token block lists, checked against the problem: `[b, heads_kv, seq_q, n >= 1]`.
+fn given_blocks(indices: Tensor<4, Int>, dims: &crate::attention::AttnDims) -> Result<Tensor<4, Int>> {
+    let [b, h, s, n] = indices.dims();
+    if [b, h, s] != [dims.batch, dims.heads_kv, dims.seq_q] || n == 0 {
+        return shape_err("blocks", format!("expected [{}, {}, {}, n >= 1], got {:?}", dims.batch, dims.heads_kv, dims.seq_q, indices.dims()));
+    }
+    Ok(indices)
+}
+
+/// Lists with the entries at or past each query's `counts` (`[b, h, s]`) dropped.
+fn apply_counts(indices: Tensor<4, Int>, counts: Option<Tensor<3, Int>>) -> Result<Tensor<4, Int>> {
+    let Some(counts) = counts else { return Ok(indices) };
+    let [b, h, s, n] = indices.dims();
+    if counts.dims() != [b, h, s] {
+        return shape_err("counts", format!("expected [{b}, {h}, {s}], got {:?}", counts.dims()));
+    }
+    let slot = Tensor::<1, Int>::arange(0..n as i64, &counts.device()).reshape([1, 1, 1, n]).expand([b, h, s, n]);
+    let past = slot.greater_equal(counts.reshape([b, h, s, 1]).expand([b, h, s, n]));
+    Ok(indices.mask_fill(past, -1))
+}
+
+/// The window branch switched off (`window = 0`): output 0, LSE `-inf`.
+fn window_off(q: &Tensor<4>) -> AttentionOutput {
+    let [b, hq, sq, d] = q.dims();
+    AttentionOutput {
+        output: Tensor::zeros([b, hq, sq, d], (&q.device(), q.dtype())),
+        lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&q.device(), q.dtype())),
+    }
 }
 
 /// `g[..0] * o_cmp + g[..1] * o_slc + g[..2] * o_win` for gates `[b, hq, sq, 3]`.

@@ -20,7 +20,7 @@ use sparse_attn_kernels::VarlenBounds;
 
 use super::compression::{TrailingWindow, num_compressed, num_compressed_with};
 use super::selection::group_scores;
-use super::{NsaBlocks, NsaInputs, NsaOutput, NsaParams, nsa_combine, rename_kv};
+use super::{NsaBlocks, NsaInputs, NsaOutput, NsaParams, apply_counts, given_blocks, nsa_combine, rename_kv, window_off};
 use crate::attention::reference::scores;
 use crate::attention::{AttentionOptions, AttentionOutput, attention_in_bounds, validate_qkv};
 use crate::block_sparse::{BlockSelection, block_sparse_attention_varlen};
@@ -46,7 +46,10 @@ pub fn nsa_compressed_cu_seqlens(cu_seqlens_k: &[usize], params: &NsaParams, tra
 pub fn compress_mean_varlen(x: Tensor<4>, cu_seqlens: &[usize], block: usize, stride: usize, trailing: TrailingWindow) -> Result<Tensor<4>> {
     check_positive("compress_block", block)?;
     check_positive("compress_stride", stride)?;
-    sparse_attn_kernels::varlen::check_cu_seqlens("cu_seqlens", cu_seqlens).map_err(|e| crate::error::SparseAttnError::Param { arg: "cu_seqlens", detail: e.to_string() })?;
+    sparse_attn_kernels::varlen::check_cu_seqlens("cu_seqlens", cu_seqlens).map_err(crate::varlen::boundary_error)?;
+    if stride > block {
+        return crate::error::param_err("compress_stride", format!("must not exceed compress_block ({block}), got {stride}"));
+    }
     let [b, h, total, d] = x.dims();
     let end = cu_seqlens[cu_seqlens.len() - 1];
     if end != total {
@@ -151,7 +154,7 @@ pub fn nsa_compressed_attention_varlen(q: Tensor<4>, k_cmp: Tensor<4>, v_cmp: Te
     }
     let bounds = compressed_bounds(varlen, &cu_cmp, &complete, params);
     let opts = AttentionOptions { causal: false, window: None, scale: params.scale };
-    attention_in_bounds(q, k_cmp, v_cmp, None, None, Some(&bounds), &opts)
+    attention_in_bounds(q, k_cmp, v_cmp, None, None, Some(&bounds), &opts).map_err(|e| rename_kv(e, "k_cmp", "v_cmp"))
 }
 
 /// Score elements one chunk of the packed selection holds (as the unpacked selection).
@@ -170,55 +173,107 @@ struct SelectionRows {
 
 /// NSA's selection on a packed batch: lists `[b, heads_kv, total_q, min(top_n, max blocks)]`
 /// of block numbers local to each row's sequence, chosen among that sequence's blocks only.
-fn select_packed(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, varlen: &VarLen, cu_cmp: &[usize], complete: &[usize], params: &NsaParams) -> Result<Tensor<4, Int>> {
-    let dims = validate_qkv(&q, &k_cmp, &k_cmp)?;
-    let (b, hq, hkv, tq, d) = (dims.batch, dims.heads_q, dims.heads_kv, dims.seq_q, dims.head_dim);
-    let n_cmp = k_cmp.dims()[2];
+///
+/// Rows are scored in chunks that follow the sequences: a chunk holds whole consecutive
+/// sequences (or part of one long sequence) and scores them only against their own
+/// compressed tokens and blocks, so the work and memory are those of the sequences' own
+/// score matrices, never `total x total`.
+#[allow(clippy::too_many_arguments)]
+fn select_packed(q: Tensor<4>, k_cmp: Tensor<4>, lse_cmp: Tensor<3>, varlen: &VarLen, cu_cmp: &[usize], complete: &[usize], params: &NsaParams, budget: usize) -> Result<Tensor<4, Int>> {
+    let [b, hq, tq, d] = q.dims();
+    let hkv = k_cmp.dims()[1];
     let ls = params.select_block;
     let cu_k = varlen.cu_seqlens_k();
     let n_sel: Vec<usize> = cu_k.windows(2).map(|w| (w[1] - w[0]).div_ceil(ls)).collect();
-    let cu_sel: Vec<usize> = std::iter::once(0).chain(n_sel.iter().scan(0, |acc, n| {
-        *acc += n;
-        Some(*acc)
-    })).collect();
-    let total_sel = cu_sel[cu_sel.len() - 1];
+    let cu_sel: Vec<usize> = std::iter::once(0)
+        .chain(n_sel.iter().scan(0, |acc, n| {
+            *acc += n;
+            Some(*acc)
+        }))
+        .collect();
     let cap = params.top_n.min(n_sel.iter().copied().max().unwrap_or(0)).max(1);
-    let device = q.device();
-    if total_sel == 0 || n_cmp == 0 {
-        // No compressed token anywhere: only forced blocks can be chosen; score them all 0.
-        let zeros = Tensor::<4>::zeros([b, hkv, tq, total_sel.max(1)], (&device, q.dtype()));
-        return Ok(choose(zeros, &rows_of(varlen, cu_cmp, complete, &cu_sel, &n_sel, params), 0, tq, cap, params));
-    }
-    // Overlap weights, block-diagonal over the sequences: [n_cmp, total_sel].
-    let mut w = vec![0f32; n_cmp * total_sel];
-    for s in 0..varlen.num_sequences() {
-        let one = super::nsa_overlap_weights(complete[s], n_sel[s], params);
-        for i in 0..complete[s] {
-            for j in 0..n_sel[s] {
-                w[(cu_cmp[s] + i) * total_sel + cu_sel[s] + j] = one[i * n_sel[s] + j];
-            }
-        }
-    }
-    let w = Tensor::<2>::from_data(TensorData::new(w, [n_cmp, total_sel]), (&device, q.dtype()));
     let rows = rows_of(varlen, cu_cmp, complete, &cu_sel, &n_sel, params);
     let scale = params.scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let chunk = (CHUNK_SCORES / (b * hq * n_cmp).max(1)).clamp(1, tq.max(1));
+    let device = q.device();
     let mut lists = Vec::new();
-    for (t0, t1) in crate::grid::row_chunks(tq, chunk) {
-        let n = t1 - t0;
-        let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]);
-        let cdims = crate::attention::AttnDims { seq_q: n, ..dims };
-        let s = scores(qc.detach(), k_cmp.clone().detach(), scale, &cdims);
-        let lse = lse_cmp.clone().slice([0..b, 0..hq, t0..t1]).detach().cast(s.dtype()).reshape([b, hq, n, 1]);
-        let empty = lse.clone().equal_elem(f64::NEG_INFINITY);
-        let lse = lse.mask_fill(empty, 0.0).expand([b, hq, n, n_cmp]);
-        let column = |v: &[i64]| Tensor::<1, Int>::from_data(TensorData::new(v[t0..t1].to_vec(), [n]), &device).reshape([n, 1]).expand([n, n_cmp]);
-        let (_, i) = crate::grid::row_col(n, n_cmp, 0, &device);
-        let visible = i.clone().greater_equal(column(&rows.cmp_lo)).bool_and(i.lower(column(&rows.cmp_hi)));
-        let p = (s - lse).exp().mask_fill(visible.unsqueeze::<4>().expand([b, hq, n, n_cmp]).bool_not(), 0.0);
-        lists.push(choose(group_scores(p, hkv, &w), &rows, t0, t1, cap, params));
+    for chunk in selection_chunks(varlen.cu_seqlens_q(), cu_cmp, &cu_sel, b * hq, b * hkv, budget) {
+        let (t0, t1) = (chunk.rows.start, chunk.rows.end);
+        let (c0, c1) = (cu_cmp[chunk.seqs.start], cu_cmp[chunk.seqs.end]);
+        let (j0, j1) = (cu_sel[chunk.seqs.start], cu_sel[chunk.seqs.end]);
+        let (n, nc, nj) = (t1 - t0, c1 - c0, (j1 - j0).max(1));
+        let scores = if nc == 0 {
+            // No compressed token: only forced blocks can be told apart.
+            Tensor::<4>::zeros([b, hkv, n, nj], (&device, q.dtype()))
+        } else {
+            let qc = q.clone().slice([0..b, 0..hq, t0..t1, 0..d]).detach();
+            let kc = k_cmp.clone().slice([0..b, 0..hkv, c0..c1, 0..d]).detach();
+            let cdims = crate::attention::AttnDims { batch: b, heads_q: hq, heads_kv: hkv, seq_q: n, seq_k: nc, head_dim: d };
+            let sc = scores(qc, kc, scale, &cdims);
+            let lse = lse_cmp.clone().slice([0..b, 0..hq, t0..t1]).detach().cast(sc.dtype()).reshape([b, hq, n, 1]);
+            let empty = lse.clone().equal_elem(f64::NEG_INFINITY);
+            let lse = lse.mask_fill(empty, 0.0).expand([b, hq, n, nc]);
+            let column = |v: &[i64]| {
+                let local: Vec<i64> = v[t0..t1].iter().map(|x| x - c0 as i64).collect();
+                Tensor::<1, Int>::from_data(TensorData::new(local, [n]), &device).reshape([n, 1]).expand([n, nc])
+            };
+            let (_, i) = crate::grid::row_col(n, nc, 0, &device);
+            let visible = i.clone().greater_equal(column(&rows.cmp_lo)).bool_and(i.lower(column(&rows.cmp_hi)));
+            let p = (sc - lse).exp().mask_fill(visible.unsqueeze::<4>().expand([b, hq, n, nc]).bool_not(), 0.0);
+            // Overlap weights of the chunk's sequences, block-diagonal: [nc, nj].
+            let mut w = vec![0f32; nc * nj];
+            for s in chunk.seqs.clone() {
+                let one = super::nsa_overlap_weights(complete[s], n_sel[s], params);
+                for i in 0..complete[s] {
+                    for j in 0..n_sel[s] {
+                        w[(cu_cmp[s] - c0 + i) * nj + cu_sel[s] - j0 + j] = one[i * n_sel[s] + j];
+                    }
+                }
+            }
+            let w = Tensor::<2>::from_data(TensorData::new(w, [nc, nj]), (&device, q.dtype()));
+            group_scores(p, hkv, &w)
+        };
+        lists.push(choose(scores, &rows, t0, j0, cap, params));
+    }
+    if lists.is_empty() {
+        return Ok(Tensor::<4, Int>::full([b, hkv, tq, cap], -1, &device));
     }
     Ok(crate::grid::cat_rows(lists))
+}
+
+/// Rows `rows` of the pack, lying in sequences `seqs`, scored together.
+struct SelectionChunk {
+    rows: std::ops::Range<usize>,
+    seqs: std::ops::Range<usize>,
+}
+
+/// Chunks of whole consecutive sequences whose scores (probabilities over their compressed
+/// tokens for `prob_heads`, block scores for `score_heads`) fit `budget` values; a sequence
+/// too long for one chunk is split by rows. Sequences without queries add no rows.
+fn selection_chunks(cu_q: &[usize], cu_cmp: &[usize], cu_sel: &[usize], prob_heads: usize, score_heads: usize, budget: usize) -> Vec<SelectionChunk> {
+    let ns = cu_q.len() - 1;
+    let cost = |a: usize, e: usize| (cu_q[e] - cu_q[a]) * (prob_heads * (cu_cmp[e] - cu_cmp[a]) + score_heads * (cu_sel[e] - cu_sel[a]).max(1));
+    let mut chunks = Vec::new();
+    let mut s = 0;
+    while s < ns {
+        if cu_q[s + 1] == cu_q[s] {
+            s += 1;
+            continue;
+        }
+        let mut e = s + 1;
+        while e < ns && cost(s, e + 1) <= budget {
+            e += 1;
+        }
+        if e > s + 1 || cost(s, e) <= budget {
+            chunks.push(SelectionChunk { rows: cu_q[s]..cu_q[e], seqs: s..e });
+        } else {
+            let per_row = cost(s, e) / (cu_q[e] - cu_q[s]);
+            for (t0, t1) in crate::grid::row_chunks(cu_q[e] - cu_q[s], (budget / per_row.max(1)).max(1)) {
+                chunks.push(SelectionChunk { rows: cu_q[s] + t0..cu_q[s] + t1, seqs: s..e });
+            }
+        }
+        s = e;
+    }
+    chunks
 }
 
 fn rows_of(varlen: &VarLen, cu_cmp: &[usize], complete: &[usize], cu_sel: &[usize], n_sel: &[usize], params: &NsaParams) -> SelectionRows {
@@ -238,32 +293,39 @@ fn rows_of(varlen: &VarLen, cu_cmp: &[usize], complete: &[usize], cu_sel: &[usiz
     r
 }
 
-/// Top-`cap` blocks of rows `t0..t1` from packed block scores `[b, hkv, rows, total_sel]`:
-/// only the row's own sequence's blocks that start at or before it, its forced blocks
-/// (counted from the sequence's start) first; returned as local block numbers.
-fn choose(scores: Tensor<4>, rows: &SelectionRows, t0: usize, t1: usize, cap: usize, params: &NsaParams) -> Tensor<4, Int> {
-    let [b, hkv, n, total_sel] = scores.dims();
+/// Top-`cap` blocks of the rows starting at `t0` from block scores `[b, hkv, rows, nj]`
+/// over the pack's blocks `j0 .. j0 + nj`: only the row's own sequence's blocks that start at
+/// or before it, its forced blocks (counted from the sequence's start) first; returned as
+/// local block numbers, `-1` padded to `cap`.
+fn choose(scores: Tensor<4>, rows: &SelectionRows, t0: usize, j0: usize, cap: usize, params: &NsaParams) -> Tensor<4, Int> {
+    let [b, hkv, n, nj] = scores.dims();
     let device = scores.device();
-    let column = |v: &[i64]| Tensor::<1, Int>::from_data(TensorData::new(v[t0..t1].to_vec(), [n]), &device).reshape([n, 1]).expand([n, total_sel]);
-    let (pos, first) = (column(&rows.pos), column(&rows.first_block));
-    let (_, j) = crate::grid::row_col(n, total_sel, 0, &device);
-    let local = j - first.clone();
+    // Each row's offset from a chunk column to its sequence's local block number.
+    let shift: Vec<i64> = rows.first_block[t0..t0 + n].iter().map(|f| j0 as i64 - f).collect();
+    let column = |v: &[i64]| Tensor::<1, Int>::from_data(TensorData::new(v.to_vec(), [n]), &device).reshape([n, 1]).expand([n, nj]);
+    let pos = column(&rows.pos[t0..t0 + n]);
+    let (_, j) = crate::grid::row_col(n, nj, 0, &device);
+    let local = j + column(&shift);
     let ls = params.select_block as i64;
-    let own = local.clone().greater_equal_elem(0).bool_and(local.clone().lower(column(&rows.n_blocks)));
+    let own = local.clone().greater_equal_elem(0).bool_and(local.clone().lower(column(&rows.n_blocks[t0..t0 + n])));
     let allowed = own.clone().bool_and((local.clone() * ls).lower_equal(pos.clone()));
     let cur = pos.clone().clamp_min(0).div_scalar(ls);
     let initial = local.clone().lower_elem(params.forced_initial as i64);
     let recent = local.clone().lower_equal(cur.clone()).bool_and(local.greater(cur - params.forced_local as i64));
     let forced = own.bool_and(pos.greater_equal_elem(0)).bool_and(initial.bool_or(recent));
-    let add = Tensor::<2>::zeros([n, total_sel], (&device, scores.dtype()))
+    let add = Tensor::<2>::zeros([n, nj], (&device, scores.dtype()))
         .mask_fill(allowed.bool_not(), f64::NEG_INFINITY)
         .mask_fill(forced, f64::INFINITY);
-    let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, n, total_sel]);
-    let global = crate::kernel::topk_indices(masked, cap.min(total_sel));
-    let [_, _, _, c] = global.dims();
-    let first = Tensor::<1, Int>::from_data(TensorData::new(rows.first_block[t0..t1].to_vec(), [n]), &device).reshape([1, 1, n, 1]).expand([b, hkv, n, c]);
-    let none = global.clone().lower_elem(0);
-    (global - first).mask_fill(none, -1)
+    let masked = scores.detach() + add.unsqueeze::<4>().expand([b, hkv, n, nj]);
+    let k = cap.min(nj);
+    let chosen = crate::kernel::topk_indices(masked, k);
+    let shift = Tensor::<1, Int>::from_data(TensorData::new(shift, [n]), &device).reshape([1, 1, n, 1]).expand([b, hkv, n, k]);
+    let none = chosen.clone().lower_elem(0);
+    let local = (chosen + shift).mask_fill(none, -1);
+    if k == cap {
+        return local;
+    }
+    Tensor::cat(vec![local, Tensor::<4, Int>::full([b, hkv, n, cap - k], -1, &device)], 3)
 }
 
 /// The full NSA forward on a packed batch: [`super::nsa_attention_with`] for sequences
@@ -288,39 +350,41 @@ pub fn nsa_attention_varlen(inputs: NsaInputs, varlen: &VarLen, params: &NsaPara
     }
     let compressed = nsa_compressed_attention_varlen(q.clone(), k_cmp.clone(), v_cmp, varlen, params)?;
     let indices = match blocks {
-        NsaBlocks::Computed => select_packed(q.clone(), k_cmp, compressed.lse.clone(), varlen, &cu_cmp, &complete, params)?,
-        NsaBlocks::Given(indices) => {
-            let [b, h, s, n] = indices.dims();
-            if [b, h, s] != [dims.batch, dims.heads_kv, dims.seq_q] || n == 0 {
-                return shape_err("blocks", format!("expected [{}, {}, {}, n >= 1], got {:?}", dims.batch, dims.heads_kv, dims.seq_q, indices.dims()));
-            }
-            indices
-        }
+        NsaBlocks::Computed => select_packed(q.clone(), k_cmp, compressed.lse.clone(), varlen, &cu_cmp, &complete, params, CHUNK_SCORES)?,
+        NsaBlocks::Given(indices) => given_blocks(indices, &dims)?,
     };
-    let indices = match counts {
-        Some(counts) => {
-            let [b, h, s, n] = indices.dims();
-            if counts.dims() != [b, h, s] {
-                return shape_err("counts", format!("expected [{b}, {h}, {s}], got {:?}", counts.dims()));
-            }
-            let slot = Tensor::<1, Int>::arange(0..n as i64, &counts.device()).reshape([1, 1, 1, n]).expand([b, h, s, n]);
-            let past = slot.greater_equal(counts.reshape([b, h, s, 1]).expand([b, h, s, n]));
-            indices.mask_fill(past, -1)
-        }
-        None => indices,
-    };
-    let selection = BlockSelection::per_token(indices, params.select_block);
+    let selection = BlockSelection::per_token(apply_counts(indices, counts)?, params.select_block);
     let opts = AttentionOptions { causal: true, window: None, scale: params.scale };
     let selected = block_sparse_attention_varlen(q.clone(), k_slc, v_slc, &selection, varlen, &opts)?;
-    let window = if params.window == 0 {
-        let [b, hq, sq, d] = q.dims();
-        AttentionOutput {
-            output: Tensor::zeros([b, hq, sq, d], (&q.device(), q.dtype())),
-            lse: Tensor::full([b, hq, sq], f64::NEG_INFINITY, (&q.device(), q.dtype())),
-        }
-    } else {
-        attention_varlen(q, k_win, v_win, varlen, &opts.with_window(params.window))?
-    };
+    let window = if params.window == 0 { window_off(&q) } else { attention_varlen(q, k_win, v_win, varlen, &opts.with_window(params.window))? };
     let output = nsa_combine(&compressed.output, &selected.output, &window.output, gates)?;
     Ok(NsaOutput { output, compressed, selected, window, selection })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{DType, Device, Distribution};
+
+    /// Chunks of single rows, of a few sequences and of the whole pack choose the same lists
+    /// (chunks follow the sequences; a long one is split by rows).
+    #[test]
+    fn chunking_does_not_change_the_selection() {
+        let device = Device::flex();
+        let params = NsaParams { compress_block: 4, compress_stride: 2, select_block: 4, top_n: 4, window: 3, ..NsaParams::default() };
+        let varlen = VarLen::new(vec![0, 18, 18, 21, 22, 47, 56]).unwrap();
+        let dist = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([2, 4, 56, 8], dist, (&device, DType::F64));
+        let k = Tensor::<4>::random([2, 2, 56, 8], dist, (&device, DType::F64));
+        let kc = compress_mean_varlen(k, varlen.cu_seqlens_k(), 4, 2, TrailingWindow::Drop).unwrap();
+        let (cu_cmp, complete) = compressed_layout("k_cmp", kc.dims()[2], &varlen, &params).unwrap();
+        let lse = nsa_compressed_attention_varlen(q.clone(), kc.clone(), kc.clone(), &varlen, &params).unwrap().lse;
+        let run = |budget| select_packed(q.clone(), kc.clone(), lse.clone(), &varlen, &cu_cmp, &complete, &params, budget).unwrap().into_data();
+        let whole = run(usize::MAX / 2);
+        for budget in [1, 300, 2000, 20_000] {
+            assert_eq!(run(budget), whole, "budget {budget}");
+        }
+        let n = selection_chunks(varlen.cu_seqlens_q(), &cu_cmp, &[0, 5, 5, 6, 7, 14, 17], 8, 4, 2000).len();
+        assert!(n > 1 && n < 56, "{n} chunks");
+    }
 }
