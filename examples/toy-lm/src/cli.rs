@@ -24,7 +24,7 @@ use burn_sparse_attn::seer::GatePool;
 use burn_sparse_attn::nsa::CompressorKind;
 
 use crate::config::{METHOD_SECTIONS, Method, RunConfig, Task};
-use crate::device::{compiled_backends, parse_dtype};
+use crate::device::{DeviceSpec, compiled_backends, parse_dtype};
 use crate::train::{CONFIG_FILE, LEGACY_MODEL_FILE, MODEL_FILE};
 
 /// The parsed command line: `Cli::parse()` (or `Cli::try_parse_from(args)`).
@@ -58,6 +58,11 @@ pub enum Command {
     /// Draw tokens/s and peak memory against context (sweep-speed.svg, sweep-memory.svg)
     /// from result rows (JSON lines, as in docs/results/toy-lm-h200.jsonl) of one session
     PlotSweep(PlotSweepArgs),
+    /// Train on the first device of --devices alone, then data-parallel on all of them (same
+    /// seed and global batch), and compare loss and gradient norm per step and the final
+    /// parameters; exits 1 when a difference exceeds --tolerance
+    #[command(hide = true)]
+    DdpCheck(DdpCheckArgs),
 }
 
 /// `compare`.
@@ -95,6 +100,33 @@ pub struct TrainArgs {
     /// Backend and precision.
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Train one model data-parallel on these devices of the --device backend (e.g.
+    /// cuda:0,cuda:1): one replica per device, each on an equal share of every --batch,
+    /// gradients summed by Burn's collective all-reduce (NCCL; CUDA only). The first device
+    /// logs, validates and writes checkpoints. One device alone picks that device
+    #[arg(long, value_name = "DEV,DEV,..", value_delimiter = ',', num_args = 1.., value_parser = device_spec)]
+    pub devices: Vec<DeviceSpec>,
+    /// The run configuration.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `ddp-check` (hidden): single-device against data-parallel training.
+#[derive(Debug, Clone, Args)]
+pub struct DdpCheckArgs {
+    /// The devices (at least two, e.g. cuda:0,cuda:1); the single-device run takes the first
+    #[arg(long, value_name = "DEV,DEV,..", value_delimiter = ',', num_args = 1.., required = true, value_parser = device_spec)]
+    pub devices: Vec<DeviceSpec>,
+    /// Precision of the whole model
+    #[arg(long, value_name = "T", default_value = "f32", ignore_case = true, value_parser = dtype_parser())]
+    pub dtype: FloatDType,
+    /// Largest relative difference allowed in any step's loss and gradient norm, and in the
+    /// final parameters (relative L2)
+    #[arg(long, value_name = "X", default_value_t = 2e-3)]
+    pub tolerance: f32,
+    /// Output folder (the runs' checkpoints go to OUT/one and OUT/all)
+    #[arg(long, value_name = "DIR", default_value = "runs/ddp-check")]
+    pub out: PathBuf,
     /// The run configuration.
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -533,6 +565,7 @@ impl Command {
             Command::PrintConfig(_) => "print-config",
             Command::Plot(_) => "plot",
             Command::PlotSweep(_) => "plot-sweep",
+            Command::DdpCheck(_) => "ddp-check",
         }
     }
 }
@@ -609,7 +642,7 @@ fn finish_command(cmd: clap::Command) -> clap::Command {
          flags (fields of [model], [train] and [data] without prefix, method sections with it: \
          --moba-top-k 2; --section.field VALUE works too) or reached by --set; optional fields take \
          `none` (the library's default).";
-    ["compare", "train", "print-config"]
+    ["compare", "train", "print-config", "ddp-check"]
         .into_iter()
         .fold(cmd, |cmd, name| cmd.mut_subcommand(name, |sub| annotate_config_flags(sub).after_help(config_note)))
 }
@@ -675,6 +708,13 @@ fn compiled_device(s: &str) -> Result<String, String> {
     } else {
         Err(format!("unknown backend (expected flex, wgpu, vulkan, metal or cuda; compiled: {})", compiled.join(", ")))
     }
+}
+
+/// One entry of `--devices`: `BACKEND` or `BACKEND:INDEX`, of a backend compiled in.
+fn device_spec(s: &str) -> Result<DeviceSpec, String> {
+    let spec: DeviceSpec = s.parse()?;
+    compiled_device(&spec.backend).map_err(|e| format!("`{s}`: {e}"))?;
+    Ok(spec)
 }
 
 fn dtype_parser() -> impl TypedValueParser<Value = FloatDType> {

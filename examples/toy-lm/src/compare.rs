@@ -113,6 +113,7 @@ pub fn compare(base: &RunConfig, opts: &CompareOptions) -> AppResult<CompareResu
         };
         let run_opts = RunOptions {
             device: opts.device.clone(),
+            devices: Vec::new(),
             out: opts.out.join(&label),
             resume: None,
             init_from,

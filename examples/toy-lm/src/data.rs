@@ -115,6 +115,25 @@ impl Batch {
     pub fn scored(&self) -> usize {
         self.weights.iter().filter(|w| **w > 0.0).count()
     }
+
+    /// Part `index` of `parts` equal parts, by rows (sequences): rows
+    /// `index * batch / parts .. (index + 1) * batch / parts`, what replica `index` of a
+    /// data-parallel run trains on. `parts` must divide `batch` (`--devices` checks it).
+    pub fn shard(&self, index: usize, parts: usize) -> Batch {
+        assert!(parts > 0 && index < parts && self.batch % parts == 0, "batch {} into {parts} parts", self.batch);
+        if parts == 1 {
+            return self.clone();
+        }
+        let rows = self.batch / parts;
+        let span = rows * self.seq * index..rows * self.seq * (index + 1);
+        Batch {
+            batch: rows,
+            seq: self.seq,
+            inputs: self.inputs[span.clone()].to_vec(),
+            targets: self.targets[span.clone()].to_vec(),
+            weights: self.weights[span].to_vec(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod ddp;
 pub mod data;
 pub mod device;
 pub mod generate;

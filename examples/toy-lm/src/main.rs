@@ -15,7 +15,8 @@ use toy_lm::AppResult;
 use toy_lm::cli::{Cli, Command, usage_error};
 use toy_lm::compare::{CompareOptions, CompareResults, LOSS_FIGURE, SPEED_FIGURE, compare, markdown_table, write_figures};
 use toy_lm::config::Method;
-use toy_lm::device::{select_device, select_device_with};
+use toy_lm::ddp::ddp_check;
+use toy_lm::device::{check_device_list, select_device, select_device_with, select_devices};
 use toy_lm::generate::{SampleOptions, generate, load_model};
 use toy_lm::plot::{sweep_chart, sweep_from_rows};
 use toy_lm::train::{RunOptions, train};
@@ -54,13 +55,26 @@ fn run(cli: Cli) -> AppResult<()> {
         }
         Command::Train(args) => {
             let cfg = args.run_config().map_err(usage)?;
-            let (backend, device) = select_device_with(args.device.device.as_deref(), args.device.dtype)?;
-            println!("toy-lm train on {backend} ({device:?}): {}", cfg.label());
+            let dtype = args.device.dtype;
+            let (backend, devices) = if args.devices.is_empty() {
+                let (backend, device) = select_device_with(args.device.device.as_deref(), dtype)?;
+                (backend, vec![device])
+            } else {
+                // `--devices`: checked against --device and --batch before any device opens.
+                check_device_list(args.device.device.as_deref(), &args.devices, cfg.train.batch).map_err(usage)?;
+                select_devices(&args.devices, dtype).map_err(usage)?
+            };
+            let device = devices[0].clone();
+            match devices.len() {
+                1 => println!("toy-lm train on {backend} ({device:?}): {}", cfg.label()),
+                n => println!("toy-lm train on {n} {backend} devices ({devices:?}), data-parallel: {}", cfg.label()),
+            }
             let out = args.out.clone();
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join("command.txt"), format!("{}\n", command_line()))?;
             cfg.save(&out.join("config.toml"))?;
-            let opts = RunOptions { device, out, resume: args.resume, init_from: args.init_from, log_prefix: String::new() };
+            let devices = if devices.len() > 1 { devices } else { Vec::new() };
+            let opts = RunOptions { device, devices, out, resume: args.resume, init_from: args.init_from, log_prefix: String::new() };
             let r = train(&cfg, &opts)?;
             println!(
                 "done: final train loss {:.4}, val loss {:.4}, val accuracy {:.1}%, {:.0} tokens/s, {:.1} s; checkpoint {}",
@@ -71,6 +85,40 @@ fn run(cli: Cli) -> AppResult<()> {
                 r.wall_time_s,
                 r.checkpoint.display()
             );
+        }
+        Command::DdpCheck(args) => {
+            let cfg = args.config.resolve(None).map_err(usage)?;
+            check_device_list(None, &args.devices, cfg.train.batch).map_err(usage)?;
+            if args.devices.len() < 2 {
+                return Err(usage("--devices: ddp-check compares one device with several: list at least two".into()).into());
+            }
+            let (backend, devices) = select_devices(&args.devices, args.dtype).map_err(usage)?;
+            println!("toy-lm ddp-check on {backend}: {} | {} steps, global batch {}, seq {}", cfg.label(), cfg.train.steps, cfg.train.batch, cfg.train.seq_len);
+            let c = ddp_check(&cfg, &devices, &args.out)?;
+            let pass = c.passes(args.tolerance);
+            println!(
+                "ddp-check: {} steps | step 1 loss {:.6} vs {:.6}, grad norm {:.6} vs {:.6} (1 device vs {}) | \
+                 max rel diff: loss {:.2e}, grad norm {:.2e} | final params: rel L2 {:.2e}, max abs {:.2e} | \
+                 tokens/s {:.0} vs {:.0} ({:.2}x) | tolerance {:.1e}: {}",
+                c.steps,
+                c.first_step[0].0,
+                c.first_step[1].0,
+                c.first_step[0].1,
+                c.first_step[1].1,
+                devices.len(),
+                c.loss_rel,
+                c.grad_norm_rel,
+                c.params_rel_l2,
+                c.params_max_abs,
+                c.tokens_per_sec[0],
+                c.tokens_per_sec[1],
+                c.tokens_per_sec[1] / c.tokens_per_sec[0].max(1e-9),
+                args.tolerance,
+                if pass { "PASS" } else { "FAIL" }
+            );
+            if !pass {
+                return Err(format!("ddp-check: the data-parallel run differs from the single-device run by more than {}", args.tolerance).into());
+            }
         }
         Command::Compare(args) => {
             let cfg = args.config.resolve(None).map_err(usage)?;

@@ -1,5 +1,6 @@
 //! The training loop: AdamW, warm-up + cosine decay, global gradient-norm clipping, periodic
-//! validation, checkpoints (burnpack model + optimizer state + JSON) and resume.
+//! validation, checkpoints (burnpack model + optimizer state + JSON) and resume; on one
+//! device, or data-parallel on several ([`crate::ddp`]) through the same loop.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,8 +40,13 @@ pub const CONFIG_FILE: &str = "config.toml";
 /// Where a run writes and what it starts from.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The device to train on (autodiff is added here).
+    /// The device to train on (autodiff is added here); the first of `devices` in a
+    /// data-parallel run, where it logs, validates and writes the checkpoints.
     pub device: Device,
+    /// Every device of a data-parallel run (`--devices`), `device` first: one replica of the
+    /// model per device, each on its share of every batch, gradients summed by Burn's
+    /// all-reduce ([`crate::ddp`]). Empty (or `device` alone) for a single-device run.
+    pub devices: Vec<Device>,
     /// Output directory; the checkpoint goes to `out/checkpoint`.
     pub out: PathBuf,
     /// Continue from this checkpoint directory.
@@ -64,6 +70,13 @@ pub struct TrainOutcome {
     pub trainable_params: usize,
     /// LM loss of every step (scored tokens only).
     pub losses: Vec<f32>,
+    /// Global gradient norm (before clipping) of each step this process ran; in a
+    /// data-parallel run, of the summed gradient.
+    #[serde(default)]
+    pub grad_norms: Vec<f32>,
+    /// Devices the run trained on (data-parallel when more than 1).
+    #[serde(default = "one")]
+    pub devices: usize,
     /// Mean LM loss of the last 10 steps.
     pub final_train_loss: f32,
     /// Validation loss at the end.
@@ -94,6 +107,10 @@ pub struct TrainOutcome {
     pub wall_time_s: f64,
     /// The checkpoint directory.
     pub checkpoint: PathBuf,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One validation: after how many steps, its loss and accuracy.
@@ -414,14 +431,56 @@ pub fn reset_peak_rss() {
 /// Steps left out of the throughput (kernel compilation and memory-pool growth happen there).
 pub const WARMUP_STEPS: usize = 2;
 
-/// Trains one model as configured. Prints progress lines; returns the metrics.
+/// Trains one model as configured: on `opts.device`, or data-parallel on every device of
+/// `opts.devices` when it lists more than one ([`crate::ddp`]). Prints progress lines (the
+/// first device's process only); returns the metrics.
 pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
+    if opts.devices.len() > 1 {
+        return crate::ddp::train_data_parallel(cfg, opts);
+    }
     let wall = Instant::now();
+    let prepared = prepare(cfg, opts)?;
+    let outcome = run_steps(cfg, opts, prepared, &Rank::single(opts.device.clone()), wall)?;
+    outcome.ok_or_else(|| "the training loop returned no outcome".into())
+}
+
+/// A model ready to train and what goes with it: the optimizer, where the run starts, the
+/// history a resume brings and the data.
+#[derive(Clone)]
+pub(crate) struct Prepared {
+    pub model: ToyLm,
+    pub optim: ModuleOptimizer,
+    pub start: usize,
+    pub losses: Vec<f32>,
+    pub val_curve: Vec<ValPoint>,
+    pub data: DataSource,
+    pub params: usize,
+    pub trainable: usize,
+}
+
+/// One replica of a run: which of how many, on which device (without autodiff), and the
+/// board on which the replicas of a data-parallel run add up their losses.
+pub(crate) struct Rank {
+    pub index: usize,
+    pub count: usize,
+    pub device: Device,
+    pub board: Option<std::sync::Arc<crate::ddp::StepBoard>>,
+}
+
+impl Rank {
+    /// The only replica of a single-device run.
+    pub fn single(device: Device) -> Self {
+        Self { index: 0, count: 1, device, board: None }
+    }
+}
+
+/// Builds the model on `opts.device` (seeded), the optimizer, and applies `--init-from`,
+/// Seer distillation's freezing and `--resume`.
+pub(crate) fn prepare(cfg: &RunConfig, opts: &RunOptions) -> AppResult<Prepared> {
     reset_peak_rss();
     // Each run's pool peak starts from what it allocates itself (compare runs methods in turn).
     opts.device.memory_cleanup();
     let t = &cfg.train;
-    let label = cfg.label();
     let prefix = &opts.log_prefix;
     let device = opts.device.clone();
     device.seed(t.seed);
@@ -482,6 +541,22 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         cfg.model.d_model,
         cfg.model.heads,
     );
+    Ok(Prepared { model, optim, start, losses, val_curve, data, params, trainable })
+}
+
+/// The training loop of one replica. Every replica takes its rows of each global batch
+/// ([`Batch::shard`]) and divides its loss by the scored targets of the whole batch, so that
+/// the sum of the replicas' gradients (the all-reduce inside `backward()` of a data-parallel
+/// run) is the gradient of the global batch's mean loss, as one device computes it. Replica 0
+/// logs, validates and writes checkpoints, and returns the outcome; the others return `None`.
+pub(crate) fn run_steps(cfg: &RunConfig, opts: &RunOptions, prepared: Prepared, rank: &Rank, wall: Instant) -> AppResult<Option<TrainOutcome>> {
+    let t = &cfg.train;
+    let label = cfg.label();
+    let prefix = &opts.log_prefix;
+    let main = rank.index == 0;
+    let device = rank.device.clone();
+    let ad = device.clone().autodiff();
+    let Prepared { mut model, mut optim, start, mut losses, mut val_curve, data, params, trainable } = prepared;
 
     let ckpt_dir = opts.out.join("checkpoint");
     let tokens_per_step = (t.batch * t.seq_len) as f64;
@@ -489,32 +564,52 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
     let warmup_steps = if t.steps.saturating_sub(start) > WARMUP_STEPS { WARMUP_STEPS } else { 0 };
     let (mut train_secs, mut steps_timed, mut warmup_s) = (0.0f64, 0usize, 0.0f64);
     let mut step_secs: Vec<f64> = Vec::new();
+    let mut grad_norms: Vec<f32> = Vec::new();
     let (mut val_loss, mut val_acc) = (f32::NAN, f32::NAN);
     let mut last_gate = None;
     let mut peak_pool: Option<u64> = None;
     let want_gate_loss = model.has_gates();
-    let progress = crate::progress::Progress::new(if label.is_empty() { "train" } else { &label }, start, t.steps);
+    let progress = main.then(|| crate::progress::Progress::new(if label.is_empty() { "train" } else { &label }, start, t.steps));
+    let finish = |progress: &Option<crate::progress::Progress>| {
+        if let Some(p) = progress {
+            p.finish();
+        }
+    };
+    // Each replica's share of the (mean) gate loss: the replicas' gate gradients add up.
+    let gate_weight = t.gate_loss_weight / rank.count as f64;
     for step in start..t.steps {
         let t0 = Instant::now();
         let batch = data.train_batch(step);
-        let (inputs, targets, weights) = batch_tensors(&batch, &ad);
+        let scored = batch.scored();
+        let shard = batch.shard(rank.index, rank.count);
+        let (inputs, targets, weights) = batch_tensors(&shard, &ad);
         let out = model.forward(inputs, want_gate_loss)?;
-        let lm_loss = masked_cross_entropy(out.logits, targets, weights, batch.scored());
+        let lm_loss = masked_cross_entropy(out.logits, targets, weights, scored);
         let loss = match &out.gate_loss {
-            Some(g) if t.gate_loss_weight > 0.0 => lm_loss.clone() + g.clone().mul_scalar(t.gate_loss_weight),
+            Some(g) if t.gate_loss_weight > 0.0 => lm_loss.clone() + g.clone().mul_scalar(gate_weight),
             _ => lm_loss.clone(),
         };
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let grad_norm = clip_global_norm(&model, &mut grads, t.grad_clip);
         let lr = lr_at(step, t);
         model = optim.step(lr, model, grads);
-        let lm = lm_loss.into_scalar::<f32>();
-        last_gate = out.gate_loss.map(|g| g.into_scalar::<f32>());
+        let (lm, gate) = (lm_loss.into_scalar::<f32>(), out.gate_loss.map(|g| g.into_scalar::<f32>()));
+        // The whole batch's loss (each replica's part is already divided by the whole
+        // batch's scored targets) and the replicas' mean gate loss.
+        let (lm, gate) = match &rank.board {
+            Some(board) => board.exchange(rank.index, lm, gate),
+            None => (lm, gate),
+        };
+        last_gate = gate;
         if !lm.is_finite() {
-            progress.finish();
+            finish(&progress);
             return Err(format!("{prefix}loss is {lm} at step {step}; lower --lr or --grad-clip").into());
         }
         losses.push(lm);
+        grad_norms.push(grad_norm);
+        if !main {
+            continue;
+        }
         if step - start < warmup_steps {
             warmup_s += t0.elapsed().as_secs_f64();
         } else {
@@ -527,6 +622,7 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
             peak_pool = Some(peak_pool.unwrap_or(0).max(usage.bytes_reserved));
         }
         let done = step + 1;
+        let Some(progress) = &progress else { continue };
         progress.step(done, &format!("loss {lm:.4}"));
         if done % t.log_every.max(1) == 0 || done == t.steps || done == start + 1 {
             let gate = last_gate.map(|g| format!(" | gate loss {g:.4}")).unwrap_or_default();
@@ -558,7 +654,10 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
             save_checkpoint(&ckpt_dir, &model, &optim, &state, cfg)?;
         }
     }
-    progress.finish();
+    finish(&progress);
+    if !main {
+        return Ok(None);
+    }
     if start >= t.steps {
         println!("{prefix}already at step {start} of {}; evaluating only", t.steps);
         (val_loss, val_acc) = evaluate(&model, &data, t.eval_batches, &device)?;
@@ -571,13 +670,15 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         Some(b) => (Some(b), "device memory pool (reserved)".to_string()),
         None => (peak_rss_bytes(), "process peak RSS".to_string()),
     };
-    Ok(TrainOutcome {
+    Ok(Some(TrainOutcome {
         label,
         steps: t.steps,
         params,
         trainable_params: trainable,
         final_train_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
         losses,
+        grad_norms,
+        devices: rank.count,
         val_loss,
         val_curve,
         val_accuracy: val_acc,
@@ -589,5 +690,5 @@ pub fn train(cfg: &RunConfig, opts: &RunOptions) -> AppResult<TrainOutcome> {
         peak_memory_kind,
         wall_time_s: wall.elapsed().as_secs_f64(),
         checkpoint: ckpt_dir,
-    })
+    }))
 }

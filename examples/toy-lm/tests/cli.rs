@@ -121,3 +121,68 @@ fn a_tiny_compare_writes_its_table_results_and_figures() {
     std::fs::remove_dir_all(out_dir).ok();
     std::fs::remove_dir_all(redraw).ok();
 }
+
+/// `--devices` (data-parallel training): bad lists are usage errors naming the flag, checked
+/// before any device opens; several devices need CUDA. Runs on any build (the cases that need a
+/// backend this build lacks check that backend's "not compiled" error instead).
+#[test]
+fn devices_flag_errors_name_the_flag() {
+    // Syntax, and backends not compiled in.
+    fails_with(&["train", "--devices", "cuda:x"], &["--devices", "cuda:x", "BACKEND:INDEX"]);
+    fails_with(&["train", "--devices", "tpu:0"], &["--devices", "tpu:0", "unknown backend"]);
+    if !cfg!(feature = "cuda") {
+        fails_with(&["train", "--devices", "cuda:0,cuda:1"], &["--devices", "cuda:0", "not compiled"]);
+    }
+    // Lists of flex devices: a device twice, a batch that does not split, several devices of a
+    // backend without collectives, an index that does not exist.
+    fails_with(&["train", "--devices", "flex,cpu:0"], &["--devices flex:0,flex:0", "twice"]);
+    fails_with(&["train", "--devices", "flex:0,flex:1", "--batch", "3"], &["--batch 3", "--devices flex:0,flex:1", "multiple of the device count"]);
+    fails_with(&["train", "--devices", "flex:0,flex:1", "--batch", "4"], &["--devices flex:0,flex:1", "needs CUDA devices", "all-reduce"]);
+    fails_with(&["train", "--devices", "flex:1"], &["--devices flex:1", "no such device"]);
+    fails_with(&["train", "--device", "flex", "--devices", "flex:0,flex:1", "--batch", "4"], &["needs CUDA devices"]);
+    // ddp-check (hidden) compares one device with several.
+    fails_with(&["ddp-check", "--devices", "flex"], &["--devices", "at least two"]);
+    fails_with(&["ddp-check", "--devices", "flex:0,flex:1", "--batch", "5"], &["--batch 5", "multiple of the device count"]);
+    // Mixing backends, and --devices against --device: with a second backend compiled in.
+    if cfg!(feature = "wgpu") {
+        fails_with(&["train", "--devices", "flex,wgpu"], &["--devices flex:0,wgpu:0", "mixes backends"]);
+        fails_with(&["train", "--device", "wgpu", "--devices", "flex"], &["--devices flex:0", "--device is wgpu"]);
+    }
+    if cfg!(feature = "cuda") {
+        fails_with(&["train", "--devices", "cuda:0,flex"], &["--devices cuda:0,flex:0", "mixes backends"]);
+        fails_with(&["train", "--devices", "cuda:0,cuda:1", "--batch", "3"], &["--batch 3", "multiple of the device count"]);
+        fails_with(&["train", "--device", "flex", "--devices", "cuda:0"], &["--device is flex"]);
+        fails_with(&["train", "--devices", "cuda:4096"], &["--devices cuda:4096"]);
+    }
+}
+
+/// The checks behind `--devices`, whatever the build: mixing backends and a `--device` that
+/// disagrees are named (the binary reaches these only with two backends compiled in).
+#[test]
+fn device_list_checks_without_opening_devices() {
+    use toy_lm::device::{DeviceSpec, check_device_list};
+    let specs = |s: &str| s.split(',').map(|d| d.parse::<DeviceSpec>().unwrap()).collect::<Vec<_>>();
+    assert_eq!(check_device_list(Some("cuda"), &specs("cuda:0,cuda:1"), 8), Ok(()));
+    assert_eq!(check_device_list(None, &specs("cuda:1"), 3), Ok(()), "one device: any batch");
+    assert_eq!(check_device_list(None, &specs("cpu"), 3), Ok(()), "cpu reads as flex");
+    let err = |device: Option<&str>, list: &str, batch| check_device_list(device, &specs(list), batch).unwrap_err();
+    assert!(err(None, "cuda:0,wgpu", 8).contains("mixes backends (cuda and wgpu)"));
+    assert!(err(Some("wgpu"), "cuda:0,cuda:1", 8).contains("--device is wgpu"));
+    assert!(err(None, "cuda:1,cuda:0,cuda:1", 9).contains("names cuda:1 twice"));
+    assert!(err(None, "cuda:0,cuda:1,cuda:2", 8).contains("--batch 8 does not split over the 3 devices"));
+    assert!(err(None, "vulkan:0,vulkan:1", 8).contains("needs CUDA devices"));
+    assert!("cuda:".parse::<DeviceSpec>().is_err() && ":1".parse::<DeviceSpec>().is_err());
+    assert_eq!("CUDA:3".parse::<DeviceSpec>().unwrap().to_string(), "cuda:3");
+}
+
+/// `--devices` with one device trains on that device (the single-device loop).
+#[test]
+fn devices_flag_with_one_device_trains() {
+    let out_dir = tmp("devices-one");
+    let args = ["train", "--devices", "flex", "--steps", "2", "--seq-len", "32", "--d-model", "16", "--heads", "2", "--layers", "1"];
+    let out = toy_lm(&[&args[..], &["--batch", "2", "--eval-batches", "1", "--out", out_dir.to_str().unwrap()]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("toy-lm train on flex") && stdout.contains("done: final train loss"), "{stdout}");
+    std::fs::remove_dir_all(out_dir).ok();
+}

@@ -142,3 +142,22 @@ fn batches_are_deterministic_per_step_and_scored_as_the_task_says() {
         assert_eq!(a.scored(), expect, "{task:?}");
     }
 }
+
+/// The shards of a batch (one per data-parallel replica) are its rows in order, equal parts.
+#[test]
+fn shards_are_the_rows_in_order() {
+    let mut cfg = RunConfig::default();
+    cfg.data.task = Task::Mqar;
+    cfg.train.batch = 6;
+    cfg.train.seq_len = 64;
+    let batch = DataSource::new(&cfg).unwrap().train_batch(3);
+    assert_eq!(batch.shard(0, 1).inputs, batch.inputs);
+    for parts in [2, 3, 6] {
+        let shards: Vec<_> = (0..parts).map(|i| batch.shard(i, parts)).collect();
+        assert!(shards.iter().all(|s| s.batch == 6 / parts && s.seq == 64));
+        assert_eq!(shards.iter().flat_map(|s| s.inputs.clone()).collect::<Vec<_>>(), batch.inputs);
+        assert_eq!(shards.iter().flat_map(|s| s.targets.clone()).collect::<Vec<_>>(), batch.targets);
+        assert_eq!(shards.iter().flat_map(|s| s.weights.clone()).collect::<Vec<_>>(), batch.weights);
+        assert_eq!(shards.iter().map(|s| s.scored()).sum::<usize>(), batch.scored());
+    }
+}

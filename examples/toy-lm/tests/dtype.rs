@@ -19,7 +19,7 @@ fn every_method_trains_in_bf16_and_bad_dtypes_are_named() {
         let mut c = tiny(method, 2);
         c.model.layers = 1;
         let out = std::env::temp_dir().join(format!("toy-lm-dtype-{}-{}", std::process::id(), method.name()));
-        let opts = RunOptions { device: device.clone(), out: out.clone(), resume: None, init_from: None, log_prefix: String::new() };
+        let opts = RunOptions { device: device.clone(), devices: Vec::new(), out: out.clone(), resume: None, init_from: None, log_prefix: String::new() };
         let r = train(&c, &opts).unwrap_or_else(|e| panic!("{method} in bf16: {e}"));
         assert!(r.losses.iter().all(|l| l.is_finite()), "{method}: {:?}", r.losses);
         std::fs::remove_dir_all(&out).ok();

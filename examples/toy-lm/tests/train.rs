@@ -34,7 +34,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn opts(out: &Path) -> RunOptions {
-    RunOptions { device: Device::default(), out: out.to_path_buf(), resume: None, init_from: None, log_prefix: String::new() }
+    RunOptions { device: Device::default(), devices: Vec::new(), out: out.to_path_buf(), resume: None, init_from: None, log_prefix: String::new() }
 }
 
 fn params(model: &ToyLm) -> Vec<Vec<f32>> {
