@@ -547,6 +547,12 @@ fn dma_pair_bias_matches_tensor_ops() {
     }
 }
 
+/// The same packed op for the kernel device and for Flex: `op(device_index)` builds the
+/// closure of side 0 (kernel) and 1 (reference), so each side captures its own selection.
+fn both<F>(op: impl Fn(usize) -> F) -> (F, F) {
+    (op(0), op(1))
+}
+
 /// The packed sparse ops on the kernel device against the same ops on Flex: block-sparse
 /// with causal self-packing (the block-aligned layout alone, so the fast schedule paths) and
 /// MoBA's packed routing.
@@ -558,28 +564,25 @@ fn varlen_block_sparse_and_moba_match_flex() {
     let varlen = VarLen::new(vec![0, 9, 9, 30, 31, 45]).unwrap();
     let kb = 8;
     let idx = random_selection(1, 2, packed_selection_rows(&varlen, 1), 3, 3, 5);
-    let (sel, s2) = selections(idx, |t| BlockSelection::per_token(t, kb));
+    let sels = selections(idx, |t| BlockSelection::per_token(t, kb));
+    let sels = [sels.0, sels.1];
     let opts = AttentionOptions::causal();
-    let (vk, vr) = (varlen.clone(), varlen.clone());
-    let kern = move |q, k, v, _b| {
-        let o = block_sparse_attention_varlen(q, k, v, &sel, &vk, &opts).unwrap();
-        (o.output, o.lse)
-    };
-    let refr = move |q, k, v, _b| {
-        let o = block_sparse_attention_varlen(q, k, v, &s2, &vr, &opts).unwrap();
-        (o.output, o.lse)
-    };
+    let (kern, refr) = both(|side| {
+        let (sel, vl) = (sels[side].clone(), varlen.clone());
+        move |q, k, v, _b| {
+            let o = block_sparse_attention_varlen(q, k, v, &sel, &vl, &opts).unwrap();
+            (o.output, o.lse)
+        }
+    });
     check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
     let params = MobaParams { block_size: 8, top_k: 2, scale: None };
-    let (vk, vr) = (varlen.clone(), varlen);
-    let kern = move |q, k, v, _b| {
-        let o = moba_attention_varlen(q, k, v, &vk, &params).unwrap().attention;
-        (o.output, o.lse)
-    };
-    let refr = move |q, k, v, _b| {
-        let o = moba_attention_varlen(q, k, v, &vr, &params).unwrap().attention;
-        (o.output, o.lse)
-    };
+    let (kern, refr) = both(|_| {
+        let vl = varlen.clone();
+        move |q, k, v, _b| {
+            let o = moba_attention_varlen(q, k, v, &vl, &params).unwrap().attention;
+            (o.output, o.lse)
+        }
+    });
     check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
 }
 
@@ -593,29 +596,26 @@ fn varlen_segments_with_lists_and_keep_rule_match_flex() {
     let varlen = VarLen::cross(vec![0, 12, 14, 30], vec![0, 5, 5, 41]).unwrap();
     let (qb, kb) = (4, 8);
     let idx = random_selection(1, 4, packed_selection_rows(&varlen, qb), 3, 5, 3);
-    let (sel, s2) = selections(idx, |t| BlockSelection::per_query_block(t, qb, kb));
+    let sels = selections(idx, |t| BlockSelection::per_query_block(t, qb, kb));
+    let sels = [sels.0, sels.1];
     let opts = AttentionOptions::full();
-    let (vk, vr) = (varlen.clone(), varlen);
-    let kern = move |q, k, v, _b| {
-        let o = block_sparse_attention_varlen(q, k, v, &sel, &vk, &opts).unwrap();
-        (o.output, o.lse)
-    };
-    let refr = move |q, k, v, _b| {
-        let o = block_sparse_attention_varlen(q, k, v, &s2, &vr, &opts).unwrap();
-        (o.output, o.lse)
-    };
+    let (kern, refr) = both(|side| {
+        let (sel, vl) = (sels[side].clone(), varlen.clone());
+        move |q, k, v, _b| {
+            let o = block_sparse_attention_varlen(q, k, v, &sel, &vl, &opts).unwrap();
+            (o.output, o.lse)
+        }
+    });
     check_in(None, [1, 4, 30, 32], [1, 2, 41, 32], false, &kern, &refr, 1e-4, 1e-4);
     let varlen = VarLen::new(vec![0, 9, 9, 30, 31, 45]).unwrap();
     let params = DmaParams { window: 6, scale: None, causal: true };
-    let (vk, vr) = (varlen.clone(), varlen);
-    let kern = move |q, k, v, b: Option<Tensor<3>>| {
-        let o = dma_attention_varlen(q, k, v, b.unwrap(), &vk, &params).unwrap();
-        (o.output, o.lse)
-    };
-    let refr = move |q, k, v, b: Option<Tensor<3>>| {
-        let o = dma_attention_varlen(q, k, v, b.unwrap(), &vr, &params).unwrap();
-        (o.output, o.lse)
-    };
+    let (kern, refr) = both(|_| {
+        let vl = varlen.clone();
+        move |q, k, v, b: Option<Tensor<3>>| {
+            let o = dma_attention_varlen(q, k, v, b.unwrap(), &vl, &params).unwrap();
+            (o.output, o.lse)
+        }
+    });
     check_in(None, [1, 4, 45, 32], [1, 2, 45, 32], true, &kern, &refr, 1e-4, 1e-4);
 }
 
@@ -631,8 +631,9 @@ fn varlen_nsa_matches_flex() {
     let cu = vec![0, 9, 9, 30, 31, 45];
     let params = NsaParams { compress_block: 8, compress_stride: 4, select_block: 8, top_n: 3, window: 6, ..NsaParams::default() };
     let idx = random_selection(1, 2, 45, 3, 3, 11);
-    let (k_lists, r_lists) = (Tensor::<4, Int>::from_data(idx.clone(), &device().autodiff()), Tensor::<4, Int>::from_data(idx, &Device::flex().autodiff()));
-    let run = move |lists: Tensor<4, Int>| {
+    let lists = [Tensor::<4, Int>::from_data(idx.clone(), &device().autodiff()), Tensor::<4, Int>::from_data(idx, &Device::flex().autodiff())];
+    let (kern, refr) = both(|side| {
+        let lists = lists[side].clone();
         let cu = cu.clone();
         let varlen = VarLen::new(cu.clone()).unwrap();
         move |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, _b: Option<Tensor<3>>| {
@@ -644,7 +645,6 @@ fn varlen_nsa_matches_flex() {
             let o = nsa_attention_varlen(inputs, &varlen, &params, NsaBlocks::Given(lists.clone()), None).unwrap();
             (o.output, o.compressed.lse)
         }
-    };
-    let (kern, refr) = (run(k_lists), run(r_lists));
+    });
     check([1, 4, 45, 32], [1, 2, 45, 32], false, &kern, &refr, tol());
 }

@@ -232,11 +232,11 @@ pub(crate) fn attention_core(
     varlen: Option<&VarLen>,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    let dims = validate_qkv(&q, &k, &v)?;
-    validate_options(opts)?;
+    // `attention_in_bounds` validates the problem; only the packing needs its sizes here.
     let bounds = match varlen {
         Some(vl) => {
-            vl.validate(&dims)?;
+            vl.validate(&validate_qkv(&q, &k, &v)?)?;
+            validate_options(opts)?;
             if selection.is_some() {
                 // A selection's key blocks follow each sequence's own start: see
                 // `block_sparse_attention_varlen`, which lays the sequences out for that.
