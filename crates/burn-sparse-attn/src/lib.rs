@@ -14,6 +14,7 @@
 
 pub mod attention;
 pub mod block_sparse;
+pub mod coverage;
 pub mod dma;
 pub mod error;
 mod grid;
@@ -29,6 +30,7 @@ pub mod varlen;
 
 pub use attention::{AttentionOptions, AttentionOutput, DenseAttention, DenseAttentionConfig, KeyBias, attention};
 pub use block_sparse::{BlockSelection, block_sparse_attention};
+pub use coverage::BlockCoverage;
 pub use dma::{DmaAttention, DmaAttentionConfig};
 pub use error::{Result, SparseAttnError};
 pub use method::{AttentionMethod, AttentionMethodConfig, MethodOutput};

@@ -7,6 +7,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
+use crate::coverage::BlockCoverage;
 use crate::{
     DenseAttention, DenseAttentionConfig, DmaAttention, DmaAttentionConfig, MobaAttention, MobaAttentionConfig, NsaAttention,
     NsaAttentionConfig, SeerAttention, SeerAttentionConfig,
@@ -98,6 +99,20 @@ impl AttentionMethod {
                 Ok(MethodOutput { output, aux_loss: Some(loss) })
             }
             other => Ok(MethodOutput { output: other.forward(x)?, aux_loss: None }),
+        }
+    }
+
+    /// Which (query, key) pairs the layer attends for `x: [batch, seq, d_model]`, counted
+    /// in `block x block` cells per query head (see [`crate::coverage`]): what a heat map of
+    /// the method's selection draws. Runs the layer's selection on the host's count; meant
+    /// for diagnostics, not for training steps.
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        match self {
+            Self::Dense(a) => a.block_coverage(x, block),
+            Self::Nsa(a) => a.block_coverage(x, block),
+            Self::Moba(a) => a.block_coverage(x, block),
+            Self::Seer(a) => a.block_coverage(x, block),
+            Self::Dma(a) => a.block_coverage(x, block),
         }
     }
 

@@ -65,20 +65,29 @@ fn fmt_bytes(b: Option<u64>) -> String {
     }
 }
 
+/// The mean share of causal pairs the layers attend, as a percentage.
+fn attended(per_layer: &[f64]) -> String {
+    if per_layer.is_empty() {
+        return "n/a".into();
+    }
+    format!("{:.1}%", 100.0 * per_layer.iter().sum::<f64>() / per_layer.len() as f64)
+}
+
 /// The markdown table of a comparison.
 pub fn markdown_table(task: Task, runs: &[TrainOutcome]) -> String {
     let acc = if task == Task::Lm { "val next-byte acc" } else { "val answer acc" };
     let mut s = format!(
-        "| method | params | final train loss | val loss | {acc} | tokens/s (steady) | tokens/s (median step) | warm-up | peak memory | wall time |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | params | final train loss | val loss | {acc} | attended pairs | tokens/s (steady) | tokens/s (median step) | warm-up | peak memory | wall time |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in runs {
         s.push_str(&format!(
-            "| {} | {} | {:.4} | {:.4} | {:.1}% | {:.0} | {:.0} | {:.1} s | {} | {:.1} s |\n",
+            "| {} | {} | {:.4} | {:.4} | {:.1}% | {} | {:.0} | {:.0} | {:.1} s | {} | {:.1} s |\n",
             r.label,
             r.params,
             r.final_train_loss,
             r.val_loss,
             100.0 * r.val_accuracy,
+            attended(&r.attended_pairs),
             r.tokens_per_sec,
             r.median_tokens_per_sec,
             r.warmup_s,
@@ -204,6 +213,16 @@ pub fn write_results(results: &CompareResults, base: &RunConfig, out: &Path) -> 
     md.push_str(&format!(
         "\nCommand: see `command.txt`; full configuration: `config.toml`; figures: `{LOSS_FIGURE}`, `{SPEED_FIGURE}`.\n\n![training and validation loss]({LOSS_FIGURE})\n\n![training tokens/s]({SPEED_FIGURE})\n"
     ));
+    let maps: Vec<&TrainOutcome> = results.runs.iter().filter(|r| !r.attended_pairs.is_empty()).collect();
+    if !maps.is_empty() {
+        md.push_str(&format!(
+            "\nAttended pairs: the share of causal (query, key) pairs the attention layers attend on the first validation sequence, averaged over layers (NSA: selected blocks and window; its compressed branch is not counted). Where, per layer: `<method>/{}`.\n",
+            crate::selection::SELECTION_FIGURE
+        ));
+        for r in maps {
+            md.push_str(&format!("\n![{} selection]({}/{})\n", r.label, r.label, crate::selection::SELECTION_FIGURE));
+        }
+    }
     std::fs::write(out.join("results.md"), md)?;
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(results)?)?;
     write_figures(results, out)

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod model;
 pub mod plot;
 pub mod progress;
+pub mod selection;
 pub mod train;
 
 /// Error type of the example: any error, with a readable message.

@@ -8,7 +8,7 @@ use burn::module::{Initializer, Module};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, SwiGlu, SwiGluConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor};
-use burn_sparse_attn::AttentionMethod;
+use burn_sparse_attn::{AttentionMethod, BlockCoverage};
 use burn_sparse_attn::rows::{grouped_linear, linear_rows, scale_columns};
 
 use crate::AppResult;
@@ -138,6 +138,18 @@ impl ToyLm {
             None => linear_rows(x, self.embedding.weight.val().transpose(), None),
         };
         Ok(LmOutput { logits, gate_loss })
+    }
+
+    /// Which (query, key) pairs each block's attention attends for `tokens: [batch, seq]`,
+    /// in `block x block` cells (see `burn_sparse_attn::coverage`), first block first.
+    pub fn block_coverage(&self, tokens: Tensor<2, Int>, block: usize) -> AppResult<Vec<BlockCoverage>> {
+        let mut x = embed(&self.embedding, tokens);
+        let mut maps = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            maps.push(b.attn.block_coverage(rms_norm(&b.attn_norm, x.clone()), block)?);
+            x = b.forward(x, false)?.0;
+        }
+        Ok(maps)
     }
 
     /// SeerAttention distillation: only the gates keep requiring gradients.

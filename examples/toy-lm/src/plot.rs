@@ -50,7 +50,7 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 const BASELINE_COLOR: RGBColor = RGBColor(17, 17, 17);
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Colour and line width of each label: the baseline black and thick, the others from the
 /// palette in order.
@@ -94,12 +94,12 @@ fn finite_runs(values: &[f32]) -> Vec<Vec<(f64, f64)>> {
     runs
 }
 
-fn draw_err<E: std::fmt::Debug>(e: E) -> String {
+pub(crate) fn draw_err<E: std::fmt::Debug>(e: E) -> String {
     format!("drawing the figure: {e:?}")
 }
 
 /// Renders `draw` on an SVG canvas of `size` and writes it to `path`.
-fn write_svg(path: &Path, size: (u32, u32), draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>) -> AppResult<()> {
+pub(crate) fn write_svg(path: &Path, size: (u32, u32), draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>) -> AppResult<()> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();

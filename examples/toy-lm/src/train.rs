@@ -20,6 +20,7 @@ use burn_sparse_attn::SeerMode;
 use crate::config::{Method, RunConfig, Task, TrainConfig};
 use crate::data::{Batch, DataSource};
 use crate::model::ToyLm;
+use crate::selection;
 
 /// File names inside a checkpoint directory.
 ///
@@ -107,6 +108,11 @@ pub struct TrainOutcome {
     pub wall_time_s: f64,
     /// The checkpoint directory.
     pub checkpoint: PathBuf,
+    /// Per layer, the share of causal (query, key) pairs its attention attends on the first
+    /// validation sequence (1.0 for dense; `selection.svg` draws where); empty above
+    /// [`SELECTION_MAP_MAX_SEQ`].
+    #[serde(default)]
+    pub attended_pairs: Vec<f64>,
 }
 
 fn one() -> usize {
@@ -665,6 +671,7 @@ pub(crate) fn run_steps(cfg: &RunConfig, opts: &RunOptions, prepared: Prepared, 
             val_curve.push(ValPoint { step: start, loss: val_loss, accuracy: val_acc });
         }
     }
+    let attended_pairs = selection_figure(&model, &data, &device, &opts.out, &label, cfg.train.seq_len)?;
     let tail = &losses[losses.len().saturating_sub(10)..];
     let (peak_memory_bytes, peak_memory_kind) = match peak_pool {
         Some(b) => (Some(b), "device memory pool (reserved)".to_string()),
@@ -690,5 +697,22 @@ pub(crate) fn run_steps(cfg: &RunConfig, opts: &RunOptions, prepared: Prepared, 
         peak_memory_kind,
         wall_time_s: wall.elapsed().as_secs_f64(),
         checkpoint: ckpt_dir,
+        attended_pairs,
     }))
+}
+
+/// Contexts above this get no selection heat map: its pairs are counted on the host.
+pub const SELECTION_MAP_MAX_SEQ: usize = 16384;
+
+/// Draws `selection.svg` into `dir` for the trained `model` and returns the share of causal
+/// pairs each layer attends; nothing above [`SELECTION_MAP_MAX_SEQ`].
+fn selection_figure(model: &ToyLm, data: &DataSource, device: &Device, dir: &Path, label: &str, seq: usize) -> AppResult<Vec<f64>> {
+    if seq > SELECTION_MAP_MAX_SEQ {
+        return Ok(Vec::new());
+    }
+    let maps = selection::selection_maps(model, data, device)?;
+    std::fs::create_dir_all(dir)?;
+    let title = format!("{label}: attended pairs per layer, context {seq} (first validation sequence)");
+    selection::selection_chart(&dir.join(selection::SELECTION_FIGURE), &title, &maps)?;
+    Ok(maps.iter().map(|m| m.attended).collect())
 }

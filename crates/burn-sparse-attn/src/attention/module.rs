@@ -4,6 +4,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::{AttentionOptions, attention};
 
+use crate::coverage::{BlockCoverage, causal_coverage};
 use crate::error::shape_err;
 use crate::projection::{HeadLayout, QkvProjection};
 use crate::varlen::{VarLen, attention_varlen};
@@ -53,6 +54,13 @@ impl DenseAttention {
         let (q, k, v) = self.proj.qkv(x)?;
         let opts = AttentionOptions { causal: true, window: (self.window > 0).then_some(self.window), scale: None };
         Ok(self.proj.merge(attention(q, k, v, &opts)?.output))
+    }
+
+    /// The pairs this layer attends for `x`, in `block`-token cells: every causal pair (or
+    /// each query's window); see [`crate::coverage`].
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        let [b, s, _] = x.dims();
+        causal_coverage(b, self.proj.n_heads(), s, self.window, block)
     }
 
     /// [`Self::forward`] on a packed batch: `x: [batch, total, d_model]` holds the sequences

@@ -3,7 +3,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
-use super::{DmaParams, dma_attention, dma_bias};
+use super::{DmaParams, dma_attention, dma_bias, dma_keep_threshold};
+use crate::coverage::{BlockCoverage, keep_coverage};
 use crate::error::check_positive;
 use crate::projection::{HeadLayout, QkvProjection};
 
@@ -63,5 +64,15 @@ impl DmaAttention {
         let bias = dma_bias(v.clone(), &self.dt_proj, self.a.val())?;
         let params = DmaParams { window: self.window, scale: None, causal: true };
         Ok(self.proj.merge(dma_attention(q, k, v, bias, &params)?.output))
+    }
+
+    /// The pairs this layer attends for `x`, in `block`-token cells: the keys the keep rule
+    /// keeps for each query (at most `window`); see [`crate::coverage`].
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        let s = x.dims()[1];
+        let (_, _, v) = self.proj.qkv(x)?;
+        let bias = dma_bias(v, &self.dt_proj, self.a.val())?;
+        let keep = dma_keep_threshold(&bias, s, self.window, true)?;
+        keep_coverage(bias, keep.value, keep.index, self.proj.n_heads(), block)
     }
 }

@@ -2,7 +2,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use super::{MobaParams, moba_attention};
+use super::{MobaParams, moba_attention, moba_select};
+use crate::coverage::{BlockCoverage, selection_coverage};
 
 use crate::projection::{HeadLayout, QkvProjection};
 
@@ -60,5 +61,15 @@ impl MobaAttention {
         let (q, k, v) = self.proj.qkv(x)?;
         let params = MobaParams { block_size: self.block_size, top_k: self.top_k, scale: None };
         Ok(self.proj.merge(moba_attention(q, k, v, &params)?.attention.output))
+    }
+
+    /// The pairs this layer attends for `x`, in `block`-token cells: the routed blocks of
+    /// every query head (its own block included), cut to the causal keys; see
+    /// [`crate::coverage`].
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        let s = x.dims()[1];
+        let (q, k, _) = self.proj.qkv(x)?;
+        let selection = moba_select(q, k, self.block_size, self.top_k)?;
+        selection_coverage(&selection, self.proj.n_heads(), s, 0, block)
     }
 }

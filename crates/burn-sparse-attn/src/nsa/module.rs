@@ -4,7 +4,10 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor};
 
-use super::{Compressor, CompressorConfig, CompressorKind, NsaBlocks, NsaInputs, NsaParams, nsa_attention_varlen, nsa_attention_with};
+use super::{
+    Compressor, CompressorConfig, CompressorKind, NsaBlocks, NsaInputs, NsaOutput, NsaParams, nsa_attention_varlen, nsa_attention_with,
+};
+use crate::coverage::{BlockCoverage, selection_coverage};
 use crate::error::shape_err;
 use crate::varlen::VarLen;
 use crate::projection::{HeadLayout, QkvProjection};
@@ -157,6 +160,21 @@ impl NsaAttention {
     /// `counts: [batch, n_kv_heads, seq]` blocks per query, as [`super::nsa_attention_with`]
     /// (flash-linear-attention's `block_indices` / `block_counts`).
     pub fn forward_with(&self, x: Tensor<3>, blocks: NsaBlocks, counts: Option<Tensor<3, Int>>) -> crate::error::Result<Tensor<3>> {
+        Ok(self.proj.merge(self.run(x, blocks, counts)?.output))
+    }
+
+    /// The pairs this layer attends for `x`, in `block`-token cells: the selected blocks of
+    /// each query's GQA group and its sliding window, cut to the causal keys (the compressed
+    /// branch, which reads every visible compressed token, is not counted); see
+    /// [`crate::coverage`].
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        let s = x.dims()[1];
+        let out = self.run(x, NsaBlocks::Computed, None)?;
+        selection_coverage(&out.selection, self.proj.n_heads(), s, self.window, block)
+    }
+
+    /// The three branches and the selection for `x` (heads not merged).
+    fn run(&self, x: Tensor<3>, blocks: NsaBlocks, counts: Option<Tensor<3, Int>>) -> crate::error::Result<NsaOutput> {
         let [b, s, _] = x.dims();
         let (q, k, v, branches) = self.proj.project_with_branches(x.clone())?;
         let hkv = self.proj.n_kv_heads();
@@ -190,7 +208,7 @@ impl NsaAttention {
             v_win,
             gates,
         };
-        Ok(self.proj.merge(nsa_attention_with(inputs, &params, blocks, counts)?.output))
+        nsa_attention_with(inputs, &params, blocks, counts)
     }
 
     /// [`Self::forward`] on a packed batch `x: [batch, total, d_model]` whose sequences sit

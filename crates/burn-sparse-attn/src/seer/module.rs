@@ -4,7 +4,8 @@ use burn::tensor::{Device, Tensor};
 
 use super::{AttnGate, seer_attention_target, seer_gate_loss, seer_select_threshold, seer_select_topk};
 use crate::attention::{AttentionOptions, attention};
-use crate::block_sparse::block_sparse_attention;
+use crate::block_sparse::{BlockSelection, block_sparse_attention};
+use crate::coverage::{BlockCoverage, selection_coverage};
 use crate::projection::{HeadLayout, QkvProjection};
 
 /// How the gate pools the tokens of a block (per channel).
@@ -159,11 +160,7 @@ impl SeerAttention {
         let opts = AttentionOptions::causal();
         let mut loss = None;
         let out = if self.sparse {
-            let selection = if self.top_k > 0 {
-                seer_select_topk(logits.clone(), self.top_k, bs)?
-            } else {
-                seer_select_threshold(logits.clone(), self.threshold, bs)?
-            };
+            let selection = self.select(logits.clone())?;
             if with_loss {
                 let (target, _) = seer_attention_target(q.clone().detach(), k.clone().detach(), v.clone().detach(), bs, None)?;
                 loss = Some(self.loss(logits, target)?);
@@ -177,6 +174,23 @@ impl SeerAttention {
             attention(q, k, v, &opts)?.output
         };
         Ok((self.proj.merge(out), loss))
+    }
+
+    /// The gate's blocks: top-k when `top_k > 0`, else the threshold rule.
+    fn select(&self, logits: Tensor<4>) -> crate::error::Result<BlockSelection> {
+        let bs = self.gate.block_size();
+        if self.top_k > 0 { seer_select_topk(logits, self.top_k, bs) } else { seer_select_threshold(logits, self.threshold, bs) }
+    }
+
+    /// The pairs this layer attends for `x` in sparse mode, in `block`-token cells: the
+    /// blocks the gate picks for each query block, cut to the causal keys (in distillation
+    /// mode too, where training runs dense: the map shows what the gate would pick); see
+    /// [`crate::coverage`].
+    pub fn block_coverage(&self, x: Tensor<3>, block: usize) -> crate::error::Result<BlockCoverage> {
+        let s = x.dims()[1];
+        let (q_raw, k_raw, _) = self.proj.project(x)?;
+        let selection = self.select(self.gate.logits(q_raw, k_raw)?)?;
+        selection_coverage(&selection, self.proj.n_heads(), s, 0, block)
     }
 
     fn loss(&self, logits: Tensor<4>, target: Tensor<4>) -> crate::error::Result<Tensor<1>> {
