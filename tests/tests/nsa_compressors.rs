@@ -113,6 +113,24 @@ fn compressor_config_builds_each_kind() {
 }
 
 #[test]
+fn a_sequence_shorter_than_a_window_compresses_to_no_token() {
+    // As the packed ops do for such a sequence: `[b, h, 0, d]`, not an error; a zero stride
+    // is still refused by name.
+    use burn_sparse_attn::nsa::{TrailingWindow, compress_mean, compress_mean_with};
+    let x = Rng::new(5).randn([B, H, L - 1, D], 1.0, &dev());
+    for kind in [CompressorKind::Mlp, CompressorKind::MeanPos, CompressorKind::AttentionPool, CompressorKind::HeadLinear] {
+        let c = burn_sparse_attn::nsa::CompressorConfig::new(kind, L, D, H).init(&dev()).unwrap();
+        assert_eq!(c.forward(x.clone(), STRIDE).unwrap().dims(), [B, H, 0, D], "{kind:?}");
+        let e = c.forward(x.clone(), 0).unwrap_err();
+        assert!(e.to_string().contains("compress_stride"), "{kind:?}: {e}");
+    }
+    assert_eq!(compress_mean(x.clone(), L, STRIDE).unwrap().dims(), [B, H, 0, D]);
+    assert_eq!(compress_mean_with(x.clone(), L, STRIDE, TrailingWindow::Drop).unwrap().dims(), [B, H, 0, D]);
+    // The partial rule still pools the keys it has into one token.
+    assert_eq!(compress_mean_with(x, L, STRIDE, TrailingWindow::Partial).unwrap().dims(), [B, H, 1, D]);
+}
+
+#[test]
 fn nsa_layer_with_each_compressor_and_its_gradients() {
     for (kind, paths) in [
         (CompressorKind::MeanPos, vec!["compress_key.MeanPos.pos_emb", "compress_value.MeanPos.pos_emb"]),

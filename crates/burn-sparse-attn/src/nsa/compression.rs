@@ -59,6 +59,15 @@ pub fn compress_mean_with(x: Tensor<4>, block: usize, stride: usize, trailing: T
     Ok(Tensor::cat(vec![compress_mean(x, block, stride)?, partial], 2))
 }
 
+/// `Some([b, h, 0, d])` when `x: [b, h, s, d]` holds no complete window of `block` keys:
+/// what every compressor returns then (after checking `block` and `stride`).
+pub(crate) fn no_windows(x: &Tensor<4>, block: usize, stride: usize) -> crate::error::Result<Option<Tensor<4>>> {
+    check_positive("compress_block", block)?;
+    check_positive("compress_stride", stride)?;
+    let [b, h, s, d] = x.dims();
+    Ok((num_compressed(s, block, stride) == 0).then(|| Tensor::zeros([b, h, 0, d], (&x.device(), x.dtype()))))
+}
+
 /// Gathers the windows: `[b, h, s, d] -> [b, h, n, block, d]`.
 pub fn compression_windows(x: Tensor<4>, block: usize, stride: usize) -> crate::error::Result<Tensor<5>> {
     check_positive("compress_block", block)?;
@@ -82,7 +91,12 @@ pub fn compression_windows(x: Tensor<4>, block: usize, stride: usize) -> crate::
 }
 
 /// Mean-pooling compression (flash-linear-attention's choice): `[b, h, s, d] -> [b, h, n, d]`.
+/// A sequence shorter than one window has no compressed token (`n = 0`), as in the packed
+/// [`super::compress_mean_varlen`].
 pub fn compress_mean(x: Tensor<4>, block: usize, stride: usize) -> crate::error::Result<Tensor<4>> {
+    if let Some(empty) = no_windows(&x, block, stride)? {
+        return Ok(empty);
+    }
     let w = compression_windows(x, block, stride)?;
     let [b, h, n, _, d] = w.dims();
     Ok(w.mean_dim(3).reshape([b, h, n, d]))

@@ -18,7 +18,7 @@ use burn::nn::Initializer;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
-use super::compression::{CompressionMlp, CompressionMlpConfig, compression_windows};
+use super::compression::{CompressionMlp, CompressionMlpConfig, compression_windows, no_windows};
 use crate::error::{check_positive, shape_err};
 
 
@@ -93,8 +93,12 @@ pub enum Compressor {
 }
 
 impl Compressor {
-    /// `[b, h, s, d] -> [b, h, n, d]` for windows every `stride` keys.
+    /// `[b, h, s, d] -> [b, h, n, d]` for windows every `stride` keys; no token (`n = 0`)
+    /// for a sequence shorter than one window, as in [`Self::forward_varlen`].
     pub fn forward(&self, x: Tensor<4>, stride: usize) -> crate::error::Result<Tensor<4>> {
+        if let Some(empty) = no_windows(&x, self.block(), stride)? {
+            return Ok(empty);
+        }
         match self {
             Compressor::Mlp(m) => m.forward(x, stride),
             Compressor::MeanPos(m) => m.forward(x, stride),
