@@ -1,7 +1,8 @@
 //! Times forward and forward+backward for dense causal attention and for block schedules:
 //! `nsa`, an NSA-like per-token schedule (`--nsel` selected blocks of `--bk` keys per query
 //! token, shared by the query heads of a GQA group; block 0 and the two most recent blocks
-//! always selected), and `moba`, a MoBA-like per-head schedule (`--moba-block` keys per block,
+//! always selected; `--nsa-reuse p` keeps each of the previous token's other blocks with
+//! probability p, as trained selections drift slowly, default 0: independent lists), and `moba`, a MoBA-like per-head schedule (`--moba-block` keys per block,
 //! `--moba-topk` blocks per query block of the same size, own block included), and
 //! `mobatok`, MoBA's per-token form (one list per head and token: the own block and
 //! `--moba-topk - 1` random complete earlier blocks).
@@ -48,6 +49,10 @@ fn main() {
     let gpu = get("--gpu", "");
     let moba_block: usize = get("--moba-block", "512").parse().unwrap();
     let moba_topk: usize = get("--moba-topk", "3").parse().unwrap();
+    // Share of a token's non-forced NSA blocks taken over from the previous token's list
+    // (0: independent random lists, the hardest case for reuse between tokens).
+    let nsa_reuse: f64 = get("--nsa-reuse", "0").parse().unwrap();
+    assert!((0.0..=1.0).contains(&nsa_reuse), "--nsa-reuse is a share in [0, 1]");
     let dtype = match get("--dtype", "f32").as_str() {
         "f32" => AttnDtype::F32,
         "f16" => AttnDtype::F16,
@@ -88,14 +93,15 @@ fn main() {
     };
 
     // NSA-like schedule: per (batch, kv head, token): block 0, the 2 most recent blocks,
-    // then random earlier blocks up to n_sel distinct ones.
+    // then random earlier blocks up to n_sel distinct ones; with `--nsa-reuse p`, each of
+    // the previous token's other blocks is kept first with probability p (trained NSA
+    // selections change slowly from token to token).
     let nkb = s.div_ceil(bk);
     let mut idx = vec![-1i32; b * hkv * s * n_sel];
     let mut pairs_sparse = 0usize;
     let mut lcg = 7u64;
     for bh in 0..b * hkv {
         for t in 0..s {
-            let list = &mut idx[(bh * s + t) * n_sel..(bh * s + t + 1) * n_sel];
             let cur = t / bk;
             let mut chosen: Vec<usize> = vec![0];
             for c in [cur, cur.saturating_sub(1)] {
@@ -103,6 +109,17 @@ fn main() {
                     chosen.push(c);
                 }
             }
+            if t > 0 && nsa_reuse > 0.0 {
+                let prev = &idx[(bh * s + t - 1) * n_sel..(bh * s + t) * n_sel];
+                for &c in prev.iter().filter(|&&c| c >= 0) {
+                    lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let kept = ((lcg >> 11) as f64 / (1u64 << 53) as f64) < nsa_reuse;
+                    if kept && chosen.len() < n_sel && !chosen.contains(&(c as usize)) {
+                        chosen.push(c as usize);
+                    }
+                }
+            }
+            let list = &mut idx[(bh * s + t) * n_sel..(bh * s + t + 1) * n_sel];
             let mut tries = 0;
             while chosen.len() < n_sel.min(cur + 1) && tries < 10 * n_sel {
                 lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -243,7 +260,12 @@ fn main() {
         run("dense causal", "dense", None, pairs_dense);
     }
     if only == "all" || only == "nsa" {
-        run(&format!("nsa {n_sel}x{bk}"), &format!("nsa{n_sel}x{bk}"), Some(&sched), pairs_sparse);
+        let (label, method) = if nsa_reuse > 0.0 {
+            (format!("nsa {n_sel}x{bk} reuse {nsa_reuse}"), format!("nsa{n_sel}x{bk}r{nsa_reuse}"))
+        } else {
+            (format!("nsa {n_sel}x{bk}"), format!("nsa{n_sel}x{bk}"))
+        };
+        run(&label, &method, Some(&sched), pairs_sparse);
     }
     if only == "all" || only == "moba" {
         run(&format!("moba {moba_topk}x{mb}"), &format!("moba{moba_topk}x{mb}"), Some(&moba_sched), pairs_moba);
