@@ -263,6 +263,9 @@ pub struct ModelFlags {
     /// Share the token embedding with the output head (alone: true)
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub tie_embeddings: Option<bool>,
+    /// Mix each attention input with the previous token's (token shift; alone: true)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub token_shift: Option<bool>,
     /// Attention of every block (compare sets it per method)
     #[arg(long, value_name = "M", ignore_case = true)]
     pub attention: Option<Method>,
@@ -514,7 +517,7 @@ impl ConfigArgs {
             layers => model.layers, d_model => model.d_model, heads => model.heads, kv_heads => model.kv_heads,
             mlp_hidden => model.mlp_hidden, tie_embeddings => model.tie_embeddings, attention => model.attention,
             dense_first_layers => model.dense_first_layers, dense_last_layers => model.dense_last_layers,
-            layer_attention => model.layer_attention, rope_theta => model.rope_theta,
+            layer_attention => model.layer_attention, rope_theta => model.rope_theta, token_shift => model.token_shift,
         });
         apply_flags!(cfg, self.train, {
             steps => train.steps, batch => train.batch, seq_len => train.seq_len, lr => train.lr,
@@ -785,6 +788,8 @@ mod tests {
         assert_eq!((cfg.data.task, cfg.data.mqar_pairs, cfg.data.needle_depth), (Task::Mqar, 8, -1.0));
         assert!(cfg.model.tie_embeddings);
         assert_eq!(config_of(&["print-config", "--tie-embeddings", "false"]).model.tie_embeddings, false);
+        assert!(config_of(&["compare", "--token-shift"]).model.token_shift);
+        assert!(!config_of(&["compare"]).model.token_shift);
         assert_eq!(
             config_of(&["print-config", "--layer-attention", "moba,dense"]).model.layer_methods(),
             vec![Method::Moba, Method::Dense]

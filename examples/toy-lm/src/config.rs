@@ -116,6 +116,10 @@ pub struct ModelConfig {
     pub layer_attention: Vec<Method>,
     /// RoPE base of every attention layer.
     pub rope_theta: f64,
+    /// Mix each position's attention input with the previous position's (RWKV's token shift,
+    /// a learned share per channel): a block sees the previous token without spending an
+    /// attention head on it, so associative recall (MQAR) needs one retrieval hop, not two.
+    pub token_shift: bool,
 }
 
 impl Default for ModelConfig {
@@ -132,6 +136,7 @@ impl Default for ModelConfig {
             dense_last_layers: 0,
             layer_attention: Vec::new(),
             rope_theta: 10000.0,
+            token_shift: false,
         }
     }
 }

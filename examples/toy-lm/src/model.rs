@@ -4,7 +4,7 @@
 //! Each attention layer comes from `burn-sparse-attn` and applies its own q/k/v/o projections
 //! and RoPE; the head is tied to the embedding or a separate linear layer.
 
-use burn::module::{Initializer, Module};
+use burn::module::{Initializer, Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, SwiGlu, SwiGluConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor};
@@ -52,11 +52,24 @@ pub struct Block {
     pub mlp: SwiGlu,
     /// Down-projection.
     pub down: Linear,
+    /// Token shift (`model.token_shift`): per channel, the share of the attention input
+    /// taken from the position itself; the rest comes from the previous position.
+    pub shift: Option<Param<Tensor<1>>>,
 }
 
 impl Block {
+    /// The attention layer's input: the normed residual, token-shifted when configured.
+    fn attn_input(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = rms_norm(&self.attn_norm, x);
+        let Some(mix) = &self.shift else { return h };
+        let [b, s, d] = h.dims();
+        let prev = Tensor::zeros([b, 1, d], (&h.device(), h.dtype()));
+        let prev = if s > 1 { Tensor::cat(vec![prev, h.clone().slice([0..b, 0..s - 1, 0..d])], 1) } else { prev };
+        prev.clone() + scale_columns(h - prev, mix.val())
+    }
+
     fn forward(&self, x: Tensor<3>, with_gate_loss: bool) -> AppResult<(Tensor<3>, Option<Tensor<1>>)> {
-        let h = rms_norm(&self.attn_norm, x.clone());
+        let h = self.attn_input(x.clone());
         let (a, gate_loss) = if with_gate_loss {
             let out = self.attn.forward_with_aux(h)?;
             (out.output, out.aux_loss)
@@ -108,6 +121,7 @@ impl ToyLm {
                     mlp_norm: RmsNormConfig::new(d).init(device),
                     mlp: SwiGluConfig::new(d, m.mlp_hidden()).init(device),
                     down: lin(m.mlp_hidden(), d),
+                    shift: m.token_shift.then(|| Param::from_tensor(Tensor::full([d], 0.5, device))),
                 })
             })
             .collect::<AppResult<Vec<_>>>()?;
@@ -146,7 +160,7 @@ impl ToyLm {
         let mut x = embed(&self.embedding, tokens);
         let mut maps = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            maps.push(b.attn.block_coverage(rms_norm(&b.attn_norm, x.clone()), block)?);
+            maps.push(b.attn.block_coverage(b.attn_input(x.clone()), block)?);
             x = b.forward(x, false)?.0;
         }
         Ok(maps)
@@ -165,6 +179,7 @@ impl ToyLm {
                     mlp_norm: b.mlp_norm.no_grad(),
                     mlp: b.mlp.no_grad(),
                     down: b.down.no_grad(),
+                    shift: b.shift.map(|p| p.set_require_grad(false)),
                 })
                 .collect(),
             norm: self.norm.no_grad(),
@@ -230,6 +245,42 @@ mod tests {
             close(values(x.grad(&g_ours).unwrap()), values(x.grad(&g_burn).unwrap()), "d x");
             close(values(norm.gamma.val().grad(&g_ours).unwrap()), values(norm.gamma.val().grad(&g_burn).unwrap()), "d gamma");
         }
+    }
+
+    /// Token shift: with the mix at 1 the attention input is the normed residual itself, at
+    /// 0 the previous position's (zeros at the first); in between, the blend per channel.
+    /// The mix gets a gradient, and a model without the option has no mix parameter.
+    #[test]
+    fn token_shift_blends_each_position_with_the_previous_one() {
+        let device = Device::flex().autodiff();
+        let mut cfg = RunConfig::default();
+        cfg.model.token_shift = true;
+        let model = ToyLm::new(&cfg, &device).unwrap();
+        let block = &model.blocks[0];
+        let d = cfg.model.d_model;
+        let x = Tensor::<3>::random([2, 5, d], Distribution::Normal(0.0, 1.0), &device);
+        let h = values(rms_norm(&block.attn_norm, x.clone()));
+        let with_mix = |m: f32| {
+            let mut b = block.clone();
+            b.shift = Some(Param::from_tensor(Tensor::full([d], m, &device)));
+            b
+        };
+        assert_close(values(with_mix(1.0).attn_input(x.clone())), h.clone(), 1e-6, "mix 1");
+        let shifted = values(with_mix(0.0).attn_input(x.clone()));
+        let row = |v: &[f32], b: usize, t: usize| v[(b * 5 + t) * d..(b * 5 + t + 1) * d].to_vec();
+        for b in 0..2 {
+            assert!(row(&shifted, b, 0).iter().all(|v| *v == 0.0), "first position of sequence {b}");
+            for t in 1..5 {
+                assert_close(row(&shifted, b, t), row(&h, b, t - 1), 1e-6, &format!("mix 0, {b},{t}"));
+            }
+        }
+        let half = values(with_mix(0.25).attn_input(x.clone()));
+        let want: Vec<f32> = (0..2 * 5 * d).map(|i| 0.25 * h[i] + 0.75 * shifted[i]).collect();
+        assert_close(half, want, 1e-5, "mix 0.25");
+        let grads = block.attn_input(x).sum().backward();
+        assert!(block.shift.as_ref().unwrap().val().grad(&grads).is_some(), "the mix learns");
+        cfg.model.token_shift = false;
+        assert!(ToyLm::new(&cfg, &device).unwrap().blocks.iter().all(|b| b.shift.is_none()));
     }
 
     /// The one-hot embedding and the grouped SwiGLU against Burn's modules: outputs and the
