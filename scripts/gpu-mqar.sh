@@ -15,7 +15,8 @@ while read -r name args; do
   dir=/tmp/mqar-$name; mkdir -p "$OUT/mqar-$name"
   ( timeout ${LIMIT:-420} $bin/toy-lm compare $shared $args --out $dir > "$OUT/mqar-$name/run.log" 2>&1
     echo "rc $?" >> "$OUT/mqar-$name/run.log"
-    cp $dir/results.json $dir/results.md $dir/loss.svg $dir/command.txt $dir/*.svg "$OUT/mqar-$name/" 2>/dev/null ) &
+    cp $dir/results.json $dir/results.md $dir/command.txt $dir/*.svg "$OUT/mqar-$name/" 2>/dev/null
+    for m in $dir/*/selection.svg; do [ -f "$m" ] && cp "$m" "$OUT/mqar-$name/selection-$(basename $(dirname $m)).svg"; done ) &
 done <<< "${RUNS:-$(cat "$RUNS_FILE")}"
 wait
 for d in "$OUT"/mqar-*; do echo "== $(basename $d): $(grep -m1 -oE "\-\-methods.*" $d/command.txt 2>/dev/null | cut -c1-150)"; grep -iE "accuracy|rc |error" "$d/run.log" | tail -${TAIL:-3}; done
