@@ -52,6 +52,35 @@ pub(crate) fn pair_visible(
     ok
 }
 
+/// Keys `[lo, hi)` of entry `e` of a query-major walk: a block list's entry clipped to the
+/// cube's visible range `[klo, khi)` (empty, `hi <= lo`, for an unused `-1` slot or a block
+/// outside it); without a block list, the one pseudo-entry that is the whole range.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn entry_keys(
+    sched: &[i32],
+    list_base: usize,
+    e: usize,
+    klo: i32,
+    khi: i32,
+    key_block: usize,
+    seq_k: usize,
+    #[comptime] blocks: bool,
+) -> (i32, i32) {
+    let mut lo = klo;
+    let mut hi = khi;
+    if blocks {
+        let kb = sched[list_base + e];
+        if kb >= 0 {
+            lo = max(lo, kb * key_block as i32);
+            hi = min(hi, min((kb + 1) * key_block as i32, seq_k as i32));
+        } else {
+            hi = lo;
+        }
+    }
+    (lo, hi)
+}
+
 /// Whether some pair of queries in `[qlo, qhi]` and keys in `[klo, khi]` (inclusive) is
 /// visible. `d = i + off - j` covers every integer of `[qlo+off-khi, qhi+off-klo]`.
 #[cube]
@@ -446,17 +475,7 @@ pub fn attn_rows_kernel<F: Float>(
         }
         for e in 0..n_entries {
             // Key range of this entry, clipped to the union visible range.
-            let mut e_lo = klo;
-            let mut e_hi = khi;
-            if blocks {
-                let kb = sched[list_base + e];
-                if kb >= 0 {
-                    e_lo = max(e_lo, kb * key_block as i32);
-                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
-                } else {
-                    e_hi = e_lo;
-                }
-            }
+            let (e_lo, e_hi) = entry_keys(sched, list_base, e, klo, khi, key_block, seq_k, blocks);
             let mut n_tiles = 0usize;
             if e_hi > e_lo {
                 n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);

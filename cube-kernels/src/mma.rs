@@ -20,7 +20,7 @@
 //! kernels', so both paths visit exactly the same tiles.
 
 use crate::fragment::{RowsWalk, flat_row, list_slot, rows_cube, rows_cube_count};
-use crate::kernels::{NEG_BIG, cube_linear, key_kept, pair_visible, slot_query};
+use crate::kernels::{NEG_BIG, cube_linear, entry_keys, key_kept, pair_visible, slot_query};
 use crate::key_pieces::{head_walk, key_tile};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
@@ -269,17 +269,7 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
             list_base = ((b * n_gh + g) * n_rb + r) * cap;
         }
         for e in 0..n_entries {
-            let mut e_lo = klo;
-            let mut e_hi = khi;
-            if blocks {
-                let kb = sched[list_base + e];
-                if kb >= 0 {
-                    e_lo = max(e_lo, kb * key_block as i32);
-                    e_hi = min(e_hi, min((kb + 1) * key_block as i32, seq_k as i32));
-                } else {
-                    e_hi = e_lo;
-                }
-            }
+            let (e_lo, e_hi) = entry_keys(sched, list_base, e, klo, khi, key_block, seq_k, blocks);
             let mut n_tiles = 0usize;
             if e_hi > e_lo {
                 n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);

@@ -1,8 +1,8 @@
 //! dQ on register fragments (query-major, see [`super`]): per key tile `S = Q K^T` and
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
-use super::forward::stage_kv;
-use super::{FragmentConfig, V2, V8, fast_exp, load_a, masked_score, staged_score, stage_key_meta, product_abt, product_pb, seek_entry, tile_interior, flat_row, list_slot, rows_cube, rows_cube_count};
+use super::rows::{lane_rows, next_tile, rows_fragments, stage_rows, stage_tile, wait_tile};
+use super::{FragmentConfig, V2, V8, fast_exp, list_slot, masked_score, product_abt, product_pb, rows_cube, rows_cube_count, seek_entry, staged_score, tile_interior};
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
@@ -42,7 +42,6 @@ pub fn fragment_dq_kernel<F: Float>(
     let seq_k = a.seq_k as usize;
     let heads_b = a.heads_b as usize;
     let gh = a.group_heads as usize;
-    let qb = a.query_block as usize;
     let n_rb = a.n_row_blocks as usize;
     let cap = a.cap as usize;
     let key_block = a.key_block as usize;
@@ -52,7 +51,6 @@ pub fn fragment_dq_kernel<F: Float>(
     let head_dim = comptime!(cfg.head_dim);
     let tile_k = comptime!(cfg.tile);
     let bq = comptime!(planes * 16);
-    let nu = comptime!(planes * 32);
     let vr = comptime!(head_dim / 8);
     let sr = comptime!(head_dim / 8 + 1);
     let dk = comptime!(head_dim / 16);
@@ -82,13 +80,10 @@ pub fn fragment_dq_kernel<F: Float>(
         let b = c.b;
         let g = c.g;
         let r = c.r;
-        let q0 = c.q0;
-        let nq = c.nq;
         let n_group_rows = c.n_group_rows;
         let f0 = c.f0;
         let cq_lo = c.cq_lo;
         let cq_hi = c.cq_hi;
-        let rows_base = c.rows_base;
         let kbg = c.kbg;
         let klo = c.klo;
         let khi = c.khi;
@@ -96,85 +91,31 @@ pub fn fragment_dq_kernel<F: Float>(
         let kv_base = (b * heads_kv + hk) * seq_k * vr;
         // Staged keys read one bias row: the bias has a head per kv head.
         let key_bias_base = (b * heads_b + hk) * seq_k;
-        let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
-
-        // Stage the cube's Q and dO rows (16-byte loads); rows past the group are zero.
-        #[unroll]
-        for it in 0..comptime!((bq * vr).div_ceil(nu)) {
-            let idx = it * nu + u;
-            if idx < bq * vr {
-                let rr = idx / vr;
-                let c = idx % vr;
-                let flat = f0 + rr;
-                let mut val = zero8;
-                let mut dov = zero8;
-                let (okr, h, i, _) = flat_row(inv_rows, flat, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-                if okr {
-                    val = q[((b * heads_q + h) * seq_q + i) * vr + c];
-                    dov = d_o[((b * heads_q + h) * seq_q + i) * vr + c];
-                }
-                q_s[rr * sr + c] = val;
-                do_s[rr * sr + c] = dov;
-            }
-        }
-
-        // The two rows this lane holds: `quad` and `quad + 8` of the plane's 16.
-        let quad = lane / 4;
+        // Stage the cube's Q and dO rows; the two rows this lane holds.
+        stage_rows::<F>(q, &mut q_s, &c, &a, inv_rows, u, cfg);
+        stage_rows::<F>(d_o, &mut do_s, &c, &a, inv_rows, u, cfg);
         let tq = lane % 4;
-        let flat0 = f0 + pl * 16 + quad;
-        let flat1 = flat0 + 8;
-        let (ok0, h0, i0, srow0) = flat_row(inv_rows, flat0, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-        let (ok1, h1, i1, srow1) = flat_row(inv_rows, flat1, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-        let hb0 = h0 / (heads_q / heads_b);
-        let hb1 = h1 / (heads_q / heads_b);
-        let bias_base0 = (b * heads_b + hb0) * seq_k;
-        let bias_base1 = (b * heads_b + hb1) * seq_k;
-        let row0 = (b * heads_q + h0) * seq_q + i0;
-        let row1 = (b * heads_q + h1) * seq_q + i1;
+        let lr = lane_rows(&c, &a, inv_rows, thr_v, thr_i, pl, lane, cfg);
+        let row0 = (b * heads_q + lr.h0) * seq_q + lr.i0;
+        let row1 = (b * heads_q + lr.h1) * seq_q + lr.i1;
         // Rows with no visible key (lse = -inf) get dQ = 0.
         let mut lse0 = comptime!(NEG_BIG).runtime();
         let mut lse1 = comptime!(NEG_BIG).runtime();
         let mut dl0 = 0.0f32;
         let mut dl1 = 0.0f32;
-        if ok0 {
+        if lr.ok0 {
             lse0 = lse[row0];
             dl0 = delta[row0];
         }
-        if ok1 {
+        if lr.ok1 {
             lse1 = lse[row1];
             dl1 = delta[row1];
         }
-        let act0 = ok0 && lse0 > NEG_BIG;
-        let act1 = ok1 && lse1 > NEG_BIG;
-        let mut thr0 = comptime!(NEG_BIG).runtime();
-        let mut thr1 = comptime!(NEG_BIG).runtime();
-        let mut thr_i0 = 0i32;
-        let mut thr_i1 = 0i32;
-        if cfg.has_thr {
-            if ok0 {
-                thr0 = thr_v[(b * heads_b + hb0) * seq_q + i0];
-                thr_i0 = thr_i[(b * heads_b + hb0) * seq_q + i0];
-            }
-            if ok1 {
-                thr1 = thr_v[(b * heads_b + hb1) * seq_q + i1];
-                thr_i1 = thr_i[(b * heads_b + hb1) * seq_q + i1];
-            }
-        }
+        let act0 = lr.ok0 && lse0 > NEG_BIG;
+        let act1 = lr.ok1 && lse1 > NEG_BIG;
         sync_cube();
-
-        // Q and dO as A fragments for the whole pass: k-step `s` is [4 s .. 4 s + 4].
-        let mut q_frag = Array::<Vector<F, V2>>::new(comptime!(4 * dk));
-        let mut do_frag = Array::<Vector<F, V2>>::new(comptime!(4 * dk));
-        #[unroll]
-        for s in 0..dk {
-            let regs = load_a::<F>(&q_s, pl * 16, s * 2, sr);
-            let dregs = load_a::<F>(&do_s, pl * 16, s * 2, sr);
-            #[unroll]
-            for x in 0..4usize {
-                q_frag[s * 4 + x] = regs[x];
-                do_frag[s * 4 + x] = dregs[x];
-            }
-        }
+        let q_frag = rows_fragments::<F>(&q_s, pl, cfg);
+        let do_frag = rows_fragments::<F>(&do_s, pl, cfg);
 
         let zero2 = Vector::<f32, V2>::cast_from(0.0f32);
         let mut o_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
@@ -192,75 +133,30 @@ pub fn fragment_dq_kernel<F: Float>(
             list_base = ((b * n_gh + g) * n_rb + r) * cap;
         }
         // The same flattened, double-buffered walk as the forward.
-        let (e_first, _lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+        let (e_first, lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
         let mut e = e_first;
         let mut hi = hi_first;
-        let mut t0n = _lo_first as usize;
+        let mut t0n = lo_first as usize;
         let mut ph0 = 0u32;
         let mut ph1 = 0u32;
         let mut st = 0usize;
         if e < n_entries {
-            stage_kv::<F>(
-                k,
-                v,
-                &mut k_s,
-                &mut v_s,
-                kv_base,
-                kpos,
-                t0n,
-                min(t0n + tile_k, hi as usize),
-                0usize,
-                u,
-                cfg,
-            );
-            if cfg.staged_keys {
-                stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 0usize, u, cfg);
-            }
-            bar0.commit_copy_async();
-            let _ = bar0.arrive();
+            stage_tile::<F>(k, v, bias, kpos, &mut k_s, &mut v_s, &mut kp_s, &mut bias_s, &bar0, &bar1, kv_base, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 0usize, u, cfg);
         }
         while e < n_entries {
             let t0 = t0n;
             let t1 = min(t0 + tile_k, hi as usize);
-            t0n = t1;
-            if t0n >= hi as usize {
-                let (e2, lo2, hi2) = seek_entry(sched, list_base, e + 1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
-                e = e2;
-                hi = hi2;
-                t0n = lo2 as usize;
-            }
+            // Advance to the next tile and start its copies into the other stage.
+            let (e2, hi2, t2) = next_tile(sched, list_base, e, hi, t1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+            e = e2;
+            hi = hi2;
+            t0n = t2;
             if e < n_entries {
-                stage_kv::<F>(
-                    k,
-                    v,
-                    &mut k_s,
-                    &mut v_s,
-                    kv_base,
-                    kpos,
-                    t0n,
-                    min(t0n + tile_k, hi as usize),
-                    (1 - st) * tile_k,
-                    u,
-                    cfg,
-                );
-                if cfg.staged_keys {
-                    stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), (1 - st) * tile_k, u, cfg);
-                }
-                if st == 0 {
-                    bar1.commit_copy_async();
-                    let _ = bar1.arrive();
-                } else {
-                    bar0.commit_copy_async();
-                    let _ = bar0.arrive();
-                }
+                stage_tile::<F>(k, v, bias, kpos, &mut k_s, &mut v_s, &mut kp_s, &mut bias_s, &bar0, &bar1, kv_base, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 1 - st, u, cfg);
             }
-            if st == 0 {
-                bar0.wait_parity(ph0);
-                ph0 ^= 1u32;
-            } else {
-                bar1.wait_parity(ph1);
-                ph1 ^= 1u32;
-            }
+            let (p0, p1) = wait_tile(&bar0, &bar1, st, ph0, ph1);
+            ph0 = p0;
+            ph1 = p1;
             // S = Q K^T and dP = dO V^T for this plane's 16 rows.
             product_abt::<F>(&q_frag, &k_s, st * tile_k, &mut s_acc, kn, dk, sr);
             product_abt::<F>(&do_frag, &v_s, st * tile_k, &mut dp_acc, kn, dk, sr);
@@ -281,16 +177,16 @@ pub fn fragment_dq_kernel<F: Float>(
                     let mut s1 = r1.extract(x) * scale;
                     if interior && act0 && act1 {
                         if cfg.has_bias {
-                            s0 += f32::cast_from(bias[bias_base0 + j]);
-                            s1 += f32::cast_from(bias[bias_base1 + j]);
+                            s0 += f32::cast_from(bias[lr.bias_base0 + j]);
+                            s1 += f32::cast_from(bias[lr.bias_base1 + j]);
                         }
                     } else if cfg.staged_keys {
                         let slot = st * tile_k + n * 8 + tq * 2 + x;
-                        s0 = staged_score(r0.extract(x), act0, i0, slot, j < t1, &kp_s, &bias_s, thr0, thr_i0, off, w, scale, cfg);
-                        s1 = staged_score(r1.extract(x), act1, i1, slot, j < t1, &kp_s, &bias_s, thr1, thr_i1, off, w, scale, cfg);
+                        s0 = staged_score(r0.extract(x), act0, lr.i0, slot, j < t1, &kp_s, &bias_s, lr.thr0, lr.thr_i0, off, w, scale, cfg);
+                        s1 = staged_score(r1.extract(x), act1, lr.i1, slot, j < t1, &kp_s, &bias_s, lr.thr1, lr.thr_i1, off, w, scale, cfg);
                     } else {
-                        s0 = masked_score::<F>(r0.extract(x), act0, i0, j, t1, bias, bias_base0, kpos, kv_base / vr, thr0, thr_i0, off, w, scale, cfg);
-                        s1 = masked_score::<F>(r1.extract(x), act1, i1, j, t1, bias, bias_base1, kpos, kv_base / vr, thr1, thr_i1, off, w, scale, cfg);
+                        s0 = masked_score::<F>(r0.extract(x), act0, lr.i0, j, t1, bias, lr.bias_base0, kpos, kv_base / vr, lr.thr0, lr.thr_i0, off, w, scale, cfg);
+                        s1 = masked_score::<F>(r1.extract(x), act1, lr.i1, j, t1, bias, lr.bias_base1, kpos, kv_base / vr, lr.thr1, lr.thr_i1, off, w, scale, cfg);
                     }
                     let mut g0 = 0.0f32;
                     let mut g1 = 0.0f32;
@@ -317,8 +213,8 @@ pub fn fragment_dq_kernel<F: Float>(
         let mut at0 = row0;
         let mut at1 = row1;
         if cfg.gathered {
-            let list0 = ((b * n_gh + g) * n_rb + srow0) * cap;
-            let list1 = ((b * n_gh + g) * n_rb + srow1) * cap;
+            let list0 = ((b * n_gh + g) * n_rb + lr.srow0) * cap;
+            let list1 = ((b * n_gh + g) * n_rb + lr.srow1) * cap;
             at0 = row0 * cap + list_slot(sched, list0, cap, kbg);
             at1 = row1 * cap + list_slot(sched, list1, cap, kbg);
         }
@@ -335,17 +231,17 @@ pub fn fragment_dq_kernel<F: Float>(
             }
             // `out` and `part` are indexed in pairs of elements.
             if cfg.gathered {
-                if ok0 {
+                if lr.ok0 {
                     part[(at0 * head_dim + n * 8 + tq * 2) / 2] = a0;
                 }
-                if ok1 {
+                if lr.ok1 {
                     part[(at1 * head_dim + n * 8 + tq * 2) / 2] = a1;
                 }
             } else {
-                if ok0 {
+                if lr.ok0 {
                     out[(row0 * head_dim + n * 8 + tq * 2) / 2] = w0;
                 }
-                if ok1 {
+                if lr.ok1 {
                     out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
                 }
             }

@@ -1,8 +1,9 @@
 //! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
 
+use super::rows::{lane_rows, next_tile, rows_fragments, stage_rows, stage_tile, wait_tile};
 use super::{
-    FragmentConfig, V2, V8, copy_vec_async, fast_exp, load_a, masked_score, staged_score, stage_key_meta, product_abt, product_pb, quad_max, quad_sum, seek_entry,
-    tile_interior, flat_row, list_slot, rows_cube, rows_cube_count,
+    FragmentConfig, V2, V8, fast_exp, list_slot, masked_score, product_abt, product_pb, quad_max, quad_sum, rows_cube, rows_cube_count, seek_entry,
+    staged_score, tile_interior,
 };
 use crate::kernels::{NEG_BIG, cube_linear};
 use cubecl::prelude::barrier::Barrier;
@@ -43,7 +44,6 @@ pub fn fragment_forward_kernel<F: Float>(
     let seq_k = a.seq_k as usize;
     let heads_b = a.heads_b as usize;
     let gh = a.group_heads as usize;
-    let qb = a.query_block as usize;
     let n_rb = a.n_row_blocks as usize;
     let cap = a.cap as usize;
     let key_block = a.key_block as usize;
@@ -53,7 +53,6 @@ pub fn fragment_forward_kernel<F: Float>(
     let head_dim = comptime!(cfg.head_dim);
     let tile_k = comptime!(cfg.tile);
     let bq = comptime!(planes * 16);
-    let nu = comptime!(planes * 32);
     let vr = comptime!(head_dim / 8);
     let sr = comptime!(head_dim / 8 + 1);
     let dk = comptime!(head_dim / 16);
@@ -82,13 +81,10 @@ pub fn fragment_forward_kernel<F: Float>(
         let b = c.b;
         let g = c.g;
         let r = c.r;
-        let q0 = c.q0;
-        let nq = c.nq;
         let n_group_rows = c.n_group_rows;
         let f0 = c.f0;
         let cq_lo = c.cq_lo;
         let cq_hi = c.cq_hi;
-        let rows_base = c.rows_base;
         let kbg = c.kbg;
         let klo = c.klo;
         let khi = c.khi;
@@ -96,62 +92,12 @@ pub fn fragment_forward_kernel<F: Float>(
         let kv_base = (b * heads_kv + hk) * seq_k * vr;
         // Staged keys read one bias row: the bias has a head per kv head.
         let key_bias_base = (b * heads_b + hk) * seq_k;
-        let zero8 = Vector::<F, V8>::cast_from(F::from_int(0));
-
-        // Stage the cube's Q rows (16-byte loads); rows past the group are zero.
-        #[unroll]
-        for it in 0..comptime!((bq * vr).div_ceil(nu)) {
-            let idx = it * nu + u;
-            if idx < bq * vr {
-                let rr = idx / vr;
-                let c = idx % vr;
-                let flat = f0 + rr;
-                let mut val = zero8;
-                let (okr, h, i, _) = flat_row(inv_rows, flat, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-                if okr {
-                    val = q[((b * heads_q + h) * seq_q + i) * vr + c];
-                }
-                q_s[rr * sr + c] = val;
-            }
-        }
-
-        // The two rows this lane holds: `quad` and `quad + 8` of the plane's 16.
-        let quad = lane / 4;
+        // Stage the cube's Q rows; the two rows this lane holds.
+        stage_rows::<F>(q, &mut q_s, &c, &a, inv_rows, u, cfg);
         let tq = lane % 4;
-        let flat0 = f0 + pl * 16 + quad;
-        let flat1 = flat0 + 8;
-        let (ok0, h0, i0, srow0) = flat_row(inv_rows, flat0, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-        let (ok1, h1, i1, srow1) = flat_row(inv_rows, flat1, n_group_rows, g, gh, q0, nq, r, rows_base, qb, seq_q, cfg.gathered);
-        let hb0 = h0 / (heads_q / heads_b);
-        let hb1 = h1 / (heads_q / heads_b);
-        let bias_base0 = (b * heads_b + hb0) * seq_k;
-        let bias_base1 = (b * heads_b + hb1) * seq_k;
-        let mut thr0 = comptime!(NEG_BIG).runtime();
-        let mut thr1 = comptime!(NEG_BIG).runtime();
-        let mut thr_i0 = 0i32;
-        let mut thr_i1 = 0i32;
-        if cfg.has_thr {
-            if ok0 {
-                thr0 = thr_v[(b * heads_b + hb0) * seq_q + i0];
-                thr_i0 = thr_i[(b * heads_b + hb0) * seq_q + i0];
-            }
-            if ok1 {
-                thr1 = thr_v[(b * heads_b + hb1) * seq_q + i1];
-                thr_i1 = thr_i[(b * heads_b + hb1) * seq_q + i1];
-            }
-        }
+        let lr = lane_rows(&c, &a, inv_rows, thr_v, thr_i, pl, lane, cfg);
         sync_cube();
-
-        // Q as A fragments for the whole pass: k-step `s` is q_frag[4 s .. 4 s + 4].
-        let mut q_frag = Array::<Vector<F, V2>>::new(comptime!(4 * dk));
-        #[unroll]
-        for s in 0..dk {
-            let regs = load_a::<F>(&q_s, pl * 16, s * 2, sr);
-            #[unroll]
-            for x in 0..4usize {
-                q_frag[s * 4 + x] = regs[x];
-            }
-        }
+        let q_frag = rows_fragments::<F>(&q_s, pl, cfg);
 
         let zero2 = Vector::<f32, V2>::cast_from(0.0f32);
         let mut o_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * dn));
@@ -175,76 +121,28 @@ pub fn fragment_forward_kernel<F: Float>(
         // tile's products: (e, lo, hi) is the current entry's key range, t0 the next tile.
         let (e_first, lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
         let mut e = e_first;
-        let mut lo = lo_first;
         let mut hi = hi_first;
-        let mut t0n = lo as usize;
+        let mut t0n = lo_first as usize;
         let mut ph0 = 0u32;
         let mut ph1 = 0u32;
         let mut st = 0usize;
         if e < n_entries {
-            stage_kv::<F>(
-                k,
-                v,
-                &mut k_s,
-                &mut v_s,
-                kv_base,
-                kpos,
-                t0n,
-                min(t0n + tile_k, hi as usize),
-                0usize,
-                u,
-                cfg,
-            );
-            if cfg.staged_keys {
-                stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 0usize, u, cfg);
-            }
-            bar0.commit_copy_async();
-            let _ = bar0.arrive();
+            stage_tile::<F>(k, v, bias, kpos, &mut k_s, &mut v_s, &mut kp_s, &mut bias_s, &bar0, &bar1, kv_base, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 0usize, u, cfg);
         }
         while e < n_entries {
             let t0 = t0n;
             let t1 = min(t0 + tile_k, hi as usize);
             // Advance to the next tile and start its copies into the other stage.
-            t0n = t1;
-            if t0n >= hi as usize {
-                let (e2, lo2, hi2) = seek_entry(sched, list_base, e + 1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
-                e = e2;
-                lo = lo2;
-                hi = hi2;
-                t0n = lo as usize;
-            }
+            let (e2, hi2, t2) = next_tile(sched, list_base, e, hi, t1, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
+            e = e2;
+            hi = hi2;
+            t0n = t2;
             if e < n_entries {
-                stage_kv::<F>(
-                    k,
-                    v,
-                    &mut k_s,
-                    &mut v_s,
-                    kv_base,
-                    kpos,
-                    t0n,
-                    min(t0n + tile_k, hi as usize),
-                    (1 - st) * tile_k,
-                    u,
-                    cfg,
-                );
-                if cfg.staged_keys {
-                    stage_key_meta::<F>(kpos, bias, &mut kp_s, &mut bias_s, kv_base / vr, key_bias_base, t0n, min(t0n + tile_k, hi as usize), (1 - st) * tile_k, u, cfg);
-                }
-                if st == 0 {
-                    bar1.commit_copy_async();
-                    let _ = bar1.arrive();
-                } else {
-                    bar0.commit_copy_async();
-                    let _ = bar0.arrive();
-                }
+                stage_tile::<F>(k, v, bias, kpos, &mut k_s, &mut v_s, &mut kp_s, &mut bias_s, &bar0, &bar1, kv_base, key_bias_base, t0n, min(t0n + tile_k, hi as usize), 1 - st, u, cfg);
             }
-            if st == 0 {
-                bar0.wait_parity(ph0);
-                ph0 ^= 1u32;
-            } else {
-                bar1.wait_parity(ph1);
-                ph1 ^= 1u32;
-            }
+            let (p0, p1) = wait_tile(&bar0, &bar1, st, ph0, ph1);
+            ph0 = p0;
+            ph1 = p1;
 
             // S = Q K^T for this plane's 16 rows.
             product_abt::<F>(&q_frag, &k_s, st * tile_k, &mut s_acc, kn, dk, sr);
@@ -264,16 +162,16 @@ pub fn fragment_forward_kernel<F: Float>(
                     let mut s1 = r1.extract(x) * scale;
                     if interior {
                         if cfg.has_bias {
-                            s0 += f32::cast_from(bias[bias_base0 + j]);
-                            s1 += f32::cast_from(bias[bias_base1 + j]);
+                            s0 += f32::cast_from(bias[lr.bias_base0 + j]);
+                            s1 += f32::cast_from(bias[lr.bias_base1 + j]);
                         }
                     } else if cfg.staged_keys {
                         let slot = st * tile_k + n * 8 + tq * 2 + x;
-                        s0 = staged_score(r0.extract(x), ok0, i0, slot, j < t1, &kp_s, &bias_s, thr0, thr_i0, off, w, scale, cfg);
-                        s1 = staged_score(r1.extract(x), ok1, i1, slot, j < t1, &kp_s, &bias_s, thr1, thr_i1, off, w, scale, cfg);
+                        s0 = staged_score(r0.extract(x), lr.ok0, lr.i0, slot, j < t1, &kp_s, &bias_s, lr.thr0, lr.thr_i0, off, w, scale, cfg);
+                        s1 = staged_score(r1.extract(x), lr.ok1, lr.i1, slot, j < t1, &kp_s, &bias_s, lr.thr1, lr.thr_i1, off, w, scale, cfg);
                     } else {
-                        s0 = masked_score::<F>(r0.extract(x), ok0, i0, j, t1, bias, bias_base0, kpos, kv_base / vr, thr0, thr_i0, off, w, scale, cfg);
-                        s1 = masked_score::<F>(r1.extract(x), ok1, i1, j, t1, bias, bias_base1, kpos, kv_base / vr, thr1, thr_i1, off, w, scale, cfg);
+                        s0 = masked_score::<F>(r0.extract(x), lr.ok0, lr.i0, j, t1, bias, lr.bias_base0, kpos, kv_base / vr, lr.thr0, lr.thr_i0, off, w, scale, cfg);
+                        s1 = masked_score::<F>(r1.extract(x), lr.ok1, lr.i1, j, t1, bias, lr.bias_base1, kpos, kv_base / vr, lr.thr1, lr.thr_i1, off, w, scale, cfg);
                     }
                     r0.insert(x, s0);
                     r1.insert(x, s1);
@@ -343,19 +241,19 @@ pub fn fragment_forward_kernel<F: Float>(
         if lt1 > 0.0f32 {
             inv1 = 1.0f32 / lt1;
         }
-        let row0 = (b * heads_q + h0) * seq_q + i0;
-        let row1 = (b * heads_q + h1) * seq_q + i1;
+        let row0 = (b * heads_q + lr.h0) * seq_q + lr.i0;
+        let row1 = (b * heads_q + lr.h1) * seq_q + lr.i1;
         // Gathered: results go to this block's slot of each row's list, for the merge.
         let mut at0 = row0;
         let mut at1 = row1;
         if cfg.gathered {
-            let list0 = ((b * n_gh + g) * n_rb + srow0) * cap;
-            let list1 = ((b * n_gh + g) * n_rb + srow1) * cap;
+            let list0 = ((b * n_gh + g) * n_rb + lr.srow0) * cap;
+            let list1 = ((b * n_gh + g) * n_rb + lr.srow1) * cap;
             at0 = row0 * cap + list_slot(sched, list0, cap, kbg);
             at1 = row1 * cap + list_slot(sched, list1, cap, kbg);
         }
         if tq == 0 {
-            if ok0 {
+            if lr.ok0 {
                 let mut lv = neg_inf;
                 if lt0 > 0.0f32 {
                     lv = m0 + lt0.ln();
@@ -366,7 +264,7 @@ pub fn fragment_forward_kernel<F: Float>(
                     lse[row0] = lv;
                 }
             }
-            if ok1 {
+            if lr.ok1 {
                 let mut lv = neg_inf;
                 if lt1 > 0.0f32 {
                     lv = m1 + lt1.ln();
@@ -391,62 +289,20 @@ pub fn fragment_forward_kernel<F: Float>(
             }
             // `out` and `part` are indexed in pairs of elements.
             if cfg.gathered {
-                if ok0 {
+                if lr.ok0 {
                     part[(at0 * head_dim + n * 8 + tq * 2) / 2] = a0 * Vector::<f32, V2>::cast_from(inv0);
                 }
-                if ok1 {
+                if lr.ok1 {
                     part[(at1 * head_dim + n * 8 + tq * 2) / 2] = a1 * Vector::<f32, V2>::cast_from(inv1);
                 }
             } else {
-                if ok0 {
+                if lr.ok0 {
                     out[(row0 * head_dim + n * 8 + tq * 2) / 2] = w0;
                 }
-                if ok1 {
+                if lr.ok1 {
                     out[(row1 * head_dim + n * 8 + tq * 2) / 2] = w1;
                 }
             }
-        }
-    }
-}
-
-/// Starts the copies of keys `t0..t1` of K and V into the stage at row `row0` (rows past `t1`
-/// are zeroed; their scores are masked).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn stage_kv<F: Float>(
-    k: &[Vector<F, V8>],
-    v: &[Vector<F, V8>],
-    k_s: &mut [Vector<F, V8>],
-    v_s: &mut [Vector<F, V8>],
-    kv_base: usize,
-    kpos: &[i32],
-    t0: usize,
-    t1: usize,
-    row0: usize,
-    u: usize,
-    #[comptime] cfg: FragmentConfig,
-) {
-    let vr = comptime!(cfg.head_dim / 8);
-    let sr = comptime!(cfg.head_dim / 8 + 1);
-    let nu = comptime!(cfg.planes * 32);
-    #[unroll]
-    for it in 0..comptime!((cfg.tile * vr).div_ceil(nu)) {
-        let idx = it * nu + u;
-        if idx < cfg.tile * vr {
-            let kr = idx / vr;
-            let c = idx % vr;
-            let valid = t0 + kr < t1;
-            let mut gi = 0usize;
-            if valid {
-                // Gathered keys: slot `t0 + kr` holds key row `kpos[..]`.
-                let mut row = t0 + kr;
-                if cfg.key_pos {
-                    row = kpos[kv_base / vr + t0 + kr] as usize;
-                }
-                gi = kv_base + row * vr + c;
-            }
-            copy_vec_async::<F>(k, gi, k_s, (row0 + kr) * sr + c, valid);
-            copy_vec_async::<F>(v, gi, v_s, (row0 + kr) * sr + c, valid);
         }
     }
 }

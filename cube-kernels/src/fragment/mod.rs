@@ -24,9 +24,10 @@ pub mod dkdv;
 pub mod dq;
 #[allow(missing_docs)]
 pub mod forward;
+mod rows;
 
 use crate::args::RowsArgs;
-use crate::kernels::{NEG_BIG, key_kept, pair_visible};
+use crate::kernels::{NEG_BIG, entry_keys, key_kept, pair_visible};
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::barrier::copy_async;
 use cubecl::prelude::*;
@@ -347,17 +348,9 @@ pub(crate) fn seek_entry(
         if at >= n_entries {
             break;
         }
-        lo = klo;
-        hi = khi;
-        if blocks {
-            let kb = sched[list_base + at];
-            if kb >= 0 {
-                lo = max(lo, kb * key_block as i32);
-                hi = min(hi, min((kb + 1) * key_block as i32, seq_k as i32));
-            } else {
-                hi = lo;
-            }
-        }
+        let (elo, ehi) = entry_keys(sched, list_base, at, klo, khi, key_block, seq_k, blocks);
+        lo = elo;
+        hi = ehi;
         if hi > lo {
             break;
         }
