@@ -15,20 +15,32 @@ step() { echo "=== $*"; }
 has() { [[ " ${PARTS:-tests bench} " == *" $1 "* ]] && [ -x "$bin/$2" ]; }
 summary() { grep -E "test result|FAILED|panicked|runtime=" | grep -v "^test .* ok$" | head -24; }
 
-if has tests attention; then {
-  step "kernel tests, CUDA, f32 f16 bf16 (tensor cores; f32 as TF32)"
-  SPARSE_ATTN_RUNTIME=cuda SPARSE_ATTN_DTYPES=f32,f16,bf16 timeout 240 $bin/attention --test-threads 4 2>&1 | summary
-  step "kernel tests, CUDA, f32, SPARSE_ATTN_KERNEL_PATH=portable"
-  SPARSE_ATTN_KERNEL_PATH=portable SPARSE_ATTN_RUNTIME=cuda SPARSE_ATTN_DTYPES=f32 timeout 120 $bin/attention --test-threads 4 2>&1 | summary
-  step "kernel tests, Vulkan (SPIR-V), f32 f16 bf16 (tensor cores for f16/bf16)"
-  SPARSE_ATTN_RUNTIME=vulkan SPARSE_ATTN_DTYPES=f32,f16,bf16 timeout 200 $bin/attention --test-threads 4 2>&1 | summary
-} 2>&1 | tee "$OUT/tests.log"; fi
-if has tests kernel_dispatch; then {
-  step "kernels through Burn + autodiff vs reference: CUDA (TF32), CUDA portable, Vulkan"
-  SPARSE_ATTN_RUNTIME=cuda timeout 200 $bin/kernel_dispatch 2>&1 | summary
-  SPARSE_ATTN_KERNEL_PATH=portable SPARSE_ATTN_RUNTIME=cuda timeout 200 $bin/kernel_dispatch 2>&1 | summary
-  SPARSE_ATTN_RUNTIME=vulkan timeout 200 $bin/kernel_dispatch 2>&1 | summary
-} 2>&1 | tee -a "$OUT/tests.log"; fi
+# The kernel suite has grown past what one process finishes in a few minutes: each
+# configuration runs as its own process, all at once (the GPU and 16 cores have room), with
+# TEST_LIMIT seconds each; every log lands in $OUT/tests-NAME.log and the summary in tests.log.
+suite() {  # NAME BINARY ENV...: one test process in the background
+  local name=$1 exe=$2; shift 2
+  ( env "$@" timeout ${TEST_LIMIT:-540} $bin/$exe --test-threads 4 > "$OUT/tests-$name.log" 2>&1
+    echo "exit $?" >> "$OUT/tests-$name.log" ) &
+}
+if has tests attention; then
+  for dt in f32 f16 bf16; do  # tensor cores; f32 as TF32
+    suite attention-cuda-$dt attention SPARSE_ATTN_RUNTIME=cuda SPARSE_ATTN_DTYPES=$dt
+  done
+  suite attention-cuda-portable-f32 attention SPARSE_ATTN_KERNEL_PATH=portable SPARSE_ATTN_RUNTIME=cuda SPARSE_ATTN_DTYPES=f32
+  [ -d .gl ] && suite attention-vulkan attention SPARSE_ATTN_RUNTIME=vulkan SPARSE_ATTN_DTYPES=f32,f16,bf16
+fi
+if has tests kernel_dispatch; then  # kernels through Burn + autodiff against the reference
+  suite dispatch-cuda kernel_dispatch SPARSE_ATTN_RUNTIME=cuda
+  suite dispatch-cuda-portable kernel_dispatch SPARSE_ATTN_KERNEL_PATH=portable SPARSE_ATTN_RUNTIME=cuda
+  [ -d .gl ] && suite dispatch-vulkan kernel_dispatch SPARSE_ATTN_RUNTIME=vulkan
+fi
+if has tests training; then suite training-cuda training SPARSE_ATTN_RUNTIME=cuda; fi
+wait
+for f in "$OUT"/tests-*.log; do
+  [ -f "$f" ] || continue
+  step "$(basename "$f" .log)"; summary < "$f"; tail -1 "$f"
+done 2>&1 | tee "$OUT/tests.log"
 if has bench attn_bench; then {
   for s in 4096 16384; do
     step "attn_bench s=$s bf16, CUDA tensor cores: Hkv=16 (NSA lists per head) and Hkv=1 (NSA lists shared by 16 heads)"
