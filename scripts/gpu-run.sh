@@ -17,11 +17,13 @@ summary() { grep -E "test result|FAILED|panicked|runtime=" | grep -v "^test .* o
 
 # The kernel suite has grown past what one process finishes in a few minutes: each
 # configuration runs as its own process, all at once (the GPU and 16 cores have room), with
-# TEST_LIMIT seconds each; every log lands in $OUT/tests-NAME.log and the summary in tests.log.
+# TEST_LIMIT seconds each; the summary lands in $OUT/tests.log and every whole log, one after
+# another, in $OUT/tests-full.log (the device tool brings back only a few files).
 suite() {  # NAME BINARY ENV...: one test process in the background
   local name=$1 exe=$2; shift 2
-  ( env "$@" timeout ${TEST_LIMIT:-540} $bin/$exe --test-threads 4 > "$OUT/tests-$name.log" 2>&1
-    echo "exit $?" >> "$OUT/tests-$name.log" ) &
+  mkdir -p /tmp/tests
+  ( env "$@" timeout ${TEST_LIMIT:-540} $bin/$exe --test-threads 4 > "/tmp/tests/$name.log" 2>&1
+    echo "exit $?" >> "/tmp/tests/$name.log" ) &
 }
 if has tests attention; then
   for dt in f32 f16 bf16; do  # tensor cores; f32 as TF32
@@ -37,10 +39,11 @@ if has tests kernel_dispatch; then  # kernels through Burn + autodiff against th
 fi
 if has tests training; then suite training-cuda training SPARSE_ATTN_RUNTIME=cuda; fi
 wait
-for f in "$OUT"/tests-*.log; do
+for f in /tmp/tests/*.log; do
   [ -f "$f" ] || continue
   step "$(basename "$f" .log)"; summary < "$f"; tail -1 "$f"
 done 2>&1 | tee "$OUT/tests.log"
+for f in /tmp/tests/*.log; do [ -f "$f" ] && { step "$(basename "$f" .log)"; cat "$f"; }; done > "$OUT/tests-full.log"
 if has bench attn_bench; then {
   for s in 4096 16384; do
     step "attn_bench s=$s bf16, CUDA tensor cores: Hkv=16 (NSA lists per head) and Hkv=1 (NSA lists shared by 16 heads)"
