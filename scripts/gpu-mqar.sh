@@ -3,7 +3,8 @@
 # toy-lm gzipped into BIN_DIR (default .dev-bin). RUNS holds one run per line:
 # `<name> <toy-lm compare flags...>` (or RUNS_FILE names a file of such lines); every run gets the shared flags below plus its own, all
 # runs go at once (small models: they share the GPU, so their speeds are not measurements),
-# each under LIMIT seconds. Logs and results land in $OUT/mqar-<name>/.
+# each under LIMIT seconds. Logs and results land in $OUT/mqar-<name>/, then packed into
+# $OUT/mqar.tgz (the device tool brings back at most 8 files; PACK=0 keeps the folders).
 set -uo pipefail
 export CUDARC_CUDA_VERSION=13000 RUST_BACKTRACE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,3 +21,4 @@ while read -r name args; do
 done <<< "${RUNS:-$(cat "$RUNS_FILE")}"
 wait
 for d in "$OUT"/mqar-*; do echo "== $(basename $d): $(grep -m1 -oE "\-\-methods.*" $d/command.txt 2>/dev/null | cut -c1-150)"; grep -iE "accuracy|rc |error" "$d/run.log" | tail -${TAIL:-3}; done
+if [ "${PACK:-1}" = 1 ]; then (cd "$OUT" && tar czf mqar.tgz mqar-* && rm -rf mqar-*); fi
