@@ -19,9 +19,9 @@ summary() { grep -E "test result|FAILED|panicked|runtime=" | grep -v "^test .* o
 # configuration runs as its own process, all at once (the GPU and 16 cores have room), with
 # TEST_LIMIT seconds each; the summary lands in $OUT/tests.log and every whole log, one after
 # another, in $OUT/tests-full.log (the device tool brings back only a few files).
+rm -rf /tmp/tests; mkdir -p /tmp/tests  # a warm machine keeps an earlier call's logs
 suite() {  # NAME BINARY ENV...: one test process in the background
   local name=$1 exe=$2; shift 2
-  mkdir -p /tmp/tests
   ( env "$@" timeout ${TEST_LIMIT:-540} $bin/$exe --test-threads 4 > "/tmp/tests/$name.log" 2>&1
     echo "exit $?" >> "/tmp/tests/$name.log" ) &
 }
@@ -41,9 +41,9 @@ if has tests training; then suite training-cuda training SPARSE_ATTN_RUNTIME=cud
 wait
 for f in /tmp/tests/*.log; do
   [ -f "$f" ] || continue
-  step "$(basename "$f" .log)"; summary < "$f"; tail -1 "$f"
+  step "$(basename "$f" .log)" | tee -a "$OUT/tests-full.log"; cat "$f" >> "$OUT/tests-full.log"
+  summary < "$f"; tail -1 "$f"
 done 2>&1 | tee "$OUT/tests.log"
-for f in /tmp/tests/*.log; do [ -f "$f" ] && { step "$(basename "$f" .log)"; cat "$f"; }; done > "$OUT/tests-full.log"
 if has bench attn_bench; then {
   for s in 4096 16384; do
     step "attn_bench s=$s bf16, CUDA tensor cores: Hkv=16 (NSA lists per head) and Hkv=1 (NSA lists shared by 16 heads)"
