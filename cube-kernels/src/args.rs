@@ -43,6 +43,10 @@ pub struct RowsArgs {
     pub scale: f32,
     /// `-inf`, passed in rather than spelled as a kernel constant.
     pub neg_inf: f32,
+    /// The kernel's comptime head dim and key tile, again at run time: the bounds of its
+    /// per-unit loops on software devices (see [`crate::kernels::loop_bound`]).
+    pub loop_dim: u32,
+    pub loop_tile: u32,
 }
 
 /// Runtime arguments of the key-major pass.
@@ -83,6 +87,10 @@ pub struct KeysArgs {
     pub w: i32,
     /// Softmax scale.
     pub scale: f32,
+    /// The kernel's comptime head dim and query tile, again at run time: the bounds of its
+    /// per-unit loops on software devices (see [`crate::kernels::loop_bound`]).
+    pub loop_dim: u32,
+    pub loop_tile: u32,
 }
 
 /// The host's [`RowsArgs`], by name.
@@ -107,8 +115,13 @@ pub(crate) struct RowsShape {
 }
 
 impl RowsShape {
-    /// The launch argument.
+    /// The launch argument of the tensor-core kernels, whose loops are all comptime.
     pub(crate) fn arg(&self) -> RowsArgsLaunch {
+        self.portable_arg(0, 0)
+    }
+
+    /// The launch argument of the portable kernel, with its head dim and key tile.
+    pub(crate) fn portable_arg(&self, dim: usize, tile: usize) -> RowsArgsLaunch {
         RowsArgsLaunch::new(
             self.n_batch as u32,
             self.heads_q as u32,
@@ -127,6 +140,8 @@ impl RowsShape {
             self.w,
             self.scale,
             f32::NEG_INFINITY,
+            dim as u32,
+            tile as u32,
         )
     }
 }
@@ -154,8 +169,13 @@ pub(crate) struct KeysShape {
 }
 
 impl KeysShape {
-    /// The launch argument.
+    /// The launch argument of the tensor-core kernels, whose loops are all comptime.
     pub(crate) fn arg(&self) -> KeysArgsLaunch {
+        self.portable_arg(0, 0)
+    }
+
+    /// The launch argument of the portable kernel, with its head dim and query tile.
+    pub(crate) fn portable_arg(&self, dim: usize, tile: usize) -> KeysArgsLaunch {
         KeysArgsLaunch::new(
             self.n_batch as u32,
             self.heads_q as u32,
@@ -174,6 +194,8 @@ impl KeysShape {
             self.off,
             self.w,
             self.scale,
+            dim as u32,
+            tile as u32,
         )
     }
 }

@@ -163,3 +163,10 @@ pub fn describe(client: &Client) -> String {
         kernel_path(client, AttnDtype::BF16, 64),
     )
 }
+
+/// Whether the device is software (a CPU behind a GPU API: Mesa's llvmpipe, SwiftShader),
+/// whose shader compiler unrolls the portable kernels' constant per-unit loops at great
+/// cost: there they take runtime bounds (see `kernels::loop_bound`).
+pub(crate) fn software_device(client: &Client) -> bool {
+    client.properties().identity.physical.is_none()
+}

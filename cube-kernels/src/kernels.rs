@@ -30,6 +30,25 @@ pub(crate) fn unit_linear() -> usize {
     cube_linear() * (CUBE_DIM as usize) + UNIT_POS as usize
 }
 
+/// The bound of a per-unit loop over `n` (head dim, tile, cube size): `n` itself, a constant
+/// GPU compilers unroll, or on a software device (`rolled`) the same value read at run time.
+/// Mesa's llvmpipe fully unrolls short constant loops, nested ones too: the head-dim-32 dQ
+/// kernel took minutes to compile that way and takes about a second with runtime bounds
+/// (docs/testing.md §5).
+#[cube]
+pub(crate) fn loop_bound(#[comptime] n: usize, rt: u32, #[comptime] rolled: bool) -> usize {
+    if rolled { rt as usize } else { n.runtime() }
+}
+
+/// Head dims per iteration of the portable kernels' head-dim loops: 4 on a software
+/// device, 1 elsewhere. llvmpipe counts every loop iteration of an invocation against one
+/// limit of 65 535 and silently leaves the loop past it (its `looplimiter`): head-dim loops
+/// nested in a walk over key tiles reach it after about 15 tiles at head dim 64 when each
+/// iteration takes one dim; four per iteration give four times the walk.
+pub(crate) fn dim_step(head_dim: usize, rolled: bool) -> usize {
+    if rolled && head_dim.is_multiple_of(4) { 4 } else { 1 }
+}
+
 /// Whether query `i` may see key `j`: causal (bottom-right aligned, `off = Sk - Sq`)
 /// `j <= i + off`, window `j > i + off - w`.
 #[cube]
@@ -338,6 +357,7 @@ pub fn attn_rows_kernel<F: Float>(
     seg_bounds: &[i32],
     #[comptime] segmented: bool,
     #[comptime] pair_bias: bool,
+    #[comptime] rolled: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -357,6 +377,12 @@ pub fn attn_rows_kernel<F: Float>(
     let key_block = a.key_block as usize;
     let n_gh = heads_q / gh;
 
+    // Per-unit loop bounds (constants unless `rolled`: see `loop_bound`); head-dim loops
+    // take `d_step` dims per iteration (see `dim_step`).
+    let d_step = comptime!(dim_step(head_dim, rolled));
+    let n_d = loop_bound(comptime!(head_dim / d_step), a.loop_dim / comptime!(d_step as u32), rolled);
+    let n_t = loop_bound(tile_k, a.loop_tile, rolled);
+    let n_u = loop_bound(units, CUBE_DIM, rolled);
     let u = UNIT_POS as usize;
     let cid = cube_linear();
     let n_cubes = n_batch * n_gh * n_rb * n_chunks;
@@ -423,10 +449,14 @@ pub fn attn_rows_kernel<F: Float>(
         let mut acc = Array::<f32>::new(head_dim);
         let mut do_r = Array::<f32>::new(head_dim);
         let mut sc = Array::<f32>::new(tile_k);
-        for d in 0..head_dim {
-            acc[d] = 0.0f32;
-            q_r[d] = 0.0f32;
-            do_r[d] = 0.0f32;
+        for d4 in 0..n_d {
+            #[unroll]
+            for dz in 0..d_step {
+                let d = d4 * d_step + dz;
+                acc[d] = 0.0f32;
+                q_r[d] = 0.0f32;
+                do_r[d] = 0.0f32;
+            }
         }
         let mut row_thr = comptime!(NEG_BIG).runtime();
         let mut row_thr_i = 0i32;
@@ -449,8 +479,12 @@ pub fn attn_rows_kernel<F: Float>(
         // A backward row with lse = -inf saw no key anywhere: all its gradients are 0.
         let mut row_active = row_valid;
         if row_valid {
-            for d in 0..head_dim {
-                q_r[d] = f32::cast_from(q[row * head_dim + d]);
+            for d4 in 0..n_d {
+                #[unroll]
+                for dz in 0..d_step {
+                    let d = d4 * d_step + dz;
+                    q_r[d] = f32::cast_from(q[row * head_dim + d]);
+                }
             }
             if has_thr {
                 row_thr = thr_v[(b * heads_b + hb) * seq_q + i];
@@ -460,8 +494,12 @@ pub fn attn_rows_kernel<F: Float>(
                 lse_row = lse[row];
                 delta_row = delta[row];
                 row_active = lse_row > NEG_BIG;
-                for d in 0..head_dim {
-                    do_r[d] = f32::cast_from(d_o[row * head_dim + d]);
+                for d4 in 0..n_d {
+                    #[unroll]
+                    for dz in 0..d_step {
+                        let d = d4 * d_step + dz;
+                        do_r[d] = f32::cast_from(d_o[row * head_dim + d]);
+                    }
                 }
             }
         }
@@ -485,7 +523,7 @@ pub fn attn_rows_kernel<F: Float>(
                 let t1 = min(t0 + tile_k, e_hi as usize);
                 // Per-row scores' masks, and whether this row keeps any key of the tile.
                 let mut any_kept = false;
-                for kk in 0..tile_k {
+                for kk in 0..n_t {
                     let j = t0 + kk;
                     let mut keep = false;
                     if row_active && j < t1 {
@@ -510,7 +548,7 @@ pub fn attn_rows_kernel<F: Float>(
                 }
                 sync_cube();
                 let mut cube_any = false;
-                for x in 0..units {
+                for x in 0..n_u {
                     if flag_s[x] != 0u32 {
                         cube_any = true;
                     }
@@ -537,11 +575,15 @@ pub fn attn_rows_kernel<F: Float>(
                     if any_kept {
                         // Scores.
                         let mut t_max = comptime!(NEG_BIG).runtime();
-                        for kk in 0..tile_k {
+                        for kk in 0..n_t {
                             if sc[kk] == 0.0f32 {
                                 let mut dot = 0.0f32;
-                                for d in 0..head_dim {
-                                    dot += q_r[d] * k_s[kk * head_dim + d];
+                                for d4 in 0..n_d {
+                                    #[unroll]
+                                    for dz in 0..d_step {
+                                        let d = d4 * d_step + dz;
+                                        dot += q_r[d] * k_s[kk * head_dim + d];
+                                    }
                                 }
                                 let mut s = dot * scale;
                                 if has_bias {
@@ -554,17 +596,25 @@ pub fn attn_rows_kernel<F: Float>(
                             }
                         }
                         if backward {
-                            for kk in 0..tile_k {
+                            for kk in 0..n_t {
                                 let s = sc[kk];
                                 if s > NEG_BIG {
                                     let p = (s - lse_row).exp();
                                     let mut dp = 0.0f32;
-                                    for d in 0..head_dim {
-                                        dp += do_r[d] * v_s[kk * head_dim + d];
+                                    for d4 in 0..n_d {
+                                        #[unroll]
+                                        for dz in 0..d_step {
+                                            let d = d4 * d_step + dz;
+                                            dp += do_r[d] * v_s[kk * head_dim + d];
+                                        }
                                     }
                                     let ds = p * (dp - delta_row) * scale;
-                                    for d in 0..head_dim {
-                                        acc[d] += ds * k_s[kk * head_dim + d];
+                                    for d4 in 0..n_d {
+                                        #[unroll]
+                                        for dz in 0..d_step {
+                                            let d = d4 * d_step + dz;
+                                            acc[d] += ds * k_s[kk * head_dim + d];
+                                        }
                                     }
                                 }
                             }
@@ -573,16 +623,24 @@ pub fn attn_rows_kernel<F: Float>(
                             let m_new = max(m_run, t_max);
                             let corr = (m_run - m_new).exp();
                             l_run *= corr;
-                            for d in 0..head_dim {
-                                acc[d] *= corr;
+                            for d4 in 0..n_d {
+                                #[unroll]
+                                for dz in 0..d_step {
+                                    let d = d4 * d_step + dz;
+                                    acc[d] *= corr;
+                                }
                             }
-                            for kk in 0..tile_k {
+                            for kk in 0..n_t {
                                 let s = sc[kk];
                                 if s > NEG_BIG {
                                     let p = (s - m_new).exp();
                                     l_run += p;
-                                    for d in 0..head_dim {
-                                        acc[d] += p * v_s[kk * head_dim + d];
+                                    for d4 in 0..n_d {
+                                        #[unroll]
+                                        for dz in 0..d_step {
+                                            let d = d4 * d_step + dz;
+                                            acc[d] += p * v_s[kk * head_dim + d];
+                                        }
                                     }
                                 }
                             }
@@ -596,19 +654,31 @@ pub fn attn_rows_kernel<F: Float>(
 
         if row_valid {
             if backward {
-                for d in 0..head_dim {
-                    out[row * head_dim + d] = F::cast_from(acc[d]);
+                for d4 in 0..n_d {
+                    #[unroll]
+                    for dz in 0..d_step {
+                        let d = d4 * d_step + dz;
+                        out[row * head_dim + d] = F::cast_from(acc[d]);
+                    }
                 }
             } else {
                 if l_run > 0.0f32 {
                     let inv = 1.0f32 / l_run;
-                    for d in 0..head_dim {
-                        out[row * head_dim + d] = F::cast_from(acc[d] * inv);
+                    for d4 in 0..n_d {
+                        #[unroll]
+                        for dz in 0..d_step {
+                            let d = d4 * d_step + dz;
+                            out[row * head_dim + d] = F::cast_from(acc[d] * inv);
+                        }
                     }
                     lse[row] = m_run + l_run.ln();
                 } else {
-                    for d in 0..head_dim {
-                        out[row * head_dim + d] = F::cast_from(0.0f32);
+                    for d4 in 0..n_d {
+                        #[unroll]
+                        for dz in 0..d_step {
+                            let d = d4 * d_step + dz;
+                            out[row * head_dim + d] = F::cast_from(0.0f32);
+                        }
                     }
                     lse[row] = neg_inf;
                 }
@@ -662,6 +732,7 @@ pub fn attn_keys_kernel<F: Float>(
     seg_bounds: &[i32],
     #[comptime] segmented: bool,
     #[comptime] pair_bias: bool,
+    #[comptime] rolled: bool,
 ) {
     let off = a.off;
     let w = a.w;
@@ -682,6 +753,12 @@ pub fn attn_keys_kernel<F: Float>(
     let n_kt = a.n_key_tiles as usize;
     let n_split = a.n_split as usize;
 
+    // Per-unit loop bounds (constants unless `rolled`: see `loop_bound`); head-dim loops
+    // take `d_step` dims per iteration (see `dim_step`).
+    let d_step = comptime!(dim_step(head_dim, rolled));
+    let n_d = loop_bound(comptime!(head_dim / d_step), a.loop_dim / comptime!(d_step as u32), rolled);
+    let n_t = loop_bound(tile_q, a.loop_tile, rolled);
+    let n_u = loop_bound(units, CUBE_DIM, rolled);
     let u = UNIT_POS as usize;
     let cid = cube_linear();
 
@@ -719,16 +796,24 @@ pub fn attn_keys_kernel<F: Float>(
         let mut v_r = Array::<f32>::new(head_dim);
         let mut dk_r = Array::<f32>::new(head_dim);
         let mut dv_r = Array::<f32>::new(head_dim);
-        for d in 0..head_dim {
-            k_r[d] = 0.0f32;
-            v_r[d] = 0.0f32;
-            dk_r[d] = 0.0f32;
-            dv_r[d] = 0.0f32;
+        for d4 in 0..n_d {
+            #[unroll]
+            for dz in 0..d_step {
+                let d = d4 * d_step + dz;
+                k_r[d] = 0.0f32;
+                v_r[d] = 0.0f32;
+                dk_r[d] = 0.0f32;
+                dv_r[d] = 0.0f32;
+            }
         }
         if key_valid {
-            for d in 0..head_dim {
-                k_r[d] = f32::cast_from(k[kv_base + j * head_dim + d]);
-                v_r[d] = f32::cast_from(v[kv_base + j * head_dim + d]);
+            for d4 in 0..n_d {
+                #[unroll]
+                for dz in 0..d_step {
+                    let d = d4 * d_step + dz;
+                    k_r[d] = f32::cast_from(k[kv_base + j * head_dim + d]);
+                    v_r[d] = f32::cast_from(v[kv_base + j * head_dim + d]);
+                }
             }
         }
         let mut db_acc = 0.0f32;
@@ -804,7 +889,7 @@ pub fn attn_keys_kernel<F: Float>(
                 // Does this key pair with any row of the chunk? (masks, threshold, lse)
                 let mut any = false;
                 if key_valid {
-                    for x2 in 0..tile_q {
+                    for x2 in 0..n_t {
                         let qi = qi_s[x2];
                         if qi >= 0 {
                             let mut keep = lse_s[x2] > NEG_BIG;
@@ -829,7 +914,7 @@ pub fn attn_keys_kernel<F: Float>(
                 }
                 sync_cube();
                 let mut cube_any = false;
-                for y in 0..units {
+                for y in 0..n_u {
                     if flag_s[y] != 0u32 {
                         cube_any = true;
                     }
@@ -853,7 +938,7 @@ pub fn attn_keys_kernel<F: Float>(
                     }
                     sync_cube();
                     if any {
-                        for x4 in 0..tile_q {
+                        for x4 in 0..n_t {
                             let qi = qi_s[x4];
                             if qi >= 0 {
                                 let lse_i = lse_s[x4];
@@ -870,9 +955,13 @@ pub fn attn_keys_kernel<F: Float>(
                                 if keep {
                                     let mut dot = 0.0f32;
                                     let mut dp = 0.0f32;
-                                    for d in 0..head_dim {
-                                        dot += q_s[x4 * head_dim + d] * k_r[d];
-                                        dp += do_s[x4 * head_dim + d] * v_r[d];
+                                    for d4 in 0..n_d {
+                                        #[unroll]
+                                        for dz in 0..d_step {
+                                            let d = d4 * d_step + dz;
+                                            dot += q_s[x4 * head_dim + d] * k_r[d];
+                                            dp += do_s[x4 * head_dim + d] * v_r[d];
+                                        }
                                     }
                                     let mut s = dot * scale;
                                     if has_bias {
@@ -889,9 +978,13 @@ pub fn attn_keys_kernel<F: Float>(
                                         db_acc += ds;
                                     }
                                     let dss = ds * scale;
-                                    for d in 0..head_dim {
-                                        dv_r[d] += p * do_s[x4 * head_dim + d];
-                                        dk_r[d] += dss * q_s[x4 * head_dim + d];
+                                    for d4 in 0..n_d {
+                                        #[unroll]
+                                        for dz in 0..d_step {
+                                            let d = d4 * d_step + dz;
+                                            dv_r[d] += p * do_s[x4 * head_dim + d];
+                                            dk_r[d] += dss * q_s[x4 * head_dim + d];
+                                        }
                                     }
                                 }
                             }
@@ -910,9 +1003,13 @@ pub fn attn_keys_kernel<F: Float>(
         }
 
         if key_valid {
-            for d in 0..head_dim {
-                dk[kv_out + kv_base + j * head_dim + d] = dk_r[d];
-                dv[kv_out + kv_base + j * head_dim + d] = dv_r[d];
+            for d4 in 0..n_d {
+                #[unroll]
+                for dz in 0..d_step {
+                    let d = d4 * d_step + dz;
+                    dk[kv_out + kv_base + j * head_dim + d] = dk_r[d];
+                    dv[kv_out + kv_base + j * head_dim + d] = dv_r[d];
+                }
             }
         }
     }

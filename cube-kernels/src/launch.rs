@@ -363,7 +363,17 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 gl.merge::<F>(client, p, out, bwd.is_none().then_some(lse));
             }
         }
-        None => kernels::attn_rows_kernel::launch::<F>(
+        None => {
+            if caps::software_device(client) {
+                // The longest walk: every entry's keys, or (dense) the visible keys of a cube.
+                let tiles = match inputs.schedule {
+                    Some(s) => cap * s.key_block.min(p.seq_k).div_ceil(plan.tile_k),
+                    None if windowed => (w.max(0) as usize + units).min(p.seq_k).div_ceil(plan.tile_k),
+                    None => p.seq_k.div_ceil(plan.tile_k),
+                };
+                crate::loop_budget::check_rows_walk(p, tiles, plan.tile_k, units)?;
+            }
+            kernels::attn_rows_kernel::launch::<F>(
             client,
             grid(client, n_cubes),
             CubeDim::new_1d(units as u32),
@@ -378,7 +388,7 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             buf(delta_h, delta_len),
             buf(lse, rows),
             buf(out, rows * d),
-            shape.arg(),
+            shape.portable_arg(d, plan.tile_k),
             units,
             d,
             plan.tile_k,
@@ -391,7 +401,9 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             buf(&seg.bounds, seg.len),
             segmented,
             pair,
-        ),
+            caps::software_device(client),
+            )
+        }
     }
     Ok(())
 }
@@ -578,7 +590,10 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         key_pieces::sum_pieces::<F>(client, p, &shape, &pieces, inputs.key_positions, grads, inputs.schedule.is_some());
         return Ok(());
     }
-    let n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
+    let mut n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
+    if mma.is_none() && caps::software_device(client) {
+        n_split = crate::loop_budget::keys_split(p, p.heads_q / p.heads_kv, p.seq_q.div_ceil(tile_rows), tile_rows, units, n_split)?;
+    }
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
     let dk_parts = alloc(client, n_split * kv_len, 4);
     let dv_parts = alloc(client, n_split * kv_len, 4);
@@ -593,7 +608,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     // Both paths take the same runtime arguments and mask flags; only the launch, the cube
     // shape and the tiling constants differ.
     macro_rules! launch {
-        ($kernel:path, $dim:expr, [$($tiling:expr),*], [$($extra:expr),*]) => {
+        ($kernel:path, $dim:expr, $arg:ident($($arg_v:expr),*), [$($tiling:expr),*], [$($extra:expr),*]) => {
             $kernel(
                 client,
                 grid(client, n_cubes),
@@ -612,7 +627,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(&dk_parts, n_split * kv_len),
                 buf(&dv_parts, n_split * kv_len),
                 buf(&db_parts, db_len),
-                KeysShape { n_split, ..args }.arg(),
+                KeysShape { n_split, ..args }.$arg($($arg_v),*),
                 $($tiling,)*
                 causal,
                 windowed,
@@ -627,14 +642,16 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         Some((spec, mp)) => launch!(
             mma::mma_keys_kernel::launch::<F, M>,
             CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
+            arg(),
             [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16],
             []
         ),
         None => launch!(
             kernels::attn_keys_kernel::launch::<F>,
             CubeDim::new_1d(units as u32),
+            portable_arg(d, plan.tile_q),
             [units, d, plan.tile_q],
-            [buf(&seg.bounds, seg.len), segmented, pair]
+            [buf(&seg.bounds, seg.len), segmented, pair, caps::software_device(client)]
         ),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];

@@ -68,6 +68,7 @@ pub use key_order::{KeyOrder, key_last_rows, key_order};
 pub use seer_target::{BlockMaxPath, BlockMaxProblem, block_max_path, seer_block_max};
 pub use nsa_scores::{BlockScorePath, BlockScoreProblem, block_score_path, nsa_block_scores};
 mod launch;
+mod loop_budget;
 mod plan;
 mod schedule;
 mod validate;

@@ -2,12 +2,8 @@
 //! the tensor-op reference on the same device: output, LSE and the gradients of q, k, v and
 //! the bias, for dense, block-sparse (both granularities) and DMA-style biased attention.
 //!
-//! Built with `--features cuda` these run by default. Built with `--features wgpu` only, the
-//! attention checks are `#[ignore]`d (the routers' top-k and DMA's keep threshold, which
-//! compile a few small shaders, run everywhere): on Mesa's software Vulkan driver (CI) they spend 3 to over 15 minutes
-//! compiling shaders (LLVM splits every barrier-bearing shader into coroutines), so run them
-//! there or on a GPU's Vulkan driver with `cargo test --features wgpu -- --include-ignored`. The
-//! kernels themselves are checked on every runtime by `cube-kernels/tests/attention.rs`.
+//! They run on every runtime compiled in (`--features cuda`, `wgpu` or `vulkan`), CI's
+//! software Vulkan included.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -147,7 +143,6 @@ fn tol() -> f64 {
 }
 
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn dense_causal_gqa_ragged_matches_reference() {
     let opts = AttentionOptions::causal();
     let kern = move |q, k, v, _b| {
@@ -185,7 +180,6 @@ fn varlen_matches_reference() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn window_and_bias_match_reference() {
     let opts = AttentionOptions::causal().with_window(7);
     let kern = move |q, k, v, b: Option<Tensor<3>>| {
@@ -200,7 +194,6 @@ fn window_and_bias_match_reference() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn dma_threshold_matches_reference() {
     let opts = AttentionOptions::causal();
     let kern = move |q: Tensor<4>, k, v, b: Option<Tensor<3>>| {
@@ -238,7 +231,6 @@ fn selections(data: TensorData, make: impl Fn(Tensor<4, Int>) -> BlockSelection)
 }
 
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn block_sparse_per_token_gqa_shared_matches_reference() {
     let (sq, kb) = (45usize, 8);
     let idx = random_selection(1, 2, sq, 3, sq.div_ceil(kb), 7);
@@ -256,7 +248,6 @@ fn block_sparse_per_token_gqa_shared_matches_reference() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn block_sparse_per_query_block_with_bias_matches_reference() {
     let (sq, qb, kb) = (50usize, 16, 16);
     let idx = random_selection(2, 2, sq.div_ceil(qb), 4, sq.div_ceil(kb), 11);
@@ -379,11 +370,8 @@ fn dma_keep_threshold_on_device_matches_host() {
 /// top-k) chooses the blocks the tensor ops choose on Flex: where the sets differ, only by
 /// blocks whose reference scores tie at the top-n boundary (within `tol`). GQA groups 4 and
 /// 16, seq_q < seq_k; f32 everywhere (the scalar score kernel) and bf16 on CUDA (the
-/// fragment kernel). It runs the whole NSA op (three attention branches), so on software
-/// Vulkan it is ignored like the attention checks; the selection unit test in
-/// `nsa/selection.rs` covers the score kernel and top-k there.
+/// fragment kernel). It runs the whole NSA op (three attention branches).
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn nsa_selection_on_device_matches_flex() {
     use burn_sparse_attn::nsa::{NsaInputs, NsaParams, nsa_attention, nsa_compressed_attention, nsa_selection_scores, num_compressed};
     let kdev = device();
@@ -513,7 +501,6 @@ fn seer_target_bf16_keeps_dtype_and_matches_reference() {
 /// the gradients of q, k, v and the bias; a bias from a few values, so rows have ties at
 /// their threshold; bias heads = kv heads (dbias sums the group) and = query heads.
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn dma_pair_bias_matches_tensor_ops() {
     use burn_sparse_attn::dma::{DmaParams, dma_attention_pairwise};
     let kdev = device().autodiff();
@@ -557,7 +544,6 @@ fn both<F>(op: impl Fn(usize) -> F) -> (F, F) {
 /// with causal self-packing (the block-aligned layout alone, so the fast schedule paths) and
 /// MoBA's packed routing.
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn varlen_block_sparse_and_moba_match_flex() {
     use burn_sparse_attn::moba::{MobaParams, moba_attention_varlen};
     use burn_sparse_attn::varlen::{block_sparse_attention_varlen, packed_selection_rows};
@@ -625,7 +611,6 @@ fn varlen_segments_with_lists_and_keep_rule_match_flex() {
 /// all three branches and the packed mean-pool compression. Given lists keep the test free of
 /// top-k ties between devices.
 #[test]
-#[cfg_attr(not(feature = "cuda"), ignore = "minutes of shader compilation on software Vulkan; run with --include-ignored")]
 fn varlen_nsa_matches_flex() {
     use burn_sparse_attn::nsa::{NsaBlocks, NsaInputs, NsaParams, TrailingWindow, compress_mean_varlen, nsa_attention_varlen};
     let cu = vec![0, 9, 9, 30, 31, 45];
