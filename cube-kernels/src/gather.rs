@@ -27,17 +27,20 @@ const GATHER_BELOW_ROWS: usize = 16;
 /// one cube per list.
 const MAX_PARTIAL_BYTES: usize = 8 << 30;
 
-/// Set to `0` to turn gathering off (for measuring it against one cube per list).
+/// Set to `0` to turn gathering off, or to `1` to gather lists of any number of rows (for
+/// measuring it against one cube per list).
 pub const GATHER_ENV: &str = "SPARSE_ATTN_GATHER";
 
 /// Whether the query-major fragment passes of `p` with schedule `s` gather.
 pub(crate) fn gathers(p: &AttnProblem, s: &BlockSchedule) -> bool {
-    if std::env::var(GATHER_ENV).is_ok_and(|v| v == "0") {
+    let forced = std::env::var(GATHER_ENV);
+    if forced.as_deref().is_ok_and(|v| v == "0") {
         return false;
     }
     let rows_per_list = p.heads_q / s.sel_heads * s.query_block;
     let part_bytes = p.batch * p.heads_q * p.seq_q * s.capacity * p.head_dim * 4;
-    rows_per_list < GATHER_BELOW_ROWS && part_bytes <= MAX_PARTIAL_BYTES
+    let small_groups = rows_per_list < GATHER_BELOW_ROWS || forced.as_deref().is_ok_and(|v| v == "1");
+    small_groups && part_bytes <= MAX_PARTIAL_BYTES
 }
 
 /// What a gathered launch binds besides the usual arguments.
