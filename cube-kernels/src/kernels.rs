@@ -11,6 +11,8 @@
 use cubecl::prelude::*;
 use crate::args::{KeysArgs, RowsArgs};
 use crate::key_pieces::{head_walk, key_tile};
+use crate::row_walk::{entry_tiles, row_entries, row_stats};
+use crate::key_walk::{ChunkRows, any_in_cube, chunk_slots, key_cube, stage_chunk_rows};
 
 /// Finite stand-in for -inf inside kernels. WGSL has no infinity literal, and its
 /// arithmetic on infinities is indeterminate, so masked scores and the initial running max
@@ -458,8 +460,8 @@ pub fn attn_rows_kernel<F: Float>(
                 do_r[d] = 0.0f32;
             }
         }
-        let mut row_thr = comptime!(NEG_BIG).runtime();
-        let mut row_thr_i = 0i32;
+        let st = row_stats(thr_v, thr_i, lse, delta, (b * heads_b + hb) * seq_q + i, row, row_valid, has_thr, backward);
+        let (row_thr, row_thr_i, lse_row, delta_row, row_active) = (st.thr, st.thr_i, st.lse, st.delta, st.active);
         // Packed sequences: the row's interval `[lo, hi)` as its own causal offset and
         // window (`j <= i + off` and `j > i + off - w`), so the mask below is the causal +
         // window one, with no extra comparison per pair.
@@ -474,10 +476,6 @@ pub fn attn_rows_kernel<F: Float>(
         }
         let mut m_run = comptime!(NEG_BIG).runtime();
         let mut l_run = 0.0f32;
-        let mut lse_row = comptime!(NEG_BIG).runtime();
-        let mut delta_row = 0.0f32;
-        // A backward row with lse = -inf saw no key anywhere: all its gradients are 0.
-        let mut row_active = row_valid;
         if row_valid {
             for d4 in 0..n_d {
                 #[unroll]
@@ -486,14 +484,7 @@ pub fn attn_rows_kernel<F: Float>(
                     q_r[d] = f32::cast_from(q[row * head_dim + d]);
                 }
             }
-            if has_thr {
-                row_thr = thr_v[(b * heads_b + hb) * seq_q + i];
-                row_thr_i = thr_i[(b * heads_b + hb) * seq_q + i];
-            }
             if backward {
-                lse_row = lse[row];
-                delta_row = delta[row];
-                row_active = lse_row > NEG_BIG;
                 for d4 in 0..n_d {
                     #[unroll]
                     for dz in 0..d_step {
@@ -504,20 +495,11 @@ pub fn attn_rows_kernel<F: Float>(
             }
         }
 
-        // Number of list entries to walk: dense = 1 pseudo-entry covering [klo, khi).
-        let mut n_entries = 1usize;
-        let mut list_base = 0usize;
-        if blocks {
-            n_entries = cap;
-            list_base = ((b * n_gh + g) * n_rb + r) * cap;
-        }
+        let (n_entries, list_base) = row_entries(b, n_gh, g, n_rb, r, cap, blocks);
         for e in 0..n_entries {
             // Key range of this entry, clipped to the union visible range.
             let (e_lo, e_hi) = entry_keys(sched, list_base, e, klo, khi, key_block, seq_k, blocks);
-            let mut n_tiles = 0usize;
-            if e_hi > e_lo {
-                n_tiles = ((e_hi - e_lo) as usize).div_ceil(tile_k);
-            }
+            let n_tiles = entry_tiles(e_lo, e_hi, tile_k);
             for t in 0..n_tiles {
                 let t0 = e_lo as usize + t * tile_k;
                 let t1 = min(t0 + tile_k, e_hi as usize);
@@ -540,19 +522,7 @@ pub fn attn_rows_kernel<F: Float>(
                         sc[kk] = NEG_BIG;
                     }
                 }
-                // Cube-wide OR of the flags (no plane ops): every unit reads all flags.
-                if any_kept {
-                    flag_s[u] = 1u32;
-                } else {
-                    flag_s[u] = 0u32;
-                }
-                sync_cube();
-                let mut cube_any = false;
-                for x in 0..n_u {
-                    if flag_s[x] != 0u32 {
-                        cube_any = true;
-                    }
-                }
+                let cube_any = any_in_cube(&mut flag_s, any_kept, u, n_u);
                 sync_cube();
                 if cube_any {
                     // Stage K and V (f32) for keys [t0, t1); zero past the end.
@@ -738,7 +708,6 @@ pub fn attn_keys_kernel<F: Float>(
     let w = a.w;
     let scale = a.scale;
     // n_key_tiles: dense ceil(Sk / units); blocks nkb * n_sub.
-    let n_batch = a.n_batch as usize;
     let heads_q = a.heads_q as usize;
     let heads_kv = a.heads_kv as usize;
     let seq_q = a.seq_q as usize;
@@ -771,20 +740,10 @@ pub fn attn_keys_kernel<F: Float>(
     let mut ti_s = Shared::<[i32]>::new_slice(tile_q);
     let mut flag_s = Shared::<[u32]>::new_slice(units);
 
-    let per_split = n_batch * heads_kv * n_kt;
-    if cid < per_split * n_split {
-        // Split `z` takes every `n_split`-th chunk of query rows and writes its own f32
-        // partial sums (reduced by `sum_partials_kernel`), so hot key blocks and long GQA
-        // groups are spread over several cubes without atomics.
-        let z = cid / per_split;
-        let t = cid % n_kt;
-        let hk = (cid / n_kt) % heads_kv;
-        let b = (cid % per_split) / (n_kt * heads_kv);
-        let kv_out = z * n_batch * heads_kv * seq_k * head_dim;
-        let bias_out = z * n_batch * heads_b * seq_k;
-        let group = heads_q / heads_kv;
-        let g_sel = heads_q / heads_s;
-        let g_b = heads_q / heads_b;
+    let kc = key_cube(&a, cid, head_dim);
+    if kc.valid {
+        let (z, t, hk, b) = (kc.z, kc.t, kc.hk, kc.b);
+        let (kv_out, bias_out, group, g_sel, g_b) = (kc.kv_out, kc.bias_out, kc.group, kc.g_sel, kc.g_b);
 
         // The cube's keys [t0, t1).
         let (kb, t0, t1) = key_tile(t, n_sub, units, key_block, seq_k, blocks);
@@ -841,10 +800,7 @@ pub fn attn_keys_kernel<F: Float>(
             let pair_base = (b * heads_b + hb) * seq_q * seq_k + j;
             // Query slots of this head: dense: queries [qa, qa + n_slots);
             // blocks: rows of the inverted list, query_block slots each, from slot qa.
-            let mut spc = tile_q.runtime();
-            if blocks && qb <= tile_q {
-                spc = (tile_q / qb) * qb;
-            }
+            let spc = chunk_slots(qb, tile_q, blocks);
             let bs = b * heads_s + h / g_sel;
             let (rows_base, qa_w, n_slots_w) =
                 head_walk(inv_off, inv_rows, bs, kb, n_kt / n_sub, n_rb, cap, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
@@ -865,27 +821,20 @@ pub fn attn_keys_kernel<F: Float>(
             let n_ch = n_slots.div_ceil(spc);
             let mut ch = z;
             while ch < n_ch {
-                // Row metadata of the chunk.
-                let mut x = u;
-                while x < tile_q {
-                    let slot = ch * spc + x;
-                    let mut qi = comptime!(-1i32).runtime();
-                    if x < spc && slot < n_slots {
-                        qi = slot_query(inv_rows, rows_base, slot, qb, qa, seq_q, blocks);
-                    }
-                    qi_s[x] = qi;
-                    if qi >= 0 {
-                        let row = (b * heads_q + h) * seq_q + qi as usize;
-                        lse_s[x] = lse[row];
-                        dl_s[x] = delta[row];
-                        if has_thr {
-                            tv_s[x] = thr_v[(b * heads_b + hb) * seq_q + qi as usize];
-                            ti_s[x] = thr_i[(b * heads_b + hb) * seq_q + qi as usize];
-                        }
-                    }
-                    x += units;
-                }
-                sync_cube();
+                let rows = ChunkRows {
+                    rows_base: rows_base,
+                    qa: qa,
+                    n_slots: n_slots,
+                    spc: spc,
+                    qb: qb,
+                    seq_q: seq_q,
+                    row0: (b * heads_q + h) * seq_q,
+                    thr_row0: (b * heads_b + hb) * seq_q,
+                };
+                stage_chunk_rows(
+                    inv_rows, lse, delta, thr_v, thr_i, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s, &mut ti_s, rows, ch, u,
+                    units, tile_q, has_thr, blocks,
+                );
                 // Does this key pair with any row of the chunk? (masks, threshold, lse)
                 let mut any = false;
                 if key_valid {
@@ -907,19 +856,7 @@ pub fn attn_keys_kernel<F: Float>(
                         }
                     }
                 }
-                if any {
-                    flag_s[u] = 1u32;
-                } else {
-                    flag_s[u] = 0u32;
-                }
-                sync_cube();
-                let mut cube_any = false;
-                for y in 0..n_u {
-                    if flag_s[y] != 0u32 {
-                        cube_any = true;
-                    }
-                }
-                if cube_any {
+                if any_in_cube(&mut flag_s, any, u, n_u) {
                     let n_el = tile_q * head_dim;
                     let mut idx = u;
                     while idx < n_el {

@@ -62,6 +62,8 @@ pub mod key_order;
 pub mod seer_target;
 #[allow(missing_docs)]
 pub mod key_pieces;
+mod key_walk;
+mod row_walk;
 pub use keep::keep_threshold;
 pub use topk::{MAX_TOPK, row_topk};
 pub use key_order::{KeyOrder, key_last_rows, key_order};

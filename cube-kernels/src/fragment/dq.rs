@@ -1,6 +1,7 @@
 //! dQ on register fragments (query-major, see [`super`]): per key tile `S = Q K^T` and
 //! `dP = dO V^T`, `dS = P (dP - delta) scale` with `P = exp(S - lse)`, `dQ += dS K`.
 
+use crate::row_walk::row_entries;
 use super::rows::{lane_rows, next_tile, rows_fragments, stage_rows, stage_tile, wait_tile};
 use super::{FragmentConfig, V2, V8, fast_exp, list_slot, masked_score, product_abt, product_pb, rows_cube, rows_cube_count, seek_entry, staged_score, tile_interior};
 use crate::kernels::{NEG_BIG, cube_linear};
@@ -126,12 +127,7 @@ pub fn fragment_dq_kernel<F: Float>(
         let mut s_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * kn));
         let mut dp_acc = Array::<Vector<f32, V2>>::new(comptime!(2 * kn));
 
-        let mut n_entries = 1usize;
-        let mut list_base = 0usize;
-        if cfg.blocks {
-            n_entries = cap;
-            list_base = ((b * n_gh + g) * n_rb + r) * cap;
-        }
+        let (n_entries, list_base) = row_entries(b, n_gh, g, n_rb, r, cap, cfg.blocks);
         // The same flattened, double-buffered walk as the forward.
         let (e_first, lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
         let mut e = e_first;

@@ -1,5 +1,6 @@
 //! Forward on register fragments: O and LSE, FlashAttention-2 style (see [`super`]).
 
+use crate::row_walk::row_entries;
 use super::rows::{lane_rows, next_tile, rows_fragments, stage_rows, stage_tile, wait_tile};
 use super::{
     FragmentConfig, V2, V8, fast_exp, list_slot, masked_score, product_abt, product_pb, quad_max, quad_sum, rows_cube, rows_cube_count, seek_entry,
@@ -111,12 +112,7 @@ pub fn fragment_forward_kernel<F: Float>(
         let mut l0 = 0.0f32;
         let mut l1 = 0.0f32;
 
-        let mut n_entries = 1usize;
-        let mut list_base = 0usize;
-        if cfg.blocks {
-            n_entries = cap;
-            list_base = ((b * n_gh + g) * n_rb + r) * cap;
-        }
+        let (n_entries, list_base) = row_entries(b, n_gh, g, n_rb, r, cap, cfg.blocks);
         // The walk, flattened over entries so the next tile's copies can start before this
         // tile's products: (e, lo, hi) is the current entry's key range, t0 the next tile.
         let (e_first, lo_first, hi_first) = seek_entry(sched, list_base, 0usize, n_entries, klo, khi, key_block, seq_k, cfg.blocks);
