@@ -12,7 +12,7 @@ use cubecl::prelude::*;
 use crate::args::{KeysArgs, RowsArgs};
 use crate::key_pieces::{head_walk, key_tile};
 use crate::row_walk::{entry_tiles, row_entries, row_stats};
-use crate::key_walk::{ChunkRows, any_in_cube, chunk_slots, key_cube, stage_chunk_rows};
+use crate::key_walk::{any_in_cube, chunk_rows, chunk_slots, key_cube, stage_chunk_rows};
 
 /// Finite stand-in for -inf inside kernels. WGSL has no infinity literal, and its
 /// arithmetic on infinities is indeterminate, so masked scores and the initial running max
@@ -819,20 +819,11 @@ pub fn attn_keys_kernel<F: Float>(
                 }
             }
             let n_ch = n_slots.div_ceil(spc);
+            let rows = chunk_rows(rows_base, qa, n_slots, spc, qb, seq_q, (b * heads_q + h) * seq_q, (b * heads_b + hb) * seq_q);
             let mut ch = z;
             while ch < n_ch {
-                let rows = ChunkRows {
-                    rows_base: rows_base,
-                    qa: qa,
-                    n_slots: n_slots,
-                    spc: spc,
-                    qb: qb,
-                    seq_q: seq_q,
-                    row0: (b * heads_q + h) * seq_q,
-                    thr_row0: (b * heads_b + hb) * seq_q,
-                };
                 stage_chunk_rows(
-                    inv_rows, lse, delta, thr_v, thr_i, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s, &mut ti_s, rows, ch, u,
+                    inv_rows, lse, delta, thr_v, thr_i, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s, &mut ti_s, &rows, ch, u,
                     units, tile_q, has_thr, blocks,
                 );
                 // Does this key pair with any row of the chunk? (masks, threshold, lse)

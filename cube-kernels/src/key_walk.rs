@@ -82,6 +82,22 @@ pub(crate) struct ChunkRows {
     pub(crate) thr_row0: usize,
 }
 
+/// The [`ChunkRows`] of one query head's walk (arguments in field order).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_rows(
+    rows_base: usize,
+    qa: usize,
+    n_slots: usize,
+    spc: usize,
+    qb: usize,
+    seq_q: usize,
+    row0: usize,
+    thr_row0: usize,
+) -> ChunkRows {
+    ChunkRows { rows_base, qa, n_slots, spc, qb, seq_q, row0, thr_row0 }
+}
+
 /// Stages chunk `ch`'s row metadata in shared memory, `nu` units striding from `u`: each
 /// slot's query (`-1` for none), its LSE (`NEG_BIG` for none) and delta, and with a keep
 /// threshold the row's threshold value and index. Ends with a cube barrier.
@@ -98,7 +114,7 @@ pub(crate) fn stage_chunk_rows(
     dl_s: &mut [f32],
     tv_s: &mut [f32],
     ti_s: &mut [i32],
-    rows: ChunkRows,
+    rows: &ChunkRows,
     ch: usize,
     u: usize,
     nu: usize,

@@ -23,7 +23,7 @@ use crate::fragment::{RowsWalk, flat_row, list_slot, rows_cube, rows_cube_count}
 use crate::kernels::{NEG_BIG, cube_linear, entry_keys, key_kept, pair_visible};
 use crate::key_pieces::{head_walk, key_tile};
 use crate::row_walk::{entry_tiles, row_entries, row_stats};
-use crate::key_walk::{ChunkRows, any_in_cube, chunk_slots, key_cube, stage_chunk_rows};
+use crate::key_walk::{any_in_cube, chunk_rows, chunk_slots, key_cube, stage_chunk_rows};
 use cubecl::cmma::{self, MatrixIdent, MatrixLayout};
 use cubecl::prelude::*;
 use crate::args::{KeysArgs, RowsArgs};
@@ -628,20 +628,11 @@ pub fn mma_keys_kernel<F: Float, M: Float>(
             let (rows_base, qa, n_slots) =
                 head_walk(inv_off, inv_rows, bs, kb, n_kt / n_sub, n_rb, cap, qb, t0, t1, seq_q, off, w, blocks, causal, windowed);
             let n_ch = n_slots.div_ceil(spc);
+            let rows = chunk_rows(rows_base, qa, n_slots, spc, qb, seq_q, (b * heads_q + h) * seq_q, (b * heads_b + hb) * seq_q);
             let mut ch = z;
             while ch < n_ch {
-                let rows = ChunkRows {
-                    rows_base: rows_base,
-                    qa: qa,
-                    n_slots: n_slots,
-                    spc: spc,
-                    qb: qb,
-                    seq_q: seq_q,
-                    row0: (b * heads_q + h) * seq_q,
-                    thr_row0: (b * heads_b + hb) * seq_q,
-                };
                 stage_chunk_rows(
-                    inv_rows, lse, delta, thr_v, thr_i, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s, &mut ti_s, rows, ch, u,
+                    inv_rows, lse, delta, thr_v, thr_i, &mut qi_s, &mut lse_s, &mut dl_s, &mut tv_s, &mut ti_s, &rows, ch, u,
                     nu, tile_q, has_thr, blocks,
                 );
                 let mut any = false;
