@@ -1,7 +1,7 @@
 //! The runtime arguments of the attention passes, grouped: [`RowsArgs`] for the query-major
 //! passes (forward and dQ) and [`KeysArgs`] for the key-major one (dK, dV, dbias), the same
 //! on every path (portable, cooperative matrices, register fragments). The host fills a
-//! [`RowsShape`] or [`KeysShape`] by field name and turns it into the launch argument; the
+//! `RowsShape` or `KeysShape` by field name and turns it into the launch argument; the
 //! kernels read the fields (`a.seq_q`), so no launch spells out positional scalars.
 
 use cubecl::prelude::*;
@@ -44,7 +44,7 @@ pub struct RowsArgs {
     /// `-inf`, passed in rather than spelled as a kernel constant.
     pub neg_inf: f32,
     /// The kernel's comptime head dim and key tile, again at run time: the bounds of its
-    /// per-unit loops on software devices (see [`crate::kernels::loop_bound`]).
+    /// per-unit loops on software devices (see `crate::kernels::loop_bound`).
     pub loop_dim: u32,
     pub loop_tile: u32,
 }
@@ -88,7 +88,7 @@ pub struct KeysArgs {
     /// Softmax scale.
     pub scale: f32,
     /// The kernel's comptime head dim and query tile, again at run time: the bounds of its
-    /// per-unit loops on software devices (see [`crate::kernels::loop_bound`]).
+    /// per-unit loops on software devices (see `crate::kernels::loop_bound`).
     pub loop_dim: u32,
     pub loop_tile: u32,
 }

@@ -8,10 +8,10 @@
 //! key; `-1` when no row keeps it). A query tile `[t0, t1]` therefore needs exactly the
 //! keys with `r(j) >= t0` that are visible to `t1`.
 //!
-//! [`key_order`] sorts the keys by the tile of their last row, latest first (keys in index
+//! [`fn@key_order`] sorts the keys by the tile of their last row, latest first (keys in index
 //! order within a tile, keys no row keeps at the end): the keys a tile needs are then the
 //! leading run of this order, less the ones it cannot see yet, and each tile's list of key
-//! blocks ([`tile_block_lists`]) is a prefix of the permuted blocks. A sliding-window-like
+//! blocks (`tile_block_lists`) is a prefix of the permuted blocks. A sliding-window-like
 //! bias gives each tile about `window / key_block` blocks, a random one about twice that,
 //! instead of every block before the diagonal.
 

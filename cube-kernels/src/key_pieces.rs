@@ -10,9 +10,9 @@
 //!
 //! Here each tile gets as many cubes ("pieces") as its walk needs: `ceil(chunks / per_piece)`,
 //! at least one, where `chunks` counts the row chunks of all its query heads' walks and
-//! `per_piece` is set so that the pass has about [`TARGET_PIECES`] pieces. Piece `z` of `n`
+//! `per_piece` is set so that the pass has about `TARGET_PIECES` pieces. Piece `z` of `n`
 //! takes chunks `[C z / n, C (z + 1) / n)` of the tile's concatenated walk (`C` chunks). Each
-//! piece writes f32 partial dK / dV / dbias for its own tile; [`sum_key_pieces_kernel`] then
+//! piece writes f32 partial dK / dV / dbias for its own tile; [`fn@sum_key_pieces_kernel`] then
 //! adds a tile's pieces in order, so the result is deterministic and no atomics are used. A
 //! tile cut into one piece only (most tiles of short walks, such as MoBA's) writes its
 //! gradients directly, and the sum skips it.

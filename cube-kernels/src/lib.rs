@@ -10,7 +10,7 @@
 //! bottom-right aligned: query `i` sees key `j` iff `j <= i + (Sk - Sq)`; a window `w`
 //! additionally requires `j > i + (Sk - Sq) - w` (the `w` most recent keys, diagonal
 //! included; the window bound applies even without `causal`). A row with no visible key
-//! gets `o = 0`, `lse = -inf` and zero gradients. See [`reference`] for an executable
+//! gets `o = 0`, `lse = -inf` and zero gradients. See [`mod@reference`] for an executable
 //! definition in f64.
 //!
 //! # Kernels
@@ -197,7 +197,7 @@ pub struct AttnInputs<'a> {
     /// The walks (and the schedule's key blocks) run over slots; slot `s` reads key row
     /// `key_positions[s]` of k, v and the bias, writes its dK, dV and dbias there, and that
     /// row is the key's position for the causal mask and the keep rule. So a caller lays the
-    /// keys out in any order without copying them (DMA's gathered order, [`key_order`]), and
+    /// keys out in any order without copying them (DMA's gathered order, [`fn@key_order`]), and
     /// each query tile's keys fill few key blocks. Not a permutation: rows outside it get no
     /// gradient. Needs a block schedule, no window, and the fragment path (CUDA, f16/bf16);
     /// elsewhere an error names this argument.

@@ -112,7 +112,7 @@ pub(crate) fn mma_tile<M: Float>(
 
 /// Query-major pass on tensor cores: forward (`backward = false`: `out = O`, `lse`) or dQ
 /// (`backward = true`: reads `lse`, `delta`, `d_o`; `out = dQ`). Same arguments, row groups,
-/// cube numbering and tile walk as [`crate::kernels::attn_rows_kernel`], with `16 * planes`
+/// cube numbering and tile walk as [`fn@crate::kernels::attn_rows_kernel`], with `16 * planes`
 /// rows per cube.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -504,7 +504,7 @@ pub fn mma_rows_kernel<F: Float, M: Float>(
 }
 
 /// Key-major backward on tensor cores: dK, dV and dbias. Same arguments, cube numbering and
-/// query-row walk as [`crate::kernels::attn_keys_kernel`], with `16 * planes` keys per cube
+/// query-row walk as [`fn@crate::kernels::attn_keys_kernel`], with `16 * planes` keys per cube
 /// and query rows staged in chunks of `tile_q` (a multiple of 16).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]

@@ -10,16 +10,16 @@
 //! `forced_local` most recent).
 //!
 //! Two kernels compute the same values:
-//! - [`nsa_scores_fragment_kernel`] (CUDA, f16/bf16): a cube of 4 planes takes 64 rows (the
+//! - [`fn@nsa_scores_fragment_kernel`] (CUDA, f16/bf16): a cube of 4 planes takes 64 rows (the
 //!   GQA group's heads of `64 / group` consecutive queries), keeps Q in A fragments, and walks
 //!   the selection blocks in tiles of `J` blocks whose overlapping compressed keys fit one
 //!   64-row K tile: `S = Q Kc^T` on the tensor cores, the probabilities into shared memory,
 //!   then each (query, block) of the tile is summed over the group's heads and the block's
 //!   windows and written once. Memory traffic is the K tiles and the block scores.
-//! - [`nsa_scores_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal where
+//! - [`fn@nsa_scores_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal where
 //!   the device reports them): the same cube, tiles and sums, with `S` computed by `cmma`
 //!   into shared memory and turned into probabilities there.
-//! - [`nsa_scores_scalar_kernel`] (every runtime): one unit per (query, block), dot products
+//! - [`fn@nsa_scores_scalar_kernel`] (every runtime): one unit per (query, block), dot products
 //!   in f32; the portable path and the oracle of the tensor-core kernels' GPU tests.
 
 use crate::caps::{MmaSpec, mma_spec};
@@ -72,11 +72,11 @@ pub struct BlockScoreProblem {
 /// Which kernel [`nsa_block_scores`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockScorePath {
-    /// [`nsa_scores_fragment_kernel`].
+    /// [`fn@nsa_scores_fragment_kernel`].
     Fragment,
-    /// [`nsa_scores_mma_kernel`] (f32 inputs multiply in TF32).
+    /// [`fn@nsa_scores_mma_kernel`] (f32 inputs multiply in TF32).
     TensorCore,
-    /// [`nsa_scores_scalar_kernel`].
+    /// [`fn@nsa_scores_scalar_kernel`].
     Scalar,
 }
 
@@ -579,7 +579,7 @@ pub fn nsa_scores_fragment_kernel<F: Float>(
     }
 }
 
-/// The cube of [`nsa_scores_fragment_kernel`] (64 rows: the group's heads of `64 / group`
+/// The cube of [`fn@nsa_scores_fragment_kernel`] (64 rows: the group's heads of `64 / group`
 /// consecutive queries; tiles of `jt` selection blocks) on cooperative matrices: Q and each
 /// range of compressed keys staged in the operand type `M`, `S = Q Kc^T` by `cmma` into
 /// shared memory (plane `p` computes rows `16 p ..`), turned into probabilities in place by

@@ -4,14 +4,14 @@
 //! are never stored: memory is the `[batch, heads, query blocks, key blocks]` result (the
 //! caller normalises its rows).
 //!
-//! - [`seer_block_max_fragment_kernel`] (CUDA, f16/bf16, blocks of 64): a cube of 4 planes
+//! - [`fn@seer_block_max_fragment_kernel`] (CUDA, f16/bf16, blocks of 64): a cube of 4 planes
 //!   holds one query block in A fragments and walks the key blocks up to the diagonal:
 //!   `S = Q K^T` on the tensor cores, the masked probabilities' maximum per lane, then over
 //!   the plane and the cube, written once per block pair.
-//! - [`seer_block_max_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal
+//! - [`fn@seer_block_max_mma_kernel`] (cooperative matrices: CUDA f32 as TF32, Vulkan/Metal
 //!   where the device reports them; blocks of 16, 32, 48 or 64): the same walk with `S`
 //!   computed by `cmma` into shared memory, then scanned by every unit of the cube.
-//! - [`seer_block_max_scalar_kernel`] (every runtime, any block size): one cube per block
+//! - [`fn@seer_block_max_scalar_kernel`] (every runtime, any block size): one cube per block
 //!   pair, one unit per query row, f32 dot products; the portable path and the oracle of the
 //!   tensor-core kernels.
 
@@ -58,11 +58,11 @@ const FRAGMENT_BLOCK: usize = 64;
 /// Which kernel [`seer_block_max`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockMaxPath {
-    /// [`seer_block_max_fragment_kernel`] (register fragments).
+    /// [`fn@seer_block_max_fragment_kernel`] (register fragments).
     Fragment,
-    /// [`seer_block_max_mma_kernel`] (cooperative matrices; f32 inputs multiply in TF32).
+    /// [`fn@seer_block_max_mma_kernel`] (cooperative matrices; f32 inputs multiply in TF32).
     TensorCore,
-    /// [`seer_block_max_scalar_kernel`].
+    /// [`fn@seer_block_max_scalar_kernel`].
     Scalar,
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Four methods share one API and one attention engine: [`nsa`] (Native Sparse Attention),
 //! [`moba`] (Mixture of Block Attention), [`seer`] (SeerAttention's learned block gate) and
-//! [`dma`] (dynamic-mask attention), next to the [`attention`] baseline. Each method has
+//! [`dma`] (dynamic-mask attention), next to the [`mod@attention`] baseline. Each method has
 //! - a layer, `XConfig::new(..).init(&device)?` then `forward(x: [batch, seq, d_model])`;
 //! - functional ops on q, k, v for users who bring their own projections.
 //!

@@ -41,8 +41,8 @@ fn grouping_on() -> bool {
 }
 
 /// Groups a linear map over `rows` splits its rows into: the largest power of two that
-/// divides `rows`, leaves at least [`LINEAR_GROUP_ROWS`] rows per group and is at most
-/// [`MAX_LINEAR_GROUPS`] (1 when grouping is off).
+/// divides `rows`, leaves at least `LINEAR_GROUP_ROWS` rows per group and is at most
+/// `MAX_LINEAR_GROUPS` (1 when grouping is off).
 pub fn linear_groups(rows: usize) -> usize {
     if !grouping_on() {
         return 1;
@@ -62,9 +62,9 @@ fn power_of_two_split(rows: usize, min_rows: usize, max_groups: usize) -> usize 
 
 /// Groups a linear map `d_in -> d_out` over `rows` splits its rows into: those of
 /// [`linear_groups`], or more when its weight is thin (few output tiles: a compression MLP's
-/// `1024 x 512`, a gate's `512 x 24`), up to [`TARGET_GRAD_TILES`] tiles in all with at
-/// least [`MIN_THIN_GROUP_ROWS`] rows per group (a power of two dividing `rows`, at most
-/// [`MAX_LINEAR_GROUPS`]; 1 when grouping is off).
+/// `1024 x 512`, a gate's `512 x 24`), up to `TARGET_GRAD_TILES` tiles in all with at
+/// least `MIN_THIN_GROUP_ROWS` rows per group (a power of two dividing `rows`, at most
+/// `MAX_LINEAR_GROUPS`; 1 when grouping is off).
 pub fn linear_groups_for(rows: usize, d_in: usize, d_out: usize) -> usize {
     let base = linear_groups(rows);
     if !grouping_on() {
@@ -75,7 +75,7 @@ pub fn linear_groups_for(rows: usize, d_in: usize, d_out: usize) -> usize {
 }
 
 /// Rows a per-column vector is repeated over: the largest power of two up to
-/// [`MAX_COLUMN_GROUP`] that divides `rows` (1 when grouping is off).
+/// `MAX_COLUMN_GROUP` that divides `rows` (1 when grouping is off).
 pub fn column_group(rows: usize) -> usize {
     if !grouping_on() || rows == 0 {
         return 1;

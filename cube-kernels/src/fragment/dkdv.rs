@@ -16,7 +16,7 @@ use crate::args::KeysArgs;
 
 /// Key-major backward. Cube `cid` is piece `cid` of the pass (`tile_of`, `first`: see
 /// [`crate::key_pieces`]); it walks its share of the query rows of its key tile as
-/// [`crate::mma::mma_keys_kernel`] walks a whole tile, and writes f32 partials
+/// [`fn@crate::mma::mma_keys_kernel`] walks a whole tile, and writes f32 partials
 /// `dk`, `dv` `[piece, 16 * planes, D]` and `dbias` `[piece, Hb / Hkv, 16 * planes]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]

@@ -11,7 +11,7 @@ use crate::args::RowsArgs;
 
 /// Query-major dQ: reads `lse` and `delta = rowsum(dO * O)`, writes `out = dQ` (in pairs of
 /// elements). Same cube numbering, row groups and schedule walk as
-/// [`super::forward::fragment_forward_kernel`].
+/// `super::forward::fragment_forward_kernel`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn fragment_dq_kernel<F: Float>(

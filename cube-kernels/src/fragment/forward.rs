@@ -13,7 +13,7 @@ use crate::args::RowsArgs;
 
 /// Query-major forward: writes `out = O` (in pairs of elements) and `lse`. Same runtime
 /// arguments, cube numbering, row groups and schedule walk as
-/// [`crate::mma::mma_rows_kernel`] in its forward mode, with `16 * planes` rows per cube.
+/// [`fn@crate::mma::mma_rows_kernel`] in its forward mode, with `16 * planes` rows per cube.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments, clippy::assign_op_pattern)]
 pub fn fragment_forward_kernel<F: Float>(

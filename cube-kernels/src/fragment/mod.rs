@@ -58,8 +58,8 @@ pub struct FragmentConfig {
     /// Block schedule walked per row (query-major kernels) or per key tile (key-major).
     pub blocks: bool,
     /// Query-major kernels only: the cube takes one selected key block and the query rows
-    /// that selected it, gathered from the inverted schedule ([`gathered_cube`]), and
-    /// writes a partial result per (row, list slot) for [`crate::gather`] to merge. Set with
+    /// that selected it, gathered from the inverted schedule (`gathered_cube`), and
+    /// writes a partial result per (row, list slot) for `crate::gather` to merge. Set with
     /// `blocks = false`: the walk is then the block's own key range.
     pub gathered: bool,
     /// Gathered keys: walk slot `j` is key row `kpos[j]` of k, v and the bias, and its
@@ -70,7 +70,7 @@ pub struct FragmentConfig {
     /// With `key_pos`: the causal mask applies to the positions.
     pub pos_causal: bool,
     /// Query-major kernels with `key_pos` only: each K/V stage also holds its keys'
-    /// positions and, with a bias, their biases ([`stage_key_meta`]), so the per-element
+    /// positions and, with a bias, their biases (`stage_key_meta`), so the per-element
     /// mask and keep rule read shared memory instead of two dependent gathers from global
     /// memory per element. Needs one bias row per cube: the bias has one head per kv head.
     pub staged_keys: bool,
@@ -83,7 +83,7 @@ impl FragmentConfig {
     }
 }
 
-/// Compile-time flags of the query-major cube decode ([`rows_cube`]), shared by the fragment
+/// Compile-time flags of the query-major cube decode (`rows_cube`), shared by the fragment
 /// and cooperative-matrix kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RowsWalk {

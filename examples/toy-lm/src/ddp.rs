@@ -1,7 +1,7 @@
 //! Data-parallel training on the devices of one machine, through Burn's own collectives.
 //!
 //! One replica of the model per device, each in its own thread, running the same training loop
-//! as a single device ([`crate::train::run_steps`]) on its share of every global batch. The
+//! as a single device (`crate::train::run_steps`) on its share of every global batch. The
 //! gradients are made equal across replicas by Burn itself: every trainable parameter is
 //! marked distributed ([`Tensor::set_distributed`], as burn-train's DDP strategy does), a
 //! [`DistributedContext`] runs Burn's gradient-sync server for the devices, and each replica's
@@ -14,7 +14,7 @@
 //!
 //! Replica 0 logs, validates and writes checkpoints (the checkpoint is that of a single-device
 //! run: resume it on any number of devices). The replicas add up their scalar losses on the
-//! host each step ([`StepBoard`]) only so that replica 0 logs the global loss and all of them
+//! host each step (`StepBoard`) only so that replica 0 logs the global loss and all of them
 //! stop together on a non-finite one; no gradient passes through it.
 
 use std::path::{Path, PathBuf};

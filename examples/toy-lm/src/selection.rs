@@ -24,7 +24,7 @@ pub const SELECTION_FIGURE: &str = "selection.svg";
 /// Cells per side of a map at most: keeps the SVG small at any context.
 const MAX_CELLS: usize = 32;
 
-/// The cell size for a `seq`-token map: a power of two giving at most [`MAX_CELLS`] cells.
+/// The cell size for a `seq`-token map: a power of two giving at most `MAX_CELLS` cells.
 pub fn map_block(seq: usize) -> usize {
     seq.div_ceil(MAX_CELLS).max(1).next_power_of_two()
 }

@@ -205,7 +205,7 @@ pub(crate) fn validate_bias(bias: &KeyBias, dims: &AttnDims) -> Result<()> {
 /// Dense attention: softmax over every key allowed by `opts` (causal, window).
 ///
 /// Returns the output and the LSE. Runs the CubeCL kernel on Cube devices (when the crate
-/// is built with a GPU feature) and the tensor-op [`reference`] elsewhere.
+/// is built with a GPU feature) and the tensor-op [`mod@reference`] elsewhere.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, opts: &AttentionOptions) -> Result<AttentionOutput> {
     attention_core(q, k, v, None, None, None, opts)
 }

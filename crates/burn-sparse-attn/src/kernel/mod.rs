@@ -1,6 +1,6 @@
 //! Dispatch to the CubeCL kernels on Cube devices (CUDA, wgpu, Vulkan, Metal).
 //!
-//! The kernels live in the Burn-free `sparse-attn-kernels` crate; [`ext`] wires them into
+//! The kernels live in the Burn-free `sparse-attn-kernels` crate; `ext` wires them into
 //! Burn as a backend extension with a hand-written autodiff backward. On other devices (Flex)
 //! the tensor-op reference runs instead, so every public op works everywhere.
 
