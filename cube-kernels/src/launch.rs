@@ -364,7 +364,8 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
             }
         }
         None => {
-            if caps::software_device(client) {
+            let software = caps::software_device(client);
+            if software {
                 // The longest walk: every entry's keys, or (dense) the visible keys of a cube.
                 let tiles = match inputs.schedule {
                     Some(s) => cap * s.key_block.min(p.seq_k).div_ceil(plan.tile_k),
@@ -374,34 +375,34 @@ pub(crate) fn rows_pass<F: Float + CubeElement, M: Float>(
                 crate::loop_budget::check_rows_walk(p, tiles, plan.tile_k, units)?;
             }
             kernels::attn_rows_kernel::launch::<F>(
-            client,
-            grid(client, n_cubes),
-            CubeDim::new_1d(units as u32),
-            buf(inputs.q, rows * d),
-            buf(inputs.k, kv_len),
-            buf(inputs.v, kv_len),
-            buf(&bias.values, bias.len),
-            buf(&bias.thr_v, bias.thr_len),
-            buf(&bias.thr_i, bias.thr_len),
-            buf(sched_h, sched_len),
-            buf(do_h, do_len),
-            buf(delta_h, delta_len),
-            buf(lse, rows),
-            buf(out, rows * d),
-            shape.portable_arg(d, plan.tile_k),
-            units,
-            d,
-            plan.tile_k,
-            causal,
-            windowed,
-            bias.has_bias,
-            bias.has_thr,
-            inputs.schedule.is_some(),
-            bwd.is_some(),
-            buf(&seg.bounds, seg.len),
-            segmented,
-            pair,
-            caps::software_device(client),
+                client,
+                grid(client, n_cubes),
+                CubeDim::new_1d(units as u32),
+                buf(inputs.q, rows * d),
+                buf(inputs.k, kv_len),
+                buf(inputs.v, kv_len),
+                buf(&bias.values, bias.len),
+                buf(&bias.thr_v, bias.thr_len),
+                buf(&bias.thr_i, bias.thr_len),
+                buf(sched_h, sched_len),
+                buf(do_h, do_len),
+                buf(delta_h, delta_len),
+                buf(lse, rows),
+                buf(out, rows * d),
+                shape.portable_arg(d, plan.tile_k),
+                units,
+                d,
+                plan.tile_k,
+                causal,
+                windowed,
+                bias.has_bias,
+                bias.has_thr,
+                inputs.schedule.is_some(),
+                bwd.is_some(),
+                buf(&seg.bounds, seg.len),
+                segmented,
+                pair,
+                software,
             )
         }
     }
@@ -591,7 +592,8 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         return Ok(());
     }
     let mut n_split = key_splits(p.batch * p.heads_kv * n_kt, kv_len, p.seq_q.div_ceil(tile_rows), inputs.schedule.is_some());
-    if mma.is_none() && caps::software_device(client) {
+    let software = caps::software_device(client);
+    if mma.is_none() && software {
         n_split = crate::loop_budget::keys_split(p, p.heads_q / p.heads_kv, p.seq_q.div_ceil(tile_rows), tile_rows, units, n_split)?;
     }
     let n_cubes = p.batch * p.heads_kv * n_kt * n_split;
@@ -608,7 +610,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
     // Both paths take the same runtime arguments and mask flags; only the launch, the cube
     // shape and the tiling constants differ.
     macro_rules! launch {
-        ($kernel:path, $dim:expr, $arg:ident($($arg_v:expr),*), [$($tiling:expr),*], [$($extra:expr),*]) => {
+        ($kernel:path, $dim:expr, $arg:expr, [$($tiling:expr),*], [$($extra:expr),*]) => {
             $kernel(
                 client,
                 grid(client, n_cubes),
@@ -627,7 +629,7 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
                 buf(&dk_parts, n_split * kv_len),
                 buf(&dv_parts, n_split * kv_len),
                 buf(&db_parts, db_len),
-                KeysShape { n_split, ..args }.$arg($($arg_v),*),
+                $arg,
                 $($tiling,)*
                 causal,
                 windowed,
@@ -642,16 +644,16 @@ pub(crate) fn keys_pass<F: Float + CubeElement, M: Float>(
         Some((spec, mp)) => launch!(
             mma::mma_keys_kernel::launch::<F, M>,
             CubeDim::new_2d(spec.plane as u32, mp.planes as u32),
-            arg(),
+            KeysShape { n_split, ..args }.arg(),
             [mp.planes, spec.plane / 16, d, mp.tile, spec.mk, dtype == AttnDtype::BF16],
             []
         ),
         None => launch!(
             kernels::attn_keys_kernel::launch::<F>,
             CubeDim::new_1d(units as u32),
-            portable_arg(d, plan.tile_q),
+            KeysShape { n_split, ..args }.portable_arg(d, plan.tile_q),
             [units, d, plan.tile_q],
-            [buf(&seg.bounds, seg.len), segmented, pair, caps::software_device(client)]
+            [buf(&seg.bounds, seg.len), segmented, pair, software]
         ),
     }
     let mut outs = vec![(&dk_parts, &grads.dk, kv_len), (&dv_parts, &grads.dv, kv_len)];

@@ -47,6 +47,7 @@ pub(crate) struct RowStats {
 }
 
 /// The [`RowStats`] of row `row` (`[B, Hq, Sq]` index; `thr_row` is its `[B, Hb, Sq]` one).
+/// `lse` is only read; it is `&mut` because the query-major kernels write it in the forward.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn row_stats(
